@@ -1,0 +1,161 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/kelseyhightower/envconfig"
+
+	"github.com/tokenpipe/tokenpipe/events"
+)
+
+const envPrefix = "TOKENPIPE"
+
+// Common is the configuration every role shares.
+type Common struct {
+	NATSURL     string `envconfig:"NATS_URL" default:"nats://127.0.0.1:4222" desc:"NATS server URL(s), comma-separated"`
+	NATSCreds   string `envconfig:"NATS_CREDS" desc:"NATS credentials file (JWT + nkey), optional"`
+	NATSNKey    string `envconfig:"NATS_NKEY_FILE" desc:"NATS nkey seed file, optional"`
+	NATSTLSCA   string `envconfig:"NATS_TLS_CA" desc:"CA bundle to verify the NATS server, optional"`
+	NATSTLSCert string `envconfig:"NATS_TLS_CERT" desc:"client certificate for NATS mutual TLS, optional"`
+	NATSTLSKey  string `envconfig:"NATS_TLS_KEY" desc:"client key for NATS mutual TLS, optional"`
+	DatabaseURL string `envconfig:"DATABASE_URL" default:"postgres://postgres@127.0.0.1:5432/tokenpipe?sslmode=disable" desc:"Postgres URL (sslmode, sslrootcert, sslcert, sslkey go in the URL)"`
+	DBMaxConns  int32  `envconfig:"DB_MAX_CONNS" default:"8" desc:"Postgres pool size"`
+
+	Stream          string        `envconfig:"STREAM" default:"TOKENPIPE" desc:"JetStream stream name"`
+	SubjectPrefix   string        `envconfig:"SUBJECT_PREFIX" default:"tokenpipe" desc:"subject prefix; the stream takes PREFIX.>"`
+	StreamMaxAge    time.Duration `envconfig:"STREAM_MAX_AGE" default:"168h" desc:"how long events stay in the stream: the replay window"`
+	StreamMaxBytes  int64         `envconfig:"STREAM_MAX_BYTES" default:"-1" desc:"stream size limit in bytes, -1 for none"`
+	StreamReplicas  int           `envconfig:"STREAM_REPLICAS" default:"1" desc:"stream replicas (3 in a NATS cluster)"`
+	DuplicateWindow time.Duration `envconfig:"DUPLICATE_WINDOW" default:"2m" desc:"Nats-Msg-Id deduplication window"`
+	PersisterName   string        `envconfig:"PERSISTER_CONSUMER" default:"persister" desc:"durable consumer of the persister pool"`
+	RecoveryName    string        `envconfig:"RECOVERY_CONSUMER" default:"recovery" desc:"durable consumer of the recovery role"`
+	AckWait         time.Duration `envconfig:"ACK_WAIT" default:"30s" desc:"time a delivered event may stay unacknowledged before redelivery"`
+	MaxAckPending   int           `envconfig:"MAX_ACK_PENDING" default:"20000" desc:"in-flight events per consumer, across all pods"`
+
+	OpsAddr         string        `envconfig:"OPS_ADDR" default:":9090" desc:"address for /metrics, /healthz and /readyz; empty to disable"`
+	LogLevel        string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
+	LogFormat       string        `envconfig:"LOG_FORMAT" default:"json" desc:"json or text"`
+	ShutdownTimeout time.Duration `envconfig:"SHUTDOWN_TIMEOUT" default:"25s" desc:"longest graceful drain after SIGTERM"`
+}
+
+// Topology is the stream layout the Common settings describe.
+func (c *Common) Topology() events.Topology {
+	return events.Topology{
+		Stream:     c.Stream,
+		Prefix:     c.SubjectPrefix,
+		MaxAge:     c.StreamMaxAge,
+		MaxBytes:   c.StreamMaxBytes,
+		Replicas:   c.StreamReplicas,
+		Duplicates: c.DuplicateWindow,
+		Persister:  c.PersisterName,
+		Recovery:   c.RecoveryName,
+		AckWait:    c.AckWait,
+		MaxPending: c.MaxAckPending,
+	}
+}
+
+// validate checks what envconfig's types cannot, naming the variable.
+func (c *Common) validate() error {
+	if c.LogLevel != "" {
+		var l slog.Level
+		if err := l.UnmarshalText([]byte(c.LogLevel)); err != nil {
+			return fmt.Errorf("%s_LOG_LEVEL: %q is not one of debug, info, warn, error", envPrefix, c.LogLevel)
+		}
+	}
+	checks := []struct {
+		bad  bool
+		name string
+		msg  string
+	}{
+		{c.LogFormat != "json" && c.LogFormat != "text", "LOG_FORMAT", "must be json or text"},
+		{c.NATSURL == "", "NATS_URL", "is empty"},
+		{c.DatabaseURL == "", "DATABASE_URL", "is empty"},
+		{c.DBMaxConns < 1, "DB_MAX_CONNS", "must be at least 1"},
+		{c.Stream == "" || strings.ContainsAny(c.Stream, ". *>"), "STREAM", "must be a non-empty name without '.', '*', '>' or spaces"},
+		{c.SubjectPrefix == "" || strings.ContainsAny(c.SubjectPrefix, " *>"), "SUBJECT_PREFIX", "must be a non-empty subject without wildcards"},
+		{c.StreamMaxAge < 0, "STREAM_MAX_AGE", "must not be negative"},
+		{c.StreamReplicas < 1 || c.StreamReplicas > 5, "STREAM_REPLICAS", "must be between 1 and 5"},
+		{c.AckWait < time.Second, "ACK_WAIT", "must be at least 1s"},
+		{c.MaxAckPending < 1, "MAX_ACK_PENDING", "must be at least 1"},
+		{c.ShutdownTimeout <= 0, "SHUTDOWN_TIMEOUT", "must be positive"},
+	}
+	for _, ch := range checks {
+		if ch.bad {
+			return fmt.Errorf("%s_%s: %s", envPrefix, ch.name, ch.msg)
+		}
+	}
+	return nil
+}
+
+// validator is implemented by role configs with their own checks.
+type validator interface{ validate() error }
+
+// loadConfig parses flags (only -h) and fills cfg from the environment. On a
+// bad value it returns one line naming the variable.
+func loadConfig(name string, args []string, stderr io.Writer, cfg any, positional string) ([]string, error) {
+	fs := flag.NewFlagSet("tokenpipe "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { printEnvUsage(stderr, name, positional, cfg) }
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, errHelp
+		}
+		return nil, errUsage
+	}
+	if err := envconfig.Process(envPrefix, cfg); err != nil {
+		return nil, configError(err)
+	}
+	if v, ok := cfg.(validator); ok {
+		if err := v.validate(); err != nil {
+			return nil, err
+		}
+	}
+	return fs.Args(), nil
+}
+
+// errHelp means -h was given and usage printed: exit 0.
+var errHelp = errors.New("help requested")
+
+// configError turns envconfig's error into one line naming the variable.
+func configError(err error) error {
+	var pe *envconfig.ParseError
+	if errors.As(err, &pe) {
+		return fmt.Errorf("%s: cannot use %q as %s: %v", pe.KeyName, pe.Value, pe.TypeName, pe.Err)
+	}
+	return fmt.Errorf("configuration: %v", err)
+}
+
+func printEnvUsage(w io.Writer, name, positional string, cfg any) {
+	fmt.Fprintf(w, "usage: tokenpipe %s %s\n\nEnvironment:\n", name, positional)
+	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+	_ = envconfig.Usagef(envPrefix, cfg, tw, "  {{range .}}{{usage_key .}}\t{{usage_default .}}\t{{usage_description .}}\n{{end}}")
+	_ = tw.Flush()
+}
+
+// newLogger builds the structured logger every role writes to stderr.
+func newLogger(c *Common, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(c.LogLevel))
+	opts := &slog.HandlerOptions{Level: level}
+	if c.LogFormat == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+// instanceName identifies this process in events and logs.
+func instanceName() string {
+	h, err := os.Hostname()
+	if err != nil {
+		return fmt.Sprintf("pid-%d", os.Getpid())
+	}
+	return fmt.Sprintf("%s-%d", h, os.Getpid())
+}

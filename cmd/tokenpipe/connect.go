@@ -1,0 +1,143 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenpipe/tokenpipe/ops"
+)
+
+// connMetrics counts reconnects so operators can see flapping links.
+type connMetrics struct {
+	natsReconnects  prometheus.Counter
+	natsDisconnects prometheus.Counter
+	natsConnected   prometheus.Gauge
+}
+
+func newConnMetrics(reg prometheus.Registerer) *connMetrics {
+	m := &connMetrics{
+		natsReconnects:  prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_nats_reconnects_total", Help: "Reconnections to NATS."}),
+		natsDisconnects: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_nats_disconnects_total", Help: "Losses of the NATS connection."}),
+		natsConnected:   prometheus.NewGauge(prometheus.GaugeOpts{Name: "tokenpipe_nats_connected", Help: "1 while connected to NATS."}),
+	}
+	reg.MustRegister(m.natsReconnects, m.natsDisconnects, m.natsConnected)
+	return m
+}
+
+// connectNATS dials NATS with endless automatic reconnects (with backoff and
+// jitter from the client), logging every state change.
+func connectNATS(c *Common, name string, log *slog.Logger, m *connMetrics) (*nats.Conn, jetstream.JetStream, error) {
+	opts := []nats.Option{
+		nats.Name(name),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(250 * time.Millisecond),
+		nats.ReconnectJitter(250*time.Millisecond, time.Second),
+		nats.RetryOnFailedConnect(false),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			log.Warn("nats disconnected", "err", err)
+			if m != nil {
+				m.natsDisconnects.Inc()
+				m.natsConnected.Set(0)
+			}
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			log.Info("nats reconnected", "url", nc.ConnectedUrlRedacted())
+			if m != nil {
+				m.natsReconnects.Inc()
+				m.natsConnected.Set(1)
+			}
+		}),
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			log.Warn("nats async error", "err", err)
+		}),
+	}
+	if c.NATSCreds != "" {
+		opts = append(opts, nats.UserCredentials(c.NATSCreds))
+	}
+	if c.NATSNKey != "" {
+		opt, err := nats.NkeyOptionFromSeed(c.NATSNKey)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s_NATS_NKEY_FILE: %w", envPrefix, err)
+		}
+		opts = append(opts, opt)
+	}
+	if c.NATSTLSCA != "" {
+		opts = append(opts, nats.RootCAs(c.NATSTLSCA))
+	}
+	if c.NATSTLSCert != "" || c.NATSTLSKey != "" {
+		opts = append(opts, nats.ClientCert(c.NATSTLSCert, c.NATSTLSKey))
+	}
+	nc, err := nats.Connect(c.NATSURL, opts...)
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to NATS at %s: %w", c.NATSURL, err)
+	}
+	if m != nil {
+		m.natsConnected.Set(1)
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		nc.Close()
+		return nil, nil, fmt.Errorf("jetstream: %w", err)
+	}
+	return nc, js, nil
+}
+
+// connectPostgres opens a pool and checks that the server answers. pgxpool
+// reconnects on its own: a broken connection is discarded and a new one dialled
+// on the next acquire.
+func connectPostgres(ctx context.Context, c *Common) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(c.DatabaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("%s_DATABASE_URL: %w", envPrefix, err)
+	}
+	cfg.MaxConns = c.DBMaxConns
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("open Postgres pool: %w", err)
+	}
+	pingCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := pool.Ping(pingCtx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("connect to Postgres at %s: %w", redactURL(c.DatabaseURL), err)
+	}
+	return pool, nil
+}
+
+// isMissingDatabase reports Postgres' "database does not exist".
+func isMissingDatabase(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && pe.Code == "3D000"
+}
+
+// redactURL hides a password in a connection URL before it is logged.
+func redactURL(u string) string {
+	cfg, err := pgxpool.ParseConfig(u)
+	if err != nil {
+		return "(unparseable URL)"
+	}
+	return fmt.Sprintf("%s@%s:%d/%s", cfg.ConnConfig.User, cfg.ConnConfig.Host, cfg.ConnConfig.Port, cfg.ConnConfig.Database)
+}
+
+// natsCheck and pgCheck are readiness checks.
+func natsCheck(nc *nats.Conn) ops.Check {
+	return ops.Check{Name: "nats", Func: func(context.Context) error {
+		if !nc.IsConnected() {
+			return fmt.Errorf("not connected (%s)", nc.Status())
+		}
+		return nil
+	}}
+}
+
+func pgCheck(pool *pgxpool.Pool) ops.Check {
+	return ops.Check{Name: "postgres", Func: func(ctx context.Context) error { return pool.Ping(ctx) }}
+}

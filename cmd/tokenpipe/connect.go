@@ -141,3 +141,9 @@ func natsCheck(nc *nats.Conn) ops.Check {
 func pgCheck(pool *pgxpool.Pool) ops.Check {
 	return ops.Check{Name: "postgres", Func: func(ctx context.Context) error { return pool.Ping(ctx) }}
 }
+
+// isDuplicateDatabase reports a lost race to create the same database.
+func isDuplicateDatabase(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && pe.Code == "42P04"
+}

@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 
+	"log/slog"
 	"os"
 	"strings"
 	"testing"
@@ -172,4 +173,17 @@ func Must(t testing.TB, err error, what string) {
 	if err != nil {
 		t.Fatalf("%s: %v", what, err)
 	}
+}
+
+// Logger returns a logger that writes through t.Log, so output shows only for
+// failing or verbose tests.
+func Logger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type tWriter struct{ t testing.TB }
+
+func (w tWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
 }

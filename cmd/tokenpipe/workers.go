@@ -1,0 +1,178 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/tokenpipe/tokenpipe/consume"
+	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/ops"
+	"github.com/tokenpipe/tokenpipe/persister"
+	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/recovery"
+)
+
+// WorkerConfig configures the persister and recovery roles.
+type WorkerConfig struct {
+	Common
+	Workers         int           `envconfig:"WORKERS" default:"2" desc:"concurrent batches in this process"`
+	BatchSize       int           `envconfig:"BATCH_SIZE" default:"1000" desc:"most events per batch (one transaction)"`
+	BatchWait       time.Duration `envconfig:"BATCH_WAIT" default:"50ms" desc:"longest wait for a batch to fill; bounds added latency at low load"`
+	RetryMaxElapsed time.Duration `envconfig:"RETRY_MAX_ELAPSED" default:"2m" desc:"give up retrying a transient database error after this long and return the batch for redelivery"`
+	NakDelay        time.Duration `envconfig:"NAK_DELAY" default:"5s" desc:"redelivery delay for a batch that could not be written"`
+	LagInterval     time.Duration `envconfig:"LAG_INTERVAL" default:"5s" desc:"how often to export the consumer's pending and ack-pending gauges"`
+}
+
+func (c *WorkerConfig) validate() error {
+	if err := c.Common.validate(); err != nil {
+		return err
+	}
+	switch {
+	case c.Workers < 1 || c.Workers > 256:
+		return fmt.Errorf("%s_WORKERS: must be between 1 and 256", envPrefix)
+	case c.BatchSize < 1 || c.BatchSize > 10000:
+		return fmt.Errorf("%s_BATCH_SIZE: must be between 1 and 10000", envPrefix)
+	case c.BatchWait <= 0:
+		return fmt.Errorf("%s_BATCH_WAIT: must be positive", envPrefix)
+	case c.RetryMaxElapsed <= 0:
+		return fmt.Errorf("%s_RETRY_MAX_ELAPSED: must be positive", envPrefix)
+	case c.Workers*c.BatchSize > c.MaxAckPending:
+		return fmt.Errorf("%s_MAX_ACK_PENDING: %d is less than WORKERS*BATCH_SIZE = %d", envPrefix, c.MaxAckPending, c.Workers*c.BatchSize)
+	}
+	return nil
+}
+
+func (c *WorkerConfig) pool() consume.Config {
+	return consume.Config{Workers: c.Workers, BatchSize: c.BatchSize, BatchWait: c.BatchWait}
+}
+
+func (c *WorkerConfig) retry() pgretry.Policy {
+	p := pgretry.DefaultPolicy()
+	p.MaxElapsed = c.RetryMaxElapsed
+	return p
+}
+
+// roleEnv is what a worker role holds while it runs.
+type roleEnv struct {
+	log  *slog.Logger
+	ops  *ops.Server
+	nc   *nats.Conn
+	js   jetstream.JetStream
+	pool *pgxpool.Pool
+}
+
+// startRole connects to NATS and Postgres, provisions the stream and starts
+// the ops server. The caller runs its loop and then calls stop.
+func startRole(ctx context.Context, name string, c *Common, stderr io.Writer) (*roleEnv, func(), error) {
+	log := newLogger(c, stderr).With("role", name, "instance", instanceName())
+	srv := ops.NewServer(log)
+	nc, js, err := connectNATS(c, "tokenpipe-"+name, log, newConnMetrics(srv.Registry))
+	if err != nil {
+		return nil, nil, err
+	}
+	if _, err := events.Provision(ctx, js, c.Topology()); err != nil {
+		nc.Close()
+		return nil, nil, err
+	}
+	pool, err := connectPostgres(ctx, c)
+	if err != nil {
+		nc.Close()
+		return nil, nil, err
+	}
+	srv.AddCheck(natsCheck(nc))
+	srv.AddCheck(pgCheck(pool))
+	opsCtx, stopOps := context.WithCancel(context.WithoutCancel(ctx))
+	opsDone := make(chan struct{})
+	go func() {
+		defer close(opsDone)
+		if err := srv.Serve(opsCtx, c.OpsAddr); err != nil {
+			log.Error("ops server failed", "err", err)
+		}
+	}()
+	env := &roleEnv{log: log, ops: srv, nc: nc, js: js, pool: pool}
+	stop := func() {
+		// Acks are published asynchronously; Drain flushes them before close.
+		if err := nc.Drain(); err != nil {
+			log.Warn("nats drain", "err", err)
+		}
+		for !nc.IsClosed() {
+			time.Sleep(10 * time.Millisecond)
+		}
+		pool.Close()
+		stopOps()
+		<-opsDone
+	}
+	return env, stop, nil
+}
+
+// sampleLag exports the consumer's backlog until ctx ends.
+func sampleLag(ctx context.Context, env *roleEnv, stream, consumer string, every time.Duration) func() {
+	gauges := consume.NewLagGauges(env.ops.Registry)
+	lagCtx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		cons, err := env.js.Consumer(lagCtx, stream, consumer)
+		if err != nil {
+			env.log.Warn("lag gauges disabled", "err", err)
+			return
+		}
+		gauges.Sample(lagCtx, env.log, cons, consumer, every)
+	}()
+	return func() { cancel(); <-done }
+}
+
+func runPersister(ctx context.Context, args []string, _, stderr io.Writer) error {
+	var cfg WorkerConfig
+	if _, err := loadConfig("persister", args, stderr, &cfg, ""); err != nil {
+		return helpIsNil(err)
+	}
+	env, stop, err := startRole(ctx, "persister", &cfg.Common, stderr)
+	if err != nil {
+		return err
+	}
+	defer stop()
+	stopLag := sampleLag(ctx, env, cfg.Stream, cfg.PersisterName, cfg.LagInterval)
+	defer stopLag()
+	p := persister.New(persister.Config{
+		Pool: cfg.pool(), Retry: cfg.retry(), Topology: cfg.Topology(),
+		Finish: cfg.ShutdownTimeout, NakDelay: cfg.NakDelay,
+	}, env.pool, env.js, env.log, persister.NewMetrics(env.ops.Registry))
+	go func() { <-ctx.Done(); env.ops.SetDraining() }()
+	return p.Run(ctx)
+}
+
+func runRecovery(ctx context.Context, args []string, _, stderr io.Writer) error {
+	var cfg WorkerConfig
+	if _, err := loadConfig("recovery", args, stderr, &cfg, ""); err != nil {
+		return helpIsNil(err)
+	}
+	env, stop, err := startRole(ctx, "recovery", &cfg.Common, stderr)
+	if err != nil {
+		return err
+	}
+	defer stop()
+	stopLag := sampleLag(ctx, env, cfg.Stream, cfg.RecoveryName, cfg.LagInterval)
+	defer stopLag()
+	r := recovery.New(recovery.Config{
+		Pool: cfg.pool(), Retry: cfg.retry(), Topology: cfg.Topology(),
+		Finish: cfg.ShutdownTimeout, NakDelay: cfg.NakDelay,
+	}, env.pool, env.js, env.log, recovery.NewMetrics(env.ops.Registry))
+	go func() { <-ctx.Done(); env.ops.SetDraining() }()
+	return r.Run(ctx)
+}
+
+// helpIsNil makes -h exit 0.
+func helpIsNil(err error) error {
+	if err == errHelp {
+		return nil
+	}
+	return err
+}

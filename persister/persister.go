@@ -1,0 +1,215 @@
+// Package persister writes TokenIssued events from JetStream to Postgres in
+// batches, one set-based statement per batch, and acknowledges each event only
+// after the transaction that holds its row has committed.
+package persister
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/tokenpipe/tokenpipe/consume"
+	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/pgretry"
+)
+
+// Config tunes a persister process.
+type Config struct {
+	Pool     consume.Config
+	Retry    pgretry.Policy
+	Topology events.Topology
+	// Finish bounds the last batch after a graceful stop begins.
+	Finish time.Duration
+	// NakDelay is how long JetStream waits before redelivering a batch whose
+	// retries ran out.
+	NakDelay time.Duration
+}
+
+// Persister is one process's pool of batch writers.
+type Persister struct {
+	cfg     Config
+	db      Beginner
+	js      jetstream.JetStream
+	log     *slog.Logger
+	metrics *Metrics
+}
+
+// New returns a persister; Run starts it.
+func New(cfg Config, db Beginner, js jetstream.JetStream, log *slog.Logger, m *Metrics) *Persister {
+	return &Persister{cfg: cfg, db: db, js: js, log: log, metrics: m}
+}
+
+// Run consumes until ctx is cancelled, then finishes the batches in hand.
+func (p *Persister) Run(ctx context.Context) error {
+	cons, err := p.js.Consumer(ctx, p.cfg.Topology.Stream, p.cfg.Topology.Persister)
+	if err != nil {
+		return fmt.Errorf("persister: open consumer %s: %w", p.cfg.Topology.Persister, err)
+	}
+	p.log.Info("persister started", "workers", p.cfg.Pool.Workers, "batch_size", p.cfg.Pool.BatchSize, "consumer", p.cfg.Topology.Persister)
+	err = consume.Run(ctx, p.log, cons, p.cfg.Pool, p.cfg.Finish, p.HandleBatch)
+	p.log.Info("persister stopped")
+	return err
+}
+
+// pending is one distinct token in a batch and every message that carried it.
+type pending struct {
+	row  Row
+	msgs []jetstream.Msg
+}
+
+// HandleBatch decodes a batch, dead-letters poison, writes the rest and
+// settles every message.
+func (p *Persister) HandleBatch(ctx context.Context, msgs []jetstream.Msg) {
+	var batch []*pending
+	byDigest := map[events.Digest]*pending{}
+	for _, m := range msgs {
+		meta, err := m.Metadata()
+		if err != nil {
+			p.deadLetter(ctx, m, "no JetStream metadata: "+err.Error())
+			continue
+		}
+		if meta.NumDelivered > 1 {
+			p.metrics.Redeliveries.Inc()
+		}
+		ev, err := events.DecodeTokenIssued(m.Data())
+		if err != nil {
+			p.deadLetter(ctx, m, err.Error())
+			continue
+		}
+		// The same token twice in one batch (a replayed copy): one row, the
+		// earliest sequence, every message settled with it.
+		if pd, ok := byDigest[ev.TokenDigest]; ok {
+			pd.msgs = append(pd.msgs, m)
+			pd.row.Seq = min(pd.row.Seq, meta.Sequence.Stream)
+			continue
+		}
+		pd := &pending{row: Row{Event: ev, Seq: meta.Sequence.Stream}, msgs: []jetstream.Msg{m}}
+		byDigest[ev.TokenDigest] = pd
+		batch = append(batch, pd)
+	}
+	if len(batch) > 0 {
+		p.write(ctx, batch)
+	}
+}
+
+// write commits a batch, then settles its messages. A batch that fails for a
+// reason retrying cannot fix is split in halves until the offending row is
+// alone; that row is dead-lettered and the rest commit.
+func (p *Persister) write(ctx context.Context, batch []*pending) {
+	rows := make([]Row, len(batch))
+	var all []jetstream.Msg
+	for i, pd := range batch {
+		rows[i] = pd.row
+		all = append(all, pd.msgs...)
+	}
+	stop := consume.KeepInProgress(all, p.cfg.Topology.AckWait/3)
+	start := time.Now()
+	outcomes, err := pgretry.Do(ctx, p.cfg.Retry, func(ctx context.Context) ([]Outcome, error) {
+		return WriteBatch(ctx, p.db, rows)
+	}, func(reason string, err error, wait time.Duration) {
+		p.metrics.Retries.WithLabelValues(reason).Inc()
+		p.log.Warn("batch write failed; retrying", "reason", reason, "err", err, "rows", len(rows), "retry_in", wait)
+	})
+	stop()
+	switch {
+	case err == nil:
+	case pgretry.IsPermanent(err) && ctx.Err() == nil && len(batch) > 1:
+		p.log.Warn("batch rejected; splitting to isolate the bad row", "err", err, "rows", len(batch))
+		p.write(ctx, batch[:len(batch)/2])
+		p.write(ctx, batch[len(batch)/2:])
+		return
+	case pgretry.IsPermanent(err) && ctx.Err() == nil:
+		for _, m := range batch[0].msgs {
+			p.deadLetter(ctx, m, "rejected by Postgres: "+err.Error())
+		}
+		return
+	default:
+		// Out of retries or shutting down: hand the batch back to JetStream
+		// for later; nothing was committed, nothing is lost.
+		p.log.Error("batch not written; returning it for redelivery", "err", err, "rows", len(rows), "redeliver_in", p.cfg.NakDelay)
+		for _, m := range all {
+			_ = m.NakWithDelay(p.cfg.NakDelay)
+		}
+		return
+	}
+	p.metrics.CommitSeconds.Observe(time.Since(start).Seconds())
+	p.metrics.Batches.Inc()
+	p.metrics.BatchSize.Observe(float64(len(rows)))
+
+	var conflicts []*pending
+	for i, pd := range batch {
+		switch outcomes[i] {
+		case Inserted:
+			p.metrics.Rows.Inc()
+		case Existing:
+			p.metrics.Duplicates.Inc()
+		case Conflict:
+			conflicts = append(conflicts, pd)
+			continue
+		}
+		for _, m := range pd.msgs {
+			_ = m.Ack()
+		}
+	}
+	if len(conflicts) > 0 {
+		p.forwardConflicts(ctx, conflicts)
+	}
+}
+
+// forwardConflicts hands events that met an older ACTIVE row to recovery and
+// acks them once JetStream holds the copy. A failed copy is nak'd: the next
+// delivery meets the same conflict and tries again.
+func (p *Persister) forwardConflicts(ctx context.Context, conflicts []*pending) {
+	futures := make([]jetstream.PubAckFuture, len(conflicts))
+	for i, pd := range conflicts {
+		msg := nats.NewMsg(p.cfg.Topology.ConflictSubject())
+		msg.Data = pd.msgs[0].Data()
+		msg.Header.Set(events.HeaderOriginSeq, strconv.FormatUint(pd.row.Seq, 10))
+		f, err := p.js.PublishMsgAsync(msg,
+			jetstream.WithMsgID("conflict-"+pd.row.Event.TokenDigest.String()),
+			jetstream.WithExpectStream(p.cfg.Topology.Stream))
+		if err != nil {
+			p.log.Warn("forward conflict failed", "err", err, "token_digest", pd.row.Event.TokenDigest.String())
+		}
+		futures[i] = f
+	}
+	waitCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	for i, pd := range conflicts {
+		ok := false
+		if futures[i] != nil {
+			select {
+			case <-futures[i].Ok():
+				ok = true
+			case err := <-futures[i].Err():
+				p.log.Warn("forward conflict failed", "err", err, "token_digest", pd.row.Event.TokenDigest.String())
+			case <-waitCtx.Done():
+			}
+		}
+		for _, m := range pd.msgs {
+			if ok {
+				_ = m.Ack()
+			} else {
+				_ = m.NakWithDelay(p.cfg.NakDelay)
+			}
+		}
+		if ok {
+			p.metrics.ConflictsForwarded.Inc()
+		}
+	}
+}
+
+func (p *Persister) deadLetter(ctx context.Context, m jetstream.Msg, reason string) {
+	if err := consume.DeadLetter(ctx, p.js, p.cfg.Topology, m, reason); err != nil {
+		p.log.Error("dead-letter failed; message left for redelivery", "err", err)
+		_ = m.NakWithDelay(p.cfg.NakDelay)
+		return
+	}
+	p.metrics.DeadLettered.Inc()
+	p.log.Warn("message dead-lettered", "subject", m.Subject(), "reason", reason)
+}

@@ -1,0 +1,247 @@
+package persister_test
+
+import (
+	"context"
+	"encoding/json"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenpipe/tokenpipe/consume"
+	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/testenv"
+	"github.com/tokenpipe/tokenpipe/persister"
+	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/recovery"
+)
+
+type pipeline struct {
+	pool *pgxpool.Pool
+	js   jetstream.JetStream
+	topo events.Topology
+}
+
+func newPipeline(t *testing.T) *pipeline {
+	t.Helper()
+	_, pool := testenv.Database(t)
+	_, js, topo := testenv.JetStream(t)
+	return &pipeline{pool: pool, js: js, topo: topo}
+}
+
+
+// start runs a persister pool and a recovery consumer until the test ends.
+func (p *pipeline) start(t *testing.T, workers int) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	pcfg := persister.Config{
+		Pool:  consume.Config{Workers: workers, BatchSize: 500, BatchWait: 20 * time.Millisecond},
+		Retry: pgretry.DefaultPolicy(), Topology: p.topo, Finish: 5 * time.Second, NakDelay: time.Second,
+	}
+	per := persister.New(pcfg, p.pool, p.js, testenv.Logger(t), persister.NewMetrics(prometheus.NewRegistry()))
+	rec := recovery.New(recovery.Config{
+		Pool:  consume.Config{Workers: 1, BatchSize: 200, BatchWait: 20 * time.Millisecond},
+		Retry: pgretry.DefaultPolicy(), Topology: p.topo, Finish: 5 * time.Second, NakDelay: time.Second,
+	}, p.pool, p.js, testenv.Logger(t), recovery.NewMetrics(prometheus.NewRegistry()))
+	wg.Add(2)
+	go func() { defer wg.Done(); _ = per.Run(ctx) }()
+	go func() { defer wg.Done(); _ = rec.Run(ctx) }()
+	t.Cleanup(func() { cancel(); wg.Wait() })
+}
+
+// states returns token digest -> state for every row.
+func (p *pipeline) states(t *testing.T) map[events.Digest]string {
+	t.Helper()
+	rows, err := p.pool.Query(context.Background(), "SELECT token_digest, state FROM tokens")
+	testenv.Must(t, err, "query states")
+	defer rows.Close()
+	out := map[events.Digest]string{}
+	for rows.Next() {
+		var d []byte
+		var s string
+		testenv.Must(t, rows.Scan(&d, &s), "scan")
+		out[events.Digest(d)] = s
+	}
+	testenv.Must(t, rows.Err(), "rows")
+	return out
+}
+
+func (p *pipeline) count(t *testing.T, sql string, args ...any) int {
+	t.Helper()
+	var n int
+	testenv.Must(t, p.pool.QueryRow(context.Background(), sql, args...).Scan(&n), sql)
+	return n
+}
+
+// drained waits until both durable consumers have nothing pending.
+func (p *pipeline) drained(t *testing.T) {
+	t.Helper()
+	testenv.Eventually(t, 30*time.Second, "consumers drained", func() (bool, error) {
+		for _, name := range []string{p.topo.Persister, p.topo.Recovery} {
+			c, err := p.js.Consumer(context.Background(), p.topo.Stream, name)
+			if err != nil {
+				return false, err
+			}
+			info, err := c.Info(context.Background())
+			if err != nil {
+				return false, err
+			}
+			if info.NumPending+uint64(info.NumAckPending) > 0 {
+				return false, nil
+			}
+		}
+		return true, nil
+	})
+}
+
+func TestPersistsEventsAndRacesResolveToNewest(t *testing.T) {
+	t.Parallel()
+	p := newPipeline(t)
+	// Three racing tokens for one key, and an unrelated token.
+	a := testenv.Token("app", "alice", "read")
+	b := testenv.Token("app", "alice", "read")
+	c := testenv.Token("app", "alice", "read")
+	other := testenv.Token("app", "bob", "read", "write")
+	for _, ev := range []*events.TokenIssued{a, b, c, other} {
+		testenv.Publish(t, p.js, p.topo, ev)
+	}
+	p.start(t, 2)
+	p.drained(t)
+	got := p.states(t)
+	want := map[events.Digest]string{a.TokenDigest: "INACTIVE", b.TokenDigest: "INACTIVE", c.TokenDigest: "ACTIVE", other.TokenDigest: "ACTIVE"}
+	assertStates(t, got, want)
+}
+
+func TestConflictWithStoredActiveGoesThroughRecovery(t *testing.T) {
+	t.Parallel()
+	p := newPipeline(t)
+	p.start(t, 1)
+	old := testenv.Token("app", "carol", "read")
+	testenv.Publish(t, p.js, p.topo, old)
+	p.drained(t)
+	assertStates(t, p.states(t), map[events.Digest]string{old.TokenDigest: "ACTIVE"})
+
+	newer := testenv.Token("app", "carol", "read")
+	testenv.Publish(t, p.js, p.topo, newer)
+	p.drained(t)
+	assertStates(t, p.states(t), map[events.Digest]string{old.TokenDigest: "INACTIVE", newer.TokenDigest: "ACTIVE"})
+
+	// Recovery announced the deactivation for gateways.
+	stream, err := p.js.Stream(context.Background(), p.topo.Stream)
+	testenv.Must(t, err, "stream")
+	msg, err := stream.GetLastMsgForSubject(context.Background(), p.topo.DeactivatedSubject())
+	testenv.Must(t, err, "read deactivation notice")
+	notice, err := events.DecodeTokenDeactivated(msg.Data)
+	testenv.Must(t, err, "decode notice")
+	if notice.TokenDigest != old.TokenDigest || notice.SupersededBy != newer.TokenDigest {
+		t.Fatalf("notice = %+v, want %s superseded by %s", notice, old.TokenDigest, newer.TokenDigest)
+	}
+}
+
+func TestSameEventTwiceLeavesOneRow(t *testing.T) {
+	t.Parallel()
+	p := newPipeline(t)
+	ev := testenv.Token("app", "dave", "read")
+	body, err := events.EncodeTokenIssued(ev)
+	testenv.Must(t, err, "encode")
+	// Published twice without a message id, as a replay past the duplicate
+	// window would: two stream messages, one token.
+	testenv.PublishRaw(t, p.js, p.topo.IssuedSubject(), body)
+	testenv.PublishRaw(t, p.js, p.topo.IssuedSubject(), body)
+	p.start(t, 2)
+	p.drained(t)
+	testenv.PublishRaw(t, p.js, p.topo.IssuedSubject(), body) // and once more after it was stored
+	p.drained(t)
+	if n := p.count(t, "SELECT count(*) FROM tokens"); n != 1 {
+		t.Fatalf("rows = %d, want 1", n)
+	}
+	assertStates(t, p.states(t), map[events.Digest]string{ev.TokenDigest: "ACTIVE"})
+}
+
+func TestUnackedBatchIsRedeliveredAfterWorkerDies(t *testing.T) {
+	t.Parallel()
+	p := newPipeline(t)
+	// Shorten AckWait so the test need not wait 30 s for redelivery.
+	cfg := p.topo.PersisterConsumerConfig()
+	cfg.AckWait = 2 * time.Second
+	ctx := context.Background()
+	stream, err := p.js.Stream(ctx, p.topo.Stream)
+	testenv.Must(t, err, "stream")
+	cons, err := stream.CreateOrUpdateConsumer(ctx, cfg)
+	testenv.Must(t, err, "consumer")
+
+	var sent []*events.TokenIssued
+	for i := 0; i < 50; i++ {
+		ev := testenv.Token("app", testenv.Name("user-"), "read")
+		testenv.Publish(t, p.js, p.topo, ev)
+		sent = append(sent, ev)
+	}
+	// A worker takes the batch and dies before committing: no ack, no nak.
+	batch, err := cons.Fetch(50, jetstream.FetchMaxWait(2*time.Second))
+	testenv.Must(t, err, "fetch")
+	taken := 0
+	for range batch.Messages() {
+		taken++
+	}
+	if taken != 50 {
+		t.Fatalf("dead worker took %d messages, want 50", taken)
+	}
+	p.start(t, 1)
+	p.drained(t)
+	got := p.states(t)
+	for _, ev := range sent {
+		if got[ev.TokenDigest] != "ACTIVE" {
+			t.Fatalf("token %s has state %q after redelivery, want ACTIVE", ev.TokenDigest, got[ev.TokenDigest])
+		}
+	}
+	if len(got) != len(sent) {
+		t.Fatalf("rows = %d, want %d", len(got), len(sent))
+	}
+}
+
+func TestPoisonIsDeadLetteredWhileBatchCommits(t *testing.T) {
+	t.Parallel()
+	p := newPipeline(t)
+	good1 := testenv.Token("app", "erin", "read")
+	good2 := testenv.Token("app", "frank", "read")
+	unknownVersion, _ := json.Marshal(map[string]any{"v": 99, "type": events.TypeTokenIssued})
+	nul := testenv.Token("app", "x\x00y", "read") // valid JSON, impossible in a text column
+	nulBody, _ := json.Marshal(nul)
+	testenv.Publish(t, p.js, p.topo, good1)
+	testenv.PublishRaw(t, p.js, p.topo.IssuedSubject(), []byte("{not json"))
+	testenv.PublishRaw(t, p.js, p.topo.IssuedSubject(), unknownVersion)
+	testenv.PublishRaw(t, p.js, p.topo.IssuedSubject(), nulBody)
+	testenv.Publish(t, p.js, p.topo, good2)
+	p.start(t, 1)
+	p.drained(t)
+	assertStates(t, p.states(t), map[events.Digest]string{good1.TokenDigest: "ACTIVE", good2.TokenDigest: "ACTIVE"})
+
+	info, err := p.js.Stream(context.Background(), p.topo.Stream)
+	testenv.Must(t, err, "stream")
+	si, err := info.Info(context.Background(), jetstream.WithSubjectFilter(p.topo.DeadSubject()))
+	testenv.Must(t, err, "stream info")
+	if n := si.State.Subjects[p.topo.DeadSubject()]; n != 3 {
+		t.Fatalf("dead letters = %d, want 3", n)
+	}
+	last, err := info.GetLastMsgForSubject(context.Background(), p.topo.DeadSubject())
+	testenv.Must(t, err, "last dead letter")
+	if last.Header.Get(events.HeaderReason) == "" || last.Header.Get(events.HeaderOriginSeq) == "" {
+		t.Fatalf("dead letter lacks reason or origin headers: %v", last.Header)
+	}
+}
+
+func assertStates(t *testing.T, got, want map[events.Digest]string) {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("got %d rows, want %d: %v", len(got), len(want), got)
+	}
+	for d, s := range want {
+		if got[d] != s {
+			t.Errorf("token %s: state %q, want %q", d.String()[:12], got[d], s)
+		}
+	}
+}

@@ -1,0 +1,191 @@
+// Package recovery resolves the one-ACTIVE-token-per-key constraint when
+// tokens for one key race: it consumes the events the persister could not
+// insert, and in one transaction per batch keeps the newest token ACTIVE,
+// makes the older INACTIVE, and gives every token a row.
+package recovery
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenpipe/tokenpipe/consume"
+	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/pgretry"
+)
+
+// Config tunes the recovery role.
+type Config struct {
+	Pool     consume.Config
+	Retry    pgretry.Policy
+	Topology events.Topology
+	Finish   time.Duration
+	NakDelay time.Duration
+}
+
+// Metrics are recovery's Prometheus series.
+type Metrics struct {
+	Resolved     prometheus.Counter
+	Deactivated  prometheus.Counter
+	Retries      *prometheus.CounterVec
+	DeadLettered prometheus.Counter
+}
+
+// NewMetrics registers recovery's series on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		Resolved:     prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_recovery_conflicts_resolved_total", Help: "Conflicting tokens given a row."}),
+		Deactivated:  prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_recovery_tokens_deactivated_total", Help: "ACTIVE tokens made INACTIVE by a newer token."}),
+		Retries:      prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_recovery_retries_total", Help: "Recovery transaction retries by reason."}, []string{"reason"}),
+		DeadLettered: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_recovery_dead_lettered_total", Help: "Poison conflict events moved to the dead-letter subject."}),
+	}
+	reg.MustRegister(m.Resolved, m.Deactivated, m.Retries, m.DeadLettered)
+	return m
+}
+
+// DB is what recovery needs from a pool.
+type DB interface {
+	Begin(ctx context.Context) (pgx.Tx, error)
+}
+
+// Recovery is the conflict-resolving consumer.
+type Recovery struct {
+	cfg     Config
+	db      DB
+	js      jetstream.JetStream
+	log     *slog.Logger
+	metrics *Metrics
+}
+
+// New returns a recovery consumer; Run starts it.
+func New(cfg Config, db DB, js jetstream.JetStream, log *slog.Logger, m *Metrics) *Recovery {
+	return &Recovery{cfg: cfg, db: db, js: js, log: log, metrics: m}
+}
+
+// Run consumes conflicts until ctx is cancelled, then finishes its batches.
+func (r *Recovery) Run(ctx context.Context) error {
+	cons, err := r.js.Consumer(ctx, r.cfg.Topology.Stream, r.cfg.Topology.Recovery)
+	if err != nil {
+		return fmt.Errorf("recovery: open consumer %s: %w", r.cfg.Topology.Recovery, err)
+	}
+	r.log.Info("recovery started", "workers", r.cfg.Pool.Workers, "consumer", r.cfg.Topology.Recovery)
+	err = consume.Run(ctx, r.log, cons, r.cfg.Pool, r.cfg.Finish, r.HandleBatch)
+	r.log.Info("recovery stopped")
+	return err
+}
+
+// HandleBatch resolves a batch of conflict events in one transaction and
+// settles every message.
+func (r *Recovery) HandleBatch(ctx context.Context, msgs []jetstream.Msg) {
+	var incoming []Incoming
+	var settle []jetstream.Msg
+	seen := map[events.Digest]int{}
+	for _, m := range msgs {
+		ev, err := events.DecodeTokenIssued(m.Data())
+		if err != nil {
+			r.deadLetter(ctx, m, err.Error())
+			continue
+		}
+		seq, err := strconv.ParseUint(m.Headers().Get(events.HeaderOriginSeq), 10, 64)
+		if err != nil || seq == 0 {
+			r.deadLetter(ctx, m, "conflict event without a valid "+events.HeaderOriginSeq+" header")
+			continue
+		}
+		settle = append(settle, m)
+		if i, ok := seen[ev.TokenDigest]; ok {
+			incoming[i].Seq = min(incoming[i].Seq, seq)
+			continue
+		}
+		seen[ev.TokenDigest] = len(incoming)
+		incoming = append(incoming, Incoming{Event: ev, Seq: seq})
+	}
+	if len(incoming) == 0 {
+		return
+	}
+	stop := consume.KeepInProgress(settle, r.cfg.Topology.AckWait/3)
+	d, err := pgretry.Do(ctx, r.cfg.Retry, func(ctx context.Context) (Decision, error) {
+		return Apply(ctx, r.db, incoming, func(s []Superseded) error { return r.notify(ctx, s) })
+	}, func(reason string, err error, wait time.Duration) {
+		r.metrics.Retries.WithLabelValues(reason).Inc()
+		r.log.Warn("recovery transaction failed; retrying", "reason", reason, "err", err, "retry_in", wait)
+	})
+	stop()
+	if err != nil {
+		r.log.Error("conflicts not resolved; returning them for redelivery", "err", err, "events", len(incoming))
+		for _, m := range settle {
+			_ = m.NakWithDelay(r.cfg.NakDelay)
+		}
+		return
+	}
+	r.metrics.Resolved.Add(float64(len(d.Insert)))
+	r.metrics.Deactivated.Add(float64(len(d.Deactivate)))
+	for _, s := range d.Deactivate {
+		r.log.Info("token deactivated", "token_digest", s.Digest.String(), "superseded_by", s.By.String(), "client_id", s.Key.ClientID)
+	}
+	for _, m := range settle {
+		_ = m.Ack()
+	}
+}
+
+// Apply resolves incoming conflict events in one transaction: every token gets
+// a row, the newest of each key is ACTIVE. notify runs before the commit with
+// the rows being deactivated; if it fails nothing is written. Applying the
+// same events again changes nothing.
+func Apply(ctx context.Context, db DB, incoming []Incoming, notify func([]Superseded) error) (Decision, error) {
+	var d Decision
+	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		var err error
+		d, err = resolveTx(ctx, tx, incoming, notify)
+		return err
+	})
+	return d, err
+}
+
+// notify publishes a TokenDeactivated notice for each row and waits until
+// JetStream holds them all.
+func (r *Recovery) notify(ctx context.Context, rows []Superseded) error {
+	now := time.Now().UTC()
+	futures := make([]jetstream.PubAckFuture, 0, len(rows))
+	for _, s := range rows {
+		body, err := events.EncodeTokenDeactivated(&events.TokenDeactivated{
+			TokenDigest: s.Digest, ClientID: s.Key.ClientID, Subject: s.Key.Subject, Scope: s.Key.Scope,
+			Reason: "superseded", SupersededBy: s.By, DeactivatedAt: now,
+		})
+		if err != nil {
+			return err
+		}
+		f, err := r.js.PublishAsync(r.cfg.Topology.DeactivatedSubject(), body,
+			jetstream.WithMsgID("deactivated-"+s.Digest.String()),
+			jetstream.WithExpectStream(r.cfg.Topology.Stream))
+		if err != nil {
+			return err
+		}
+		futures = append(futures, f)
+	}
+	for _, f := range futures {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			return err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+func (r *Recovery) deadLetter(ctx context.Context, m jetstream.Msg, reason string) {
+	if err := consume.DeadLetter(ctx, r.js, r.cfg.Topology, m, reason); err != nil {
+		r.log.Error("dead-letter failed; message left for redelivery", "err", err)
+		_ = m.NakWithDelay(r.cfg.NakDelay)
+		return
+	}
+	r.metrics.DeadLettered.Inc()
+	r.log.Warn("conflict event dead-lettered", "reason", reason)
+}

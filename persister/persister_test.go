@@ -32,7 +32,6 @@ func newPipeline(t *testing.T) *pipeline {
 	return &pipeline{pool: pool, js: js, topo: topo}
 }
 
-
 // start runs a persister pool and a recovery consumer until the test ends.
 func (p *pipeline) start(t *testing.T, workers int) {
 	t.Helper()

@@ -50,14 +50,15 @@ WITH batch AS (
 	FROM batch b
 )
 INSERT INTO tokens (token_digest, refresh_digest, client_id, subject, scope, state,
-                    grant_type, issued_at, expires_at, stream_seq, instance)
+                    grant_type, issued_at, expires_at, stream_seq, instance, persisted_at)
 SELECT r.token_digest, r.refresh_digest, r.client_id, r.subject, r.scope,
        CASE WHEN r.rn = 1 AND NOT EXISTS (
                 SELECT 1 FROM tokens t
                 WHERE t.client_id = r.client_id AND t.subject = r.subject AND t.scope = r.scope
                   AND t.stream_seq > r.stream_seq)
             THEN 'ACTIVE' ELSE 'INACTIVE' END,
-       r.grant_type, r.issued_at, r.expires_at, r.stream_seq, r.instance
+       r.grant_type, r.issued_at, r.expires_at, r.stream_seq, r.instance,
+       clock_timestamp() -- now() would be the transaction's start, hiding the batch wait
 FROM ranked r
 ON CONFLICT DO NOTHING
 RETURNING token_digest`

@@ -42,8 +42,8 @@ WHERE token_digest = ANY($1::bytea[]) AND state = 'ACTIVE'`
 // retry reads the new state. Nothing is half-applied.
 const insertSQL = `
 INSERT INTO tokens (token_digest, refresh_digest, client_id, subject, scope, state,
-                    grant_type, issued_at, expires_at, stream_seq, instance)
-SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::text[],
+                    grant_type, issued_at, expires_at, stream_seq, instance, persisted_at)
+SELECT *, clock_timestamp() FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::text[],
                      $7::text[], $8::timestamptz[], $9::timestamptz[], $10::bigint[], $11::text[])
 ON CONFLICT (token_digest) DO NOTHING`
 

@@ -2,10 +2,12 @@ package persister
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/tokenpipe/tokenpipe/events"
 )
@@ -65,10 +67,141 @@ RETURNING token_digest`
 
 const existingSQL = `SELECT token_digest FROM tokens WHERE token_digest = ANY($1::bytea[])`
 
+// probeSQL finds the rows of a batch that need the careful path: the token is
+// already stored (redelivery, replay), or its key has an ACTIVE row or a newer
+// row. Every other row is the newest token of a key with no ACTIVE row, which
+// is exactly a row that COPY may write as ACTIVE. Index probes only.
+//
+// The probes are scalar subqueries with LIMIT 1 on purpose: as EXISTS, the
+// planner may turn them into a hash join over a sequential scan of the whole
+// table when its statistics are stale, which grows with the table.
+const probeSQL = `
+SELECT b.i FROM unnest($1::int[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::bigint[])
+    AS b(i, token_digest, client_id, subject, scope, stream_seq)
+WHERE (SELECT true FROM tokens t WHERE t.token_digest = b.token_digest LIMIT 1)
+   OR (SELECT true FROM tokens t
+       WHERE t.client_id = b.client_id AND t.subject = b.subject AND t.scope = b.scope
+         AND (t.state = 'ACTIVE' OR t.stream_seq > b.stream_seq)
+       LIMIT 1)`
+
+var copyColumns = []string{"token_digest", "refresh_digest", "client_id", "subject", "scope", "state",
+	"grant_type", "issued_at", "expires_at", "stream_seq", "instance"}
+
 // WriteBatch writes rows in one transaction and reports each row's outcome,
 // in the order of rows. Rows must have distinct token digests.
+//
+// Most rows take the fast path, a binary COPY, as fast as Postgres can load
+// rows. Rows that may meet another token of their key, and rows of a key that
+// repeats in the batch, take the set-based INSERT that decides each state.
+// If a concurrent writer wins a race between the probe and the COPY, the COPY
+// is rolled back to its savepoint and its rows take the careful path too.
 func WriteBatch(ctx context.Context, db Beginner, rows []Row) ([]Outcome, error) {
+	out := make([]Outcome, len(rows))
+	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		careful, err := probe(ctx, tx, rows)
+		if err != nil {
+			return err
+		}
+		var fast []int
+		for i := range rows {
+			if !careful[i] {
+				fast = append(fast, i)
+			}
+		}
+		if len(fast) > 0 {
+			copied, err := copyRows(ctx, tx, rows, fast)
+			if err != nil {
+				return err
+			}
+			for _, i := range fast {
+				if copied {
+					out[i] = Inserted
+				} else {
+					careful[i] = true
+				}
+			}
+		}
+		var slow []int
+		for i := range rows {
+			if careful[i] {
+				slow = append(slow, i)
+			}
+		}
+		if len(slow) == 0 {
+			return nil
+		}
+		return insertCareful(ctx, tx, rows, slow, out)
+	})
+	return out, err
+}
+
+// probe marks the rows that must take the careful path.
+func probe(ctx context.Context, tx pgx.Tx, rows []Row) (map[int]bool, error) {
+	careful := map[int]bool{}
+	keys := map[[3]string]int{}
 	n := len(rows)
+	idx, digests := make([]int32, n), make([][]byte, n)
+	clients, subjects, scopes, seqs := make([]string, n), make([]string, n), make([]string, n), make([]int64, n)
+	for i, r := range rows {
+		e := r.Event
+		k := [3]string{e.ClientID, e.Subject, e.Scope()}
+		if j, ok := keys[k]; ok {
+			careful[i], careful[j] = true, true
+		}
+		keys[k] = i
+		idx[i], digests[i], seqs[i] = int32(i), e.TokenDigest[:], int64(r.Seq)
+		clients[i], subjects[i], scopes[i] = k[0], k[1], k[2]
+	}
+	res, err := tx.Query(ctx, probeSQL, idx, digests, clients, subjects, scopes, seqs)
+	if err != nil {
+		return nil, fmt.Errorf("probe batch of %d: %w", n, err)
+	}
+	for res.Next() {
+		var i int32
+		if err := res.Scan(&i); err != nil {
+			return nil, err
+		}
+		careful[int(i)] = true
+	}
+	if err := res.Err(); err != nil {
+		return nil, fmt.Errorf("probe batch of %d: %w", n, err)
+	}
+	return careful, nil
+}
+
+// copyRows COPYs the given rows as ACTIVE inside a savepoint. It reports
+// false, with the savepoint rolled back, if a concurrent transaction took a
+// token or key first.
+func copyRows(ctx context.Context, tx pgx.Tx, rows []Row, which []int) (bool, error) {
+	sp, err := tx.Begin(ctx)
+	if err != nil {
+		return false, fmt.Errorf("savepoint: %w", err)
+	}
+	src := make([][]any, len(which))
+	for j, i := range which {
+		e := rows[i].Event
+		var refresh []byte
+		if e.RefreshDigest != nil {
+			refresh = e.RefreshDigest[:]
+		}
+		src[j] = []any{e.TokenDigest[:], refresh, e.ClientID, e.Subject, e.Scope(), "ACTIVE",
+			e.GrantType, e.IssuedAt, e.ExpiresAt, int64(rows[i].Seq), e.Instance}
+	}
+	_, err = sp.CopyFrom(ctx, pgx.Identifier{"tokens"}, copyColumns, pgx.CopyFromRows(src))
+	if err == nil {
+		return true, sp.Commit(ctx)
+	}
+	_ = sp.Rollback(ctx)
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) && pe.Code == "23505" {
+		return false, nil
+	}
+	return false, fmt.Errorf("copy %d rows: %w", len(which), err)
+}
+
+// insertCareful writes the given rows with insertSQL and records outcomes.
+func insertCareful(ctx context.Context, tx pgx.Tx, rows []Row, which []int, out []Outcome) error {
+	n := len(which)
 	var (
 		digests  = make([][]byte, n)
 		refresh  = make([][]byte, n)
@@ -81,50 +214,45 @@ func WriteBatch(ctx context.Context, db Beginner, rows []Row) ([]Outcome, error)
 		seqs     = make([]int64, n)
 		inst     = make([]string, n)
 	)
-	for i, r := range rows {
-		e := r.Event
-		digests[i] = e.TokenDigest[:]
+	for j, i := range which {
+		e := rows[i].Event
+		digests[j] = e.TokenDigest[:]
 		if e.RefreshDigest != nil {
-			refresh[i] = e.RefreshDigest[:]
+			refresh[j] = e.RefreshDigest[:]
 		}
-		clients[i], subjects[i], scopes[i] = e.ClientID, e.Subject, e.Scope()
-		grants[i], issued[i], expires[i] = e.GrantType, e.IssuedAt, e.ExpiresAt
-		seqs[i], inst[i] = int64(r.Seq), e.Instance
+		clients[j], subjects[j], scopes[j] = e.ClientID, e.Subject, e.Scope()
+		grants[j], issued[j], expires[j] = e.GrantType, e.IssuedAt, e.ExpiresAt
+		seqs[j], inst[j] = int64(rows[i].Seq), e.Instance
 	}
-	out := make([]Outcome, n)
-	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
-		inserted, err := digestSet(ctx, tx, insertSQL, digests, refresh, clients, subjects, scopes, grants, issued, expires, seqs, inst)
-		if err != nil {
-			return fmt.Errorf("insert batch of %d: %w", n, err)
+	inserted, err := digestSet(ctx, tx, insertSQL, digests, refresh, clients, subjects, scopes, grants, issued, expires, seqs, inst)
+	if err != nil {
+		return fmt.Errorf("insert %d rows: %w", n, err)
+	}
+	var missing [][]byte
+	for _, d := range digests {
+		if !inserted[string(d)] {
+			missing = append(missing, d)
 		}
-		if len(inserted) == n {
-			return nil
-		}
-		var missing [][]byte
-		for _, d := range digests {
-			if _, ok := inserted[string(d)]; !ok {
-				missing = append(missing, d)
-			}
-		}
+	}
+	existing := map[string]bool{}
+	if len(missing) > 0 {
 		// A separate statement takes a fresh snapshot, so it also sees rows
 		// that a concurrent transaction committed while our insert waited.
-		existing, err := digestSet(ctx, tx, existingSQL, missing)
-		if err != nil {
+		if existing, err = digestSet(ctx, tx, existingSQL, missing); err != nil {
 			return fmt.Errorf("look up %d skipped rows: %w", len(missing), err)
 		}
-		for i, d := range digests {
-			switch _, ins := inserted[string(d)]; {
-			case ins:
-				out[i] = Inserted
-			case existing[string(d)]:
-				out[i] = Existing
-			default:
-				out[i] = Conflict
-			}
+	}
+	for j, i := range which {
+		switch d := string(digests[j]); {
+		case inserted[d]:
+			out[i] = Inserted
+		case existing[d]:
+			out[i] = Existing
+		default:
+			out[i] = Conflict
 		}
-		return nil
-	})
-	return out, err
+	}
+	return nil
 }
 
 // Beginner is what WriteBatch needs: a pool or a connection.

@@ -1,0 +1,173 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"runtime/pprof"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/tokenpipe/tokenpipe/bench"
+	"github.com/tokenpipe/tokenpipe/schema"
+)
+
+const benchUsage = `drain [flags]
+
+  drain   pre-fill a scratch stream with token events, then in each run COPY
+          the same rows into an empty tokens table (the ceiling) and let a
+          persister drain the stream into it; prints both rates and the ratio.
+          Uses a scratch database and stream that are removed afterwards.
+
+Examples:
+  tokenpipe bench drain
+  tokenpipe bench drain -events 500000 -workers 4 -runs 5`
+
+func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var cfg Common
+	rest, err := loadConfig("bench", args, stderr, &cfg, benchUsage)
+	if err != nil {
+		return helpIsNil(err)
+	}
+	if len(rest) == 0 || rest[0] != "drain" {
+		fmt.Fprintln(stderr, "usage: tokenpipe bench "+benchUsage)
+		return errUsage
+	}
+	fs := flag.NewFlagSet("bench drain", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	n := fs.Int("events", 200000, "events to pre-fill")
+	workers := fs.Int("workers", 2, "persister workers, and COPY writers for the ceiling")
+	batch := fs.Int("batch", 1000, "events per batch, rows per COPY")
+	runs := fs.Int("runs", 3, "paired runs; medians are reported")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of this process to `file`")
+	if err := fs.Parse(rest[1:]); err != nil {
+		return helpIsNil(flagErr(err))
+	}
+	if *cpuProfile != "" {
+		stop, err := startCPUProfile(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+	log := newLogger(&cfg, stderr)
+	dbURL, dropDB, err := scratchDatabase(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer dropDB()
+	scratch := cfg
+	scratch.DatabaseURL = dbURL
+	scratch.DBMaxConns = int32(*workers + 2)
+	pool, err := connectPostgres(ctx, &scratch)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	if _, err := schema.Up(ctx, pool); err != nil {
+		return err
+	}
+	nc, js, err := connectNATS(&cfg, "tokenpipe-bench", log, nil)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	topo := cfg.Topology()
+	id := randomID()
+	topo.Stream, topo.Prefix = "TPBENCH_"+strings.ToUpper(id), "tpbench."+id
+	topo.MaxPending = max(topo.MaxPending, *workers**batch*2)
+	defer func() {
+		delCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		_ = js.DeleteStream(delCtx, topo.Stream)
+	}()
+	res, err := bench.Drain(ctx, pool, js, bench.DrainOptions{
+		Events: *n, Workers: *workers, BatchSize: *batch, BatchWait: 50 * time.Millisecond, Runs: *runs,
+		Topology: topo, Progress: stderr, Log: log.With("component", "bench"),
+	})
+	if err != nil {
+		return err
+	}
+	c, d, r := res.Copy(), res.Drain(), res.Ratio()
+	fmt.Fprintf(stdout, "drain benchmark: %d events, %d workers, batch %d, %d runs (median [min-max])\n", *n, *workers, *batch, *runs)
+	fmt.Fprintf(stdout, "  raw COPY ceiling  %8.0f rows/s  [%.0f-%.0f]\n", c.Median, c.Min, c.Max)
+	fmt.Fprintf(stdout, "  persister drain   %8.0f rows/s  [%.0f-%.0f]\n", d.Median, d.Min, d.Max)
+	fmt.Fprintf(stdout, "  ratio             %8.2f         [%.2f-%.2f]\n", r.Median, r.Min, r.Max)
+	return nil
+}
+
+// scratchDatabase creates a uniquely named database next to the configured
+// one and returns its URL and a function that drops it.
+func scratchDatabase(ctx context.Context, url string) (string, func(), error) {
+	cfg, err := pgx.ParseConfig(url)
+	if err != nil {
+		return "", nil, fmt.Errorf("%s_DATABASE_URL: %w", envPrefix, err)
+	}
+	admin := cfg.Copy()
+	admin.Database = "postgres"
+	conn, err := pgx.ConnectConfig(ctx, admin)
+	if err != nil {
+		return "", nil, fmt.Errorf("connect to Postgres at %s: %w", redactURL(url), err)
+	}
+	name := "tokenpipe_scratch_" + randomID()
+	if _, err := conn.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		conn.Close(ctx)
+		return "", nil, fmt.Errorf("create scratch database: %w", err)
+	}
+	conn.Close(ctx)
+	drop := func() {
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		c, err := pgx.ConnectConfig(dctx, admin)
+		if err != nil {
+			return
+		}
+		defer c.Close(dctx)
+		_, _ = c.Exec(dctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)")
+	}
+	return withDatabaseName(url, name), drop, nil
+}
+
+// withDatabaseName swaps the database of a postgres:// URL.
+func withDatabaseName(url, name string) string {
+	rest, query, _ := strings.Cut(url, "?")
+	i := strings.LastIndex(rest, "/")
+	out := rest[:i+1] + name
+	if query != "" {
+		out += "?" + query
+	}
+	return out
+}
+
+// startCPUProfile profiles this process until stop is called, so a missed
+// target comes with the evidence of where the time went.
+func startCPUProfile(path string) (stop func(), err error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
+}
+
+func randomID() string {
+	b := make([]byte, 5)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func flagErr(err error) error {
+	if err == flag.ErrHelp {
+		return errHelp
+	}
+	return errUsage
+}

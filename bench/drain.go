@@ -63,8 +63,12 @@ func stat(xs []float64) Stat {
 }
 
 // Copy, Drain and Ratio summarise the runs.
-func (r DrainResult) Copy() Stat  { return stat(collect(r.Runs, func(d DrainRun) float64 { return d.CopyRowsPerSec })) }
-func (r DrainResult) Drain() Stat { return stat(collect(r.Runs, func(d DrainRun) float64 { return d.DrainRowsPerSec })) }
+func (r DrainResult) Copy() Stat {
+	return stat(collect(r.Runs, func(d DrainRun) float64 { return d.CopyRowsPerSec }))
+}
+func (r DrainResult) Drain() Stat {
+	return stat(collect(r.Runs, func(d DrainRun) float64 { return d.DrainRowsPerSec }))
+}
 func (r DrainResult) Ratio() Stat { return stat(collect(r.Runs, DrainRun.Ratio)) }
 
 func collect(runs []DrainRun, f func(DrainRun) float64) []float64 {

@@ -11,11 +11,7 @@ import (
 
 var errNotBuilt = errors.New("not built yet")
 
-func runIssuer(context.Context, []string, io.Writer, io.Writer) error    { return errNotBuilt }
-func runPersister(context.Context, []string, io.Writer, io.Writer) error { return errNotBuilt }
-func runRecovery(context.Context, []string, io.Writer, io.Writer) error  { return errNotBuilt }
-func runMigrate(context.Context, []string, io.Writer, io.Writer) error   { return errNotBuilt }
-func runClient(context.Context, []string, io.Writer, io.Writer) error    { return errNotBuilt }
-func runUser(context.Context, []string, io.Writer, io.Writer) error      { return errNotBuilt }
-func runDemo(context.Context, []string, io.Writer, io.Writer) error      { return errNotBuilt }
-func runBench(context.Context, []string, io.Writer, io.Writer) error     { return errNotBuilt }
+func runIssuer(context.Context, []string, io.Writer, io.Writer) error { return errNotBuilt }
+func runClient(context.Context, []string, io.Writer, io.Writer) error { return errNotBuilt }
+func runUser(context.Context, []string, io.Writer, io.Writer) error   { return errNotBuilt }
+func runDemo(context.Context, []string, io.Writer, io.Writer) error   { return errNotBuilt }

@@ -243,10 +243,10 @@ func insertCareful(ctx context.Context, tx pgx.Tx, rows []Row, which []int, out 
 		}
 	}
 	for j, i := range which {
-		switch d := string(digests[j]); {
-		case inserted[d]:
+		switch {
+		case inserted[string(digests[j])]:
 			out[i] = Inserted
-		case existing[d]:
+		case existing[string(digests[j])]:
 			out[i] = Existing
 		default:
 			out[i] = Conflict

@@ -1,0 +1,45 @@
+# tokenpipe: the two commands a newcomer needs are `make demo` and `make test`.
+GO        ?= go
+BIN       ?= bin/tokenpipe
+PKGS      ?= ./...
+STATICCHECK_VERSION ?= v0.8.2
+
+.PHONY: all build test demo bench lint vet staticcheck deploy-check e2e fuzz clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -o $(BIN) ./cmd/tokenpipe
+
+## test: every test, against the local Postgres (127.0.0.1:5432) and NATS
+## JetStream (127.0.0.1:4222); each test makes and removes its own database,
+## stream and consumers.
+test:
+	$(GO) test -race -count=1 -timeout 20m $(PKGS)
+
+## demo: the whole pipeline in one process (embedded NATS unless
+## TOKENPIPE_NATS_URL is set; Postgres at TOKENPIPE_DATABASE_URL).
+demo:
+	$(GO) run ./cmd/tokenpipe demo
+
+## bench: the persister drain against raw COPY, paired runs, medians.
+bench: build
+	$(BIN) bench drain -events 200000 -runs 3
+
+vet:
+	$(GO) vet $(PKGS)
+
+staticcheck:
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) $(PKGS)
+
+lint: vet staticcheck
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+## deploy-check: kustomize build of the Kubernetes manifests, strict decoding
+## into the Kubernetes API types, and the Compose file. A separate Go module,
+## so the service does not carry Kubernetes dependencies.
+deploy-check:
+	cd deploy/check && $(GO) test -count=1 ./...
+
+clean:
+	rm -rf bin

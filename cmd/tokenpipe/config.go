@@ -136,7 +136,7 @@ func configError(err error) error {
 func printEnvUsage(w io.Writer, name, positional string, cfg any) {
 	fmt.Fprintf(w, "usage: tokenpipe %s %s\n\nEnvironment:\n", name, positional)
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
-	_ = envconfig.Usagef(envPrefix, cfg, tw, "  {{range .}}{{usage_key .}}\t{{usage_default .}}\t{{usage_description .}}\n{{end}}")
+	_ = envconfig.Usagef(envPrefix, cfg, tw, "{{range .}}  {{usage_key .}}\t{{usage_default .}}\t{{usage_description .}}\n{{end}}")
 	_ = tw.Flush()
 }
 

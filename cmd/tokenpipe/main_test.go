@@ -1,0 +1,47 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+)
+
+// TestBadConfigIsOneLineNamingTheVariable: a role refuses to start on a bad
+// value, and says which variable in a single line.
+func TestBadConfigIsOneLineNamingTheVariable(t *testing.T) {
+	cases := []struct{ env, value, cmd string }{
+		{"TOKENPIPE_BATCH_SIZE", "lots", "persister"},
+		{"TOKENPIPE_BATCH_SIZE", "0", "persister"},
+		{"TOKENPIPE_ACK_WAIT", "10ms", "recovery"},
+		{"TOKENPIPE_LOG_LEVEL", "chatty", "persister"},
+		{"TOKENPIPE_STREAM_REPLICAS", "9", "recovery"},
+		{"TOKENPIPE_STREAM", "a.b", "persister"},
+	}
+	for _, c := range cases {
+		t.Run(c.env+"="+c.value, func(t *testing.T) {
+			t.Setenv(c.env, c.value)
+			var stdout, stderr bytes.Buffer
+			code := run(context.Background(), []string{c.cmd}, &stdout, &stderr)
+			if code == 0 {
+				t.Fatal("started with a bad value")
+			}
+			out := strings.TrimSpace(stderr.String())
+			if strings.Count(out, "\n") != 0 || !strings.Contains(out, c.env) {
+				t.Fatalf("want one line naming %s, got:\n%s", c.env, out)
+			}
+		})
+	}
+}
+
+func TestHelpListsVariablesWithDefaults(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	if code := run(context.Background(), []string{"persister", "-h"}, &stdout, &stderr); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	for _, want := range []string{"TOKENPIPE_NATS_URL", "nats://127.0.0.1:4222", "TOKENPIPE_WORKERS", "TOKENPIPE_BATCH_SIZE", "1000"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("help lacks %q:\n%s", want, stderr.String())
+		}
+	}
+}

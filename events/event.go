@@ -7,6 +7,7 @@
 package events
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -181,7 +182,7 @@ func DecodeTokenIssued(data []byte) (*TokenIssued, error) {
 		return nil, fmt.Errorf("%w: event of %d bytes exceeds %d", ErrPoison, len(data), MaxEventBytes)
 	}
 	var e TokenIssued
-	dec := json.NewDecoder(strings.NewReader(string(data)))
+	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&e); err != nil {
 		return nil, fmt.Errorf("%w: decode token.issued: %v", ErrPoison, err)

@@ -1,0 +1,169 @@
+// Package audit checks the pipeline's promises against the database and the
+// stream, independently of the code that keeps them: every token a client
+// received has exactly one row, no key has two ACTIVE rows, every ACTIVE row
+// is its key's newest token, and nothing is left pending.
+package audit
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/tokenpipe/tokenpipe/events"
+)
+
+// Report lists every violation found. The zero Report is clean.
+type Report struct {
+	Tokens          int             // digests checked
+	Missing         []events.Digest // issued, no row
+	Duplicated      []events.Digest // more than one row
+	DoubleActive    []string        // keys with more than one ACTIVE row
+	ActiveNotNewest []string        // keys whose ACTIVE row is not the highest stream sequence
+	Pending         map[string]uint64
+}
+
+// Clean reports whether no promise was broken.
+func (r *Report) Clean() bool {
+	pending := uint64(0)
+	for _, n := range r.Pending {
+		pending += n
+	}
+	return len(r.Missing) == 0 && len(r.Duplicated) == 0 && len(r.DoubleActive) == 0 &&
+		len(r.ActiveNotNewest) == 0 && pending == 0
+}
+
+// Write prints the report for people.
+func (r *Report) Write(w io.Writer) {
+	fmt.Fprintf(w, "tokens checked:            %d\n", r.Tokens)
+	fmt.Fprintf(w, "missing rows:              %d%s\n", len(r.Missing), sample(r.Missing))
+	fmt.Fprintf(w, "duplicated rows:           %d%s\n", len(r.Duplicated), sample(r.Duplicated))
+	fmt.Fprintf(w, "keys with 2+ ACTIVE rows:  %d\n", len(r.DoubleActive))
+	fmt.Fprintf(w, "ACTIVE row not the newest: %d\n", len(r.ActiveNotNewest))
+	for name, n := range r.Pending {
+		fmt.Fprintf(w, "pending on %-14s %d\n", name+":", n)
+	}
+	if r.Clean() {
+		fmt.Fprintln(w, "result: clean")
+	} else {
+		fmt.Fprintln(w, "result: VIOLATIONS")
+	}
+}
+
+func sample(ds []events.Digest) string {
+	if len(ds) == 0 {
+		return ""
+	}
+	var parts []string
+	for _, d := range ds[:min(3, len(ds))] {
+		parts = append(parts, d.String()[:12])
+	}
+	return " (e.g. " + strings.Join(parts, ", ") + ")"
+}
+
+// ReadDigests reads one hex token digest per line; blank lines and lines
+// starting with # are skipped.
+func ReadDigests(r io.Reader) ([]events.Digest, error) {
+	var out []events.Digest
+	sc := bufio.NewScanner(r)
+	line := 0
+	for sc.Scan() {
+		line++
+		s := strings.TrimSpace(sc.Text())
+		if s == "" || strings.HasPrefix(s, "#") {
+			continue
+		}
+		d, err := events.ParseDigest(s)
+		if err != nil {
+			return nil, fmt.Errorf("line %d: %w", line, err)
+		}
+		out = append(out, d)
+	}
+	return out, sc.Err()
+}
+
+// Check audits the given digests (may be empty: then only the table-wide
+// checks run) and, if stream is not nil, the named consumers' backlog.
+func Check(ctx context.Context, pool *pgxpool.Pool, digests []events.Digest, stream jetstream.Stream, consumers ...string) (*Report, error) {
+	r := &Report{Tokens: len(digests), Pending: map[string]uint64{}}
+	const chunk = 10000
+	for lo := 0; lo < len(digests); lo += chunk {
+		part := digests[lo:min(lo+chunk, len(digests))]
+		raw := make([][]byte, len(part))
+		for i := range part {
+			raw[i] = part[i][:]
+		}
+		rows, err := pool.Query(ctx, `
+			SELECT d.digest, count(t.token_digest)
+			FROM unnest($1::bytea[]) AS d(digest)
+			LEFT JOIN tokens t ON t.token_digest = d.digest
+			GROUP BY d.digest HAVING count(t.token_digest) <> 1`, raw)
+		if err != nil {
+			return nil, fmt.Errorf("audit rows per token: %w", err)
+		}
+		for rows.Next() {
+			var d []byte
+			var n int
+			if err := rows.Scan(&d, &n); err != nil {
+				return nil, err
+			}
+			if n == 0 {
+				r.Missing = append(r.Missing, events.Digest(d))
+			} else {
+				r.Duplicated = append(r.Duplicated, events.Digest(d))
+			}
+		}
+		if err := rows.Err(); err != nil {
+			return nil, fmt.Errorf("audit rows per token: %w", err)
+		}
+	}
+	var err error
+	if r.DoubleActive, err = keys(ctx, pool, `
+		SELECT client_id, subject, scope FROM tokens WHERE state = 'ACTIVE'
+		GROUP BY 1, 2, 3 HAVING count(*) > 1`); err != nil {
+		return nil, err
+	}
+	if r.ActiveNotNewest, err = keys(ctx, pool, `
+		SELECT a.client_id, a.subject, a.scope FROM tokens a
+		WHERE a.state = 'ACTIVE' AND a.stream_seq IS NOT NULL AND EXISTS (
+			SELECT 1 FROM tokens n
+			WHERE n.client_id = a.client_id AND n.subject = a.subject AND n.scope = a.scope
+			  AND n.stream_seq > a.stream_seq)`); err != nil {
+		return nil, err
+	}
+	if stream != nil {
+		for _, name := range consumers {
+			c, err := stream.Consumer(ctx, name)
+			if err != nil {
+				return nil, fmt.Errorf("audit consumer %s: %w", name, err)
+			}
+			info, err := c.Info(ctx)
+			if err != nil {
+				return nil, fmt.Errorf("audit consumer %s: %w", name, err)
+			}
+			r.Pending[name] = info.NumPending + uint64(info.NumAckPending)
+		}
+	}
+	return r, nil
+}
+
+func keys(ctx context.Context, pool *pgxpool.Pool, sql string) ([]string, error) {
+	rows, err := pool.Query(ctx, sql)
+	if err != nil {
+		return nil, fmt.Errorf("audit keys: %w", err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var c, s, sc string
+		if err := rows.Scan(&c, &s, &sc); err != nil {
+			return nil, err
+		}
+		out = append(out, c+"/"+s+"/"+sc)
+	}
+	return out, rows.Err()
+}

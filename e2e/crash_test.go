@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"strconv"
 	"testing"
 	"time"
 
@@ -53,3 +54,55 @@ func TestPersisterKilledMidBatchLosesNothing(t *testing.T) {
 		t.Fatalf("rows = %d, want %d", n, len(evs))
 	}
 }
+
+// TestRecoveryKilledMidTransactionLosesNothing fills the stream with many
+// racing tokens per key, kills recovery processes with SIGKILL while they
+// resolve, and audits: one row per token, the newest of each key ACTIVE.
+func TestRecoveryKilledMidTransactionLosesNothing(t *testing.T) {
+	t.Parallel()
+	dbURL, pool := testenv.Database(t)
+	_, js, topo := testenv.JetStream(t)
+	ctx := ctxT(t, 3*time.Minute)
+	// 400 keys, 15 tokens each, interleaved: most events conflict.
+	var evs []*events.TokenIssued
+	for round := 0; round < 15; round++ {
+		for k := 0; k < 400; k++ {
+			evs = append(evs, testenv.Token("app", "user-"+itoa(k), "read"))
+		}
+	}
+	d := newDeployment(t, dbURL, topo, "TOKENPIPE_ACK_WAIT=3s", "TOKENPIPE_BATCH_SIZE=100", "TOKENPIPE_WORKERS=1")
+	d.start("persister", "persister")
+	testenv.Must(t, bench.Fill(ctx, js, topo, evs, nil), "fill")
+
+	resolved := func() int {
+		var n int
+		testenv.Must(t, pool.QueryRow(ctx, "SELECT count(*) FROM tokens WHERE state = 'INACTIVE'").Scan(&n), "count")
+		return n
+	}
+	for round := 0; round < 3; round++ {
+		r := d.start("recovery", "recovery")
+		before := resolved()
+		testenv.Eventually(t, 60*time.Second, "recovery progress", func() (bool, error) {
+			return resolved() >= before+200, nil
+		})
+		r.kill(t)
+	}
+	d.start("recovery-last", "recovery")
+	stream, err := js.Stream(ctx, topo.Stream)
+	testenv.Must(t, err, "stream")
+	digests := make([]events.Digest, len(evs))
+	for i, e := range evs {
+		digests[i] = e.TokenDigest
+	}
+	testenv.Eventually(t, 90*time.Second, "clean audit", func() (bool, error) {
+		report, err := audit.Check(ctx, pool, digests, stream, topo.Persister, topo.Recovery)
+		return err == nil && report.Clean(), err
+	})
+	var active int
+	testenv.Must(t, pool.QueryRow(ctx, "SELECT count(*) FROM tokens WHERE state = 'ACTIVE'").Scan(&active), "count")
+	if active != 400 {
+		t.Fatalf("ACTIVE rows = %d, want one per key (400)", active)
+	}
+}
+
+func itoa(i int) string { return strconv.Itoa(i) }

@@ -118,19 +118,20 @@ func (p *Persister) write(ctx context.Context, batch []*pending) {
 	stop()
 	switch {
 	case err == nil:
-	case pgretry.IsPermanent(err) && ctx.Err() == nil && len(batch) > 1:
+	case pgretry.IsDataError(err) && ctx.Err() == nil && len(batch) > 1:
 		p.log.Warn("batch rejected; splitting to isolate the bad row", "err", err, "rows", len(batch))
 		p.write(ctx, batch[:len(batch)/2])
 		p.write(ctx, batch[len(batch)/2:])
 		return
-	case pgretry.IsPermanent(err) && ctx.Err() == nil:
+	case pgretry.IsDataError(err) && ctx.Err() == nil:
 		for _, m := range batch[0].msgs {
 			p.deadLetter(ctx, m, "rejected by Postgres: "+err.Error())
 		}
 		return
 	default:
-		// Out of retries or shutting down: hand the batch back to JetStream
-		// for later; nothing was committed, nothing is lost.
+		// Out of retries, shutting down, or an operational fault (such as a
+		// missing table): hand the batch back to JetStream for later; nothing
+		// was committed, nothing is lost.
 		p.log.Error("batch not written; returning it for redelivery", "err", err, "rows", len(rows), "redeliver_in", p.cfg.NakDelay)
 		for _, m := range all {
 			_ = m.NakWithDelay(p.cfg.NakDelay)

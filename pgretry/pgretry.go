@@ -97,5 +97,23 @@ func Do[T any](ctx context.Context, p Policy, op func(ctx context.Context) (T, e
 	})
 }
 
+// IsDataError reports whether Postgres rejected the data itself (SQLSTATE
+// classes 22 data exception, 23 integrity constraint violation, 54 program
+// limit exceeded): the same row will fail the same way forever, so it may be
+// dead-lettered. Anything else that is not transient (a missing table, a
+// permission, a bug in a statement) is an operational fault to fix, and must
+// never cost a token its row.
+func IsDataError(err error) bool {
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || Reason(err) != "" {
+		return false
+	}
+	switch pe.Code[:2] {
+	case "22", "23", "54":
+		return true
+	}
+	return false
+}
+
 // IsPermanent reports whether err came from a failure that retrying cannot fix.
 func IsPermanent(err error) bool { return err != nil && Reason(err) == "" }

@@ -1,0 +1,130 @@
+package e2e
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/tokenpipe/tokenpipe/audit"
+	"github.com/tokenpipe/tokenpipe/bench"
+	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/testenv"
+	"github.com/tokenpipe/tokenpipe/schema"
+)
+
+// pgCluster is a Postgres cluster of the test's own (initdb in a temporary
+// directory, started with pg_ctl), so the test may stop and restart it.
+type pgCluster struct {
+	t    *testing.T
+	bin  string
+	dir  string
+	port int
+	as   []string // command prefix to run as the postgres user when we are root
+}
+
+func startPostgres(t *testing.T) *pgCluster {
+	t.Helper()
+	bins, _ := filepath.Glob("/usr/lib/postgresql/*/bin/initdb")
+	if len(bins) == 0 {
+		t.Skip("initdb not installed")
+	}
+	c := &pgCluster{t: t, bin: filepath.Dir(bins[len(bins)-1])}
+	base, err := os.MkdirTemp("", "tokenpipe-pg-")
+	testenv.Must(t, err, "temp dir")
+	t.Cleanup(func() { os.RemoveAll(base) })
+	c.dir = filepath.Join(base, "data")
+	if os.Geteuid() == 0 {
+		// initdb refuses to run as root.
+		u, err := user.Lookup("postgres")
+		if err != nil {
+			t.Skip("running as root without a postgres user")
+		}
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		testenv.Must(t, os.Chown(base, uid, gid), "chown")
+		c.as = []string{"runuser", "-u", "postgres", "--"}
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	testenv.Must(t, err, "port")
+	c.port = ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	c.run("initdb", "-D", c.dir, "-A", "trust", "-U", "postgres", "--no-sync")
+	c.start()
+	t.Cleanup(func() { c.run("pg_ctl", "-D", c.dir, "-m", "immediate", "stop") })
+	return c
+}
+
+func (c *pgCluster) run(tool string, args ...string) {
+	c.t.Helper()
+	argv := append(append(append([]string{}, c.as...), filepath.Join(c.bin, tool)), args...)
+	out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+	if err != nil {
+		c.t.Fatalf("%s: %v\n%s", tool, err, out)
+	}
+}
+
+func (c *pgCluster) start() {
+	c.t.Helper()
+	c.run("pg_ctl", "-D", c.dir, "-w", "-l", filepath.Join(filepath.Dir(c.dir), "log"),
+		"-o", fmt.Sprintf("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off", c.port, filepath.Dir(c.dir)), "start")
+}
+
+// stop shuts the server down fast: open connections are cut.
+func (c *pgCluster) stop() { c.run("pg_ctl", "-D", c.dir, "-m", "fast", "-w", "stop") }
+
+func (c *pgCluster) url() string {
+	return fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", c.port)
+}
+
+// TestPostgresOutageDelaysButLosesNothing stops Postgres for a while under a
+// draining persister: batches fail, are retried and handed back; once the
+// database is back the backlog drains and the audit is clean.
+func TestPostgresOutageDelaysButLosesNothing(t *testing.T) {
+	t.Parallel()
+	pg := startPostgres(t)
+	ctx := ctxT(t, 4*time.Minute)
+	pool, err := pgxpool.New(ctx, pg.url())
+	testenv.Must(t, err, "pool")
+	defer pool.Close()
+	_, err = schema.Up(ctx, pool)
+	testenv.Must(t, err, "migrate")
+	_, js, topo := testenv.JetStream(t)
+	evs := bench.MakeEvents(20000)
+
+	outage := 10 * time.Second
+	if d := os.Getenv("TOKENPIPE_TEST_PG_OUTAGE"); d != "" {
+		outage, err = time.ParseDuration(d)
+		testenv.Must(t, err, "TOKENPIPE_TEST_PG_OUTAGE")
+	}
+	d := newDeployment(t, pg.url(), topo, "TOKENPIPE_BATCH_SIZE=500", "TOKENPIPE_RETRY_MAX_ELAPSED=5s", "TOKENPIPE_NAK_DELAY=1s")
+	d.start("persister", "persister")
+	d.start("recovery", "recovery")
+	testenv.Must(t, bench.Fill(ctx, js, topo, evs[:10000], nil), "fill before outage")
+	time.Sleep(200 * time.Millisecond)
+	pg.stop()
+	// Events keep arriving while the database is away.
+	testenv.Must(t, bench.Fill(ctx, js, topo, evs[10000:], nil), "fill during outage")
+	time.Sleep(outage)
+	pg.start()
+	start := time.Now()
+
+	stream, err := js.Stream(ctx, topo.Stream)
+	testenv.Must(t, err, "stream")
+	digests := make([]events.Digest, len(evs))
+	for i, e := range evs {
+		digests[i] = e.TokenDigest
+	}
+	testenv.Eventually(t, 2*time.Minute, "clean audit after the outage", func() (bool, error) {
+		r, err := audit.Check(ctx, pool, digests, stream, topo.Persister, topo.Recovery)
+		return err == nil && r.Clean(), err
+	})
+	t.Logf("backlog drained %s after Postgres came back from a %s outage", time.Since(start).Round(10*time.Millisecond), outage)
+}

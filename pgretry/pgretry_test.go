@@ -23,7 +23,7 @@ func TestClassification(t *testing.T) {
 		{&pgconn.PgError{Code: "08006"}, true, false},
 		{&pgconn.PgError{Code: "23505", ConstraintName: ActiveKeyConstraint}, true, false},
 		{&pgconn.PgError{Code: "23505", ConstraintName: "tokens_pkey"}, false, true},
-		{&pgconn.PgError{Code: "22021"}, false, true}, // invalid byte sequence
+		{&pgconn.PgError{Code: "22021"}, false, true},  // invalid byte sequence
 		{&pgconn.PgError{Code: "42P01"}, false, false}, // missing table: operational, never dead-letter
 		{fmt.Errorf("wrapped: %w", &pgconn.PgError{Code: "40001"}), true, false},
 		{errors.New("unexpected EOF"), true, false},

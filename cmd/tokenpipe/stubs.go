@@ -11,7 +11,4 @@ import (
 
 var errNotBuilt = errors.New("not built yet")
 
-func runIssuer(context.Context, []string, io.Writer, io.Writer) error { return errNotBuilt }
-func runClient(context.Context, []string, io.Writer, io.Writer) error { return errNotBuilt }
-func runUser(context.Context, []string, io.Writer, io.Writer) error   { return errNotBuilt }
-func runDemo(context.Context, []string, io.Writer, io.Writer) error   { return errNotBuilt }
+func runDemo(context.Context, []string, io.Writer, io.Writer) error { return errNotBuilt }

@@ -1,0 +1,53 @@
+package issuer
+
+import (
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the issuer's Prometheus series.
+type Metrics struct {
+	issued         *prometheus.CounterVec
+	publishErrors  *prometheus.CounterVec
+	publishSeconds prometheus.Histogram
+	syncRetries    prometheus.Counter
+	requests       *prometheus.CounterVec
+	requestSeconds prometheus.Histogram
+}
+
+// NewMetrics registers the issuer's series on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		issued:         prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_issuer_tokens_issued_total", Help: "Tokens handed to clients."}, []string{"grant_type"}),
+		publishErrors:  prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_issuer_publish_errors_total", Help: "Token events JetStream did not acknowledge; no token was handed out."}, []string{"reason"}),
+		publishSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tokenpipe_issuer_publish_duration_seconds", Help: "Time from publish to JetStream's acknowledgement.", Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16)}),
+		syncRetries:    prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_issuer_sync_conflict_retries_total", Help: "Sync-mode transactions retried after losing a race for a key."}),
+		requests:       prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_http_requests_total", Help: "Token endpoint requests by status code."}, []string{"code"}),
+		requestSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tokenpipe_http_request_duration_seconds", Help: "Token endpoint latency.", Buckets: prometheus.ExponentialBuckets(0.0001, 2, 18)}),
+	}
+	reg.MustRegister(m.issued, m.publishErrors, m.publishSeconds, m.syncRetries, m.requests, m.requestSeconds)
+	return m
+}
+
+type statusRecorder struct {
+	http.ResponseWriter
+	code int
+}
+
+func (r *statusRecorder) WriteHeader(code int) {
+	r.code = code
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (m *Metrics) instrument(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		rec := &statusRecorder{ResponseWriter: w, code: http.StatusOK}
+		next.ServeHTTP(rec, r)
+		m.requests.WithLabelValues(strconv.Itoa(rec.code)).Inc()
+		m.requestSeconds.Observe(time.Since(start).Seconds())
+	})
+}

@@ -43,6 +43,9 @@ func connectNATS(c *Common, name string, log *slog.Logger, m *connMetrics) (*nat
 		nats.ReconnectJitter(250*time.Millisecond, time.Second),
 		nats.RetryOnFailedConnect(false),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err == nil {
+				return // our own Close or Drain
+			}
 			log.Warn("nats disconnected", "err", err)
 			if m != nil {
 				m.natsDisconnects.Inc()

@@ -1,0 +1,226 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenpipe/tokenpipe/audit"
+	"github.com/tokenpipe/tokenpipe/clients"
+	"github.com/tokenpipe/tokenpipe/demo"
+	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/issuer"
+	"github.com/tokenpipe/tokenpipe/persister"
+	"github.com/tokenpipe/tokenpipe/recovery"
+	"github.com/tokenpipe/tokenpipe/schema"
+)
+
+const demoUsage = `[-requests N] [-races N] [-stay]
+
+Runs issuer, persister and recovery in one process, sends real HTTP token
+requests (distinct keys, then bursts of identical requests racing for one
+key), waits until both consumers are drained, audits the table and prints a
+summary. Uses an embedded NATS server unless TOKENPIPE_NATS_URL is set, and
+Postgres at TOKENPIPE_DATABASE_URL (the database is created if missing).
+
+Examples:
+  tokenpipe demo
+  tokenpipe demo -requests 20000 -races 1000 -stay`
+
+func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var cfg IssuerConfig
+	_, natsSet := os.LookupEnv(envPrefix + "_NATS_URL")
+	if _, ok := os.LookupEnv(envPrefix + "_LOG_LEVEL"); !ok {
+		os.Setenv(envPrefix+"_LOG_LEVEL", "warn") // the summary is the demo's output
+	}
+	if _, ok := os.LookupEnv(envPrefix + "_LOG_FORMAT"); !ok {
+		os.Setenv(envPrefix+"_LOG_FORMAT", "text")
+	}
+	if _, ok := os.LookupEnv(envPrefix + "_HTTP_ADDR"); !ok {
+		os.Setenv(envPrefix+"_HTTP_ADDR", "127.0.0.1:8080")
+	}
+	rest, err := loadConfig("demo", args, stderr, &cfg, demoUsage)
+	if err != nil {
+		return helpIsNil(err)
+	}
+	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	requests := fs.Int("requests", 2000, "requests for distinct keys")
+	races := fs.Int("races", 250, "keys requested by 4 simultaneous requests each")
+	stay := fs.Bool("stay", false, "keep the endpoint up after the summary, until Ctrl-C")
+	if err := fs.Parse(rest); err != nil {
+		return helpIsNil(flagErr(err))
+	}
+	log := newLogger(&cfg.Common, stderr)
+	say := func(format string, a ...any) { fmt.Fprintf(stdout, format+"\n", a...) }
+
+	if !natsSet {
+		srv, err := demo.StartNATS()
+		if err != nil {
+			return err
+		}
+		defer srv.Shutdown()
+		cfg.NATSURL = srv.URL()
+		say("started an embedded NATS server with JetStream at %s", cfg.NATSURL)
+	}
+	if err := ensureDatabase(ctx, cfg.DatabaseURL); err != nil {
+		return fmt.Errorf("%w\nno Postgres answered: start one, or point TOKENPIPE_DATABASE_URL at one (e.g. postgres://user@host:5432/tokenpipe)", err)
+	}
+	pool, err := connectPostgres(ctx, &cfg.Common)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	if _, err := schema.Up(ctx, pool); err != nil {
+		return err
+	}
+	nc, _, err := connectNATS(&cfg.Common, "tokenpipe-demo", log, nil)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(cfg.PublishMaxInFlight))
+	if err != nil {
+		return err
+	}
+	topo := cfg.Topology()
+	stream, err := events.Provision(ctx, js, topo)
+	if err != nil {
+		return err
+	}
+
+	clientID := "demo-" + randomID()
+	scopes := make([]string, 64)
+	for i := range scopes {
+		scopes[i] = fmt.Sprintf("s%02d", i)
+	}
+	secret, err := clients.Add(ctx, pool, clientID, scopes, []string{"client_credentials"})
+	if err != nil {
+		return err
+	}
+	say("database %s migrated; demo client %s registered", redactURL(cfg.DatabaseURL), clientID)
+
+	ln, err := net.Listen("tcp", cfg.HTTPAddr)
+	if err != nil {
+		ln, err = net.Listen("tcp", "127.0.0.1:0") // the usual port is taken: any will do
+		if err != nil {
+			return fmt.Errorf("listen: %w", err)
+		}
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+
+	reg := prometheus.NewRegistry()
+	runCtx, stopRoles := context.WithCancel(context.WithoutCancel(ctx))
+	var roles sync.WaitGroup
+	defer func() { stopRoles(); roles.Wait() }()
+	iss := issuer.New(cfg.issuerConfig(topo), clients.NewRegistry(pool, cfg.ClientCacheTTL), nc, js, pool, log, issuer.NewMetrics(reg))
+	per := persister.New(persister.Config{
+		Pool: (&WorkerConfig{Workers: 2, BatchSize: 1000, BatchWait: 20 * time.Millisecond}).pool(), Retry: (&WorkerConfig{RetryMaxElapsed: time.Minute}).retry(),
+		Topology: topo, Finish: cfg.ShutdownTimeout, NakDelay: time.Second,
+	}, pool, js, log, persister.NewMetrics(reg))
+	rec := recovery.New(recovery.Config{
+		Pool: (&WorkerConfig{Workers: 1, BatchSize: 500, BatchWait: 20 * time.Millisecond}).pool(), Retry: (&WorkerConfig{RetryMaxElapsed: time.Minute}).retry(),
+		Topology: topo, Finish: cfg.ShutdownTimeout, NakDelay: time.Second,
+	}, pool, js, log, recovery.NewMetrics(reg))
+	for _, run := range []func(context.Context) error{
+		func(ctx context.Context) error { return iss.Serve(ctx, addr, cfg.ShutdownTimeout) },
+		per.Run, rec.Run,
+	} {
+		roles.Add(1)
+		go func() {
+			defer roles.Done()
+			if err := run(runCtx); err != nil && !errors.Is(err, context.Canceled) {
+				log.Error("demo role stopped", "err", err)
+			}
+		}()
+	}
+	tokenURL := "http://" + addr + "/oauth2/token"
+	if err := waitHTTP(ctx, addr); err != nil {
+		return err
+	}
+	say("issuer, persister and recovery running; token endpoint %s", tokenURL)
+
+	out, err := demo.Send(ctx, demo.Traffic{
+		URL: tokenURL, ClientID: clientID, ClientSecret: secret, Scopes: scopes,
+		Requests: *requests, RaceKeys: *races, RaceWidth: 4, Concurrency: 32,
+	})
+	if err != nil {
+		return err
+	}
+	say("sent %d requests in %s: %d tokens issued, %d failed %v", out.OK+out.Failed, out.Elapsed.Round(time.Millisecond), out.OK, out.Failed, out.Errors)
+
+	drainStart := time.Now()
+	var report *audit.Report
+	for {
+		report, err = audit.Check(ctx, pool, out.Digests, stream, topo.Persister, topo.Recovery)
+		if err != nil {
+			return err
+		}
+		if report.Pending[topo.Persister]+report.Pending[topo.Recovery] == 0 && len(report.Missing) == 0 {
+			break
+		}
+		if time.Since(drainStart) > time.Minute {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	var active, inactive int
+	if err := pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE state = 'ACTIVE'), count(*) FILTER (WHERE state = 'INACTIVE')
+		FROM tokens WHERE client_id = $1`, clientID).Scan(&active, &inactive); err != nil {
+		return err
+	}
+	say("")
+	say("summary")
+	say("  issued (HTTP 200)                    %d", out.OK)
+	say("  persisted rows                       %d (%d ACTIVE, %d INACTIVE)", active+inactive, active, inactive)
+	say("  race losers made INACTIVE           %d", inactive)
+	say("  tokens without a row                 %d", len(report.Missing))
+	say("  keys with more than one ACTIVE row   %d", len(report.DoubleActive))
+	say("  ACTIVE rows that are not the newest  %d", len(report.ActiveNotNewest))
+	say("  queue drained in                     %s", time.Since(drainStart).Round(time.Millisecond))
+	say("")
+	say("try it by hand:")
+	say("  curl -s -u '%s:%s' -d grant_type=client_credentials -d scope='s01 s02' %s", clientID, secret, tokenURL)
+	if !report.Clean() {
+		return errViolations
+	}
+	if *stay {
+		say("\nthe endpoint stays up until Ctrl-C")
+		<-ctx.Done()
+	} else {
+		say("(run 'tokenpipe demo -stay' to keep the endpoint up for that)")
+	}
+	return nil
+}
+
+// waitHTTP waits until something listens on addr.
+func waitHTTP(ctx context.Context, addr string) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		conn, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			conn.Close()
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return fmt.Errorf("issuer did not start listening at %s", addr)
+}

@@ -1,0 +1,83 @@
+package e2e
+
+import (
+	"context"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tokenpipe/tokenpipe/events"
+)
+
+// steadyLoad sends client_credentials requests at a fixed rate, round-robin
+// over whichever issuer URLs are current, and records the digest of every
+// token that came back with 200. A refused request hands out no token, so it
+// needs no row.
+type steadyLoad struct {
+	mu      sync.Mutex
+	targets []string
+	digests []events.Digest
+	errors  map[string]int
+	sent    atomic.Int64
+	stop    context.CancelFunc
+	done    chan struct{}
+}
+
+func startLoad(t *testing.T, rate int, client, secret string, scopes []string, targets ...string) *steadyLoad {
+	ctx, cancel := context.WithCancel(context.Background())
+	l := &steadyLoad{targets: targets, errors: map[string]int{}, stop: cancel, done: make(chan struct{})}
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	go func() {
+		defer close(l.done)
+		var wg sync.WaitGroup
+		tick := time.NewTicker(time.Second / time.Duration(rate))
+		defer tick.Stop()
+		for i := 0; ; i++ {
+			select {
+			case <-ctx.Done():
+				wg.Wait()
+				return
+			case <-tick.C:
+			}
+			l.mu.Lock()
+			target := l.targets[i%len(l.targets)]
+			l.mu.Unlock()
+			scope := scopes[i%len(scopes)]
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				l.sent.Add(1)
+				code, tr, err := requestToken(hc, target, client, secret, scope)
+				l.mu.Lock()
+				defer l.mu.Unlock()
+				switch {
+				case err != nil:
+					l.errors["transport"]++
+				case code != http.StatusOK:
+					l.errors[http.StatusText(code)]++
+				default:
+					l.digests = append(l.digests, events.DigestOf(tr.AccessToken))
+				}
+			}()
+		}
+	}()
+	t.Cleanup(func() { l.stop(); <-l.done })
+	return l
+}
+
+func (l *steadyLoad) setTargets(targets ...string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.targets = targets
+}
+
+// finish stops the load and returns the digests of every token issued.
+func (l *steadyLoad) finish() ([]events.Digest, map[string]int) {
+	l.stop()
+	<-l.done
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.digests, l.errors
+}

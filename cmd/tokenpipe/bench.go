@@ -88,7 +88,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		_ = js.DeleteStream(delCtx, topo.Stream)
 	}()
 	res, err := bench.Drain(ctx, pool, js, bench.DrainOptions{
-		Events: *n, Workers: *workers, BatchSize: *batch, BatchWait: 50 * time.Millisecond, Runs: *runs,
+		Events: *n, Workers: *workers, BatchSize: *batch, BatchWait: 20 * time.Millisecond, Runs: *runs,
 		Topology: topo, Progress: stderr, Log: log.With("component", "bench"),
 	})
 	if err != nil {

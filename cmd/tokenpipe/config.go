@@ -98,17 +98,22 @@ func (c *Common) validate() error {
 // validator is implemented by role configs with their own checks.
 type validator interface{ validate() error }
 
-// loadConfig parses flags (only -h) and fills cfg from the environment. On a
-// bad value it returns one line naming the variable.
-func loadConfig(name string, args []string, stderr io.Writer, cfg any, positional string) ([]string, error) {
-	fs := flag.NewFlagSet("tokenpipe "+name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { printEnvUsage(stderr, name, positional, cfg) }
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil, errHelp
+// loadConfig fills cfg from the environment and, if fs is given, parses the
+// command's flags with it. -h as the first argument prints the variables
+// (and the flags) and returns errHelp. On a bad value it returns one line
+// naming the variable.
+func loadConfig(name string, args []string, stderr io.Writer, cfg any, positional string, fs ...*flag.FlagSet) ([]string, error) {
+	help := func() {
+		printEnvUsage(stderr, name, positional, cfg)
+		if len(fs) > 0 {
+			fmt.Fprintln(stderr, "\nFlags:")
+			fs[0].SetOutput(stderr)
+			fs[0].PrintDefaults()
 		}
-		return nil, errUsage
+	}
+	if len(args) > 0 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help") {
+		help()
+		return nil, errHelp
 	}
 	if err := envconfig.Process(envPrefix, cfg); err != nil {
 		return nil, configError(err)
@@ -118,7 +123,18 @@ func loadConfig(name string, args []string, stderr io.Writer, cfg any, positiona
 			return nil, err
 		}
 	}
-	return fs.Args(), nil
+	if len(fs) == 0 {
+		return args, nil
+	}
+	fs[0].SetOutput(stderr)
+	fs[0].Usage = help
+	if err := fs[0].Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil, errHelp
+		}
+		return nil, errUsage
+	}
+	return fs[0].Args(), nil
 }
 
 // errHelp means -h was given and usage printed: exit 0.

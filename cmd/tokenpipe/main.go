@@ -34,6 +34,7 @@ func commands() map[string]command {
 		"user":      {"manage password-grant users (add|remove)", runUser},
 		"demo":      {"run the whole pipeline in one process and exercise it", runDemo},
 		"bench":     {"measure the pipeline against raw ceilings (drain)", runBench},
+		"loadtest":  {"drive an issuer at a fixed rate and measure queue lag", runLoadtest},
 		"audit":     {"check that every issued token has exactly one row and one ACTIVE per key", runAudit},
 	}
 }

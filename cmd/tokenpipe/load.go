@@ -1,0 +1,134 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/tokenpipe/tokenpipe/clients"
+	"github.com/tokenpipe/tokenpipe/loadgen"
+)
+
+const loadUsage = `[flags]
+
+Drives a running issuer over real HTTP at a fixed arrival rate (open loop:
+requests go out on schedule whether or not earlier ones answered, and latency
+counts from the scheduled time), samples both consumers' backlog every 250 ms,
+measures issue-to-persisted lag, and at the end verifies that every token that
+got a 200 has exactly one row and no key has two ACTIVE rows (exit 1 if not).
+
+Keys are client_credentials scope pairs "pNNNN pMMMM" of one client. Without
+-client, a client allowed p0000..p<scope-pool-1> is created in the database.
+
+Examples:
+  tokenpipe loadtest -rate 2000 -duration 30s
+  tokenpipe loadtest -rate 5000 -reissue 0.3 -dup 0.05 -html run.html -json run.json
+  tokenpipe loadtest -ramp -ramp-start 2000 -ramp-step 2000 -ramp-max 30000 -lag-bound 250ms`
+
+func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var cfg Common
+	fs := flag.NewFlagSet("loadtest", flag.ContinueOnError)
+	target := fs.String("target", "http://127.0.0.1:8080/oauth2/token", "token endpoint URL")
+	clientID := fs.String("client", os.Getenv(envPrefix+"_LOADTEST_CLIENT_ID"), "client id (default: create one; env TOKENPIPE_LOADTEST_CLIENT_ID)")
+	secret := fs.String("secret", os.Getenv(envPrefix+"_LOADTEST_CLIENT_SECRET"), "client secret (env TOKENPIPE_LOADTEST_CLIENT_SECRET)")
+	pool := fs.Int("scope-pool", 1000, "scopes p0000.. the client is allowed; keys are pairs of them")
+	rate := fs.Float64("rate", 1000, "operations per second")
+	duration := fs.Duration("duration", 10*time.Second, "how long to send")
+	conc := fs.Int("concurrency", 256, "most requests in flight; beyond it requests are dropped and counted")
+	reissue := fs.Float64("reissue", 0, "share of operations re-requesting a key issued earlier")
+	dup := fs.Float64("dup", 0, "share of operations sending simultaneous identical requests")
+	dupWidth := fs.Int("dup-width", 2, "identical requests per duplicate operation")
+	ramp := fs.Bool("ramp", false, "step the rate up until a bound is passed; report the highest rate that held")
+	rampStart := fs.Float64("ramp-start", 1000, "ramp: first rate")
+	rampStep := fs.Float64("ramp-step", 1000, "ramp: increase per step")
+	rampMax := fs.Float64("ramp-max", 50000, "ramp: highest rate to try")
+	stepDur := fs.Duration("step-duration", 10*time.Second, "ramp: length of each step")
+	lagBound := fs.Duration("lag-bound", 250*time.Millisecond, "ramp: p99 issue-to-persisted lag a step may not exceed")
+	errBound := fs.Float64("error-bound", 0.01, "ramp: share of failed requests a step may not exceed")
+	lagEvery := fs.Int("lag-every", 1, "measure persist lag for every n-th token")
+	drain := fs.Duration("drain-timeout", 2*time.Minute, "longest wait for the queues to drain before verifying")
+	jsonOut := fs.String("json", "", "write the full report as JSON to `file`")
+	csvOut := fs.String("csv", "", "write the per-second series as CSV to `file`")
+	htmlOut := fs.String("html", "", "write a chart page (self-contained HTML) to `file`")
+	if _, err := loadConfig("loadtest", args, stderr, &cfg, loadUsage, fs); err != nil {
+		return helpIsNil(err)
+	}
+	if *reissue < 0 || *dup < 0 || *reissue+*dup > 1 || *rate <= 0 || *conc < 1 || *pool < 2 {
+		fmt.Fprintln(stderr, "loadtest: -reissue and -dup must be shares summing to at most 1; -rate, -concurrency and -scope-pool must be positive")
+		return errUsage
+	}
+
+	db, err := connectPostgres(ctx, &cfg)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	nc, js, err := connectNATS(&cfg, "tokenpipe-loadtest", newLogger(&cfg, stderr), nil)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	if *clientID == "" {
+		scopes := make([]string, *pool)
+		for i := range scopes {
+			scopes[i] = fmt.Sprintf("p%04d", i)
+		}
+		*clientID = "loadtest-" + randomID()
+		if *secret, err = clients.Add(ctx, db, *clientID, scopes, []string{"client_credentials"}); err != nil {
+			return err
+		}
+		fmt.Fprintf(stderr, "created client %s with %d scopes\n", *clientID, *pool)
+	}
+	opts := loadgen.Options{
+		Target:   loadgen.Target{URL: *target, ClientID: *clientID, Secret: *secret, ScopePool: *pool},
+		Mix:      loadgen.Mix{Reissue: *reissue, Duplicate: *dup, DupWidth: *dupWidth},
+		Rate:     *rate, Duration: *duration, Concurrency: *conc, LagEvery: *lagEvery,
+		Pool: db, JS: js, Stream: cfg.Stream, Consumers: []string{cfg.PersisterName, cfg.RecoveryName},
+		DrainTimeout: *drain, Progress: stderr, Terminal: isTerminal(stderr),
+	}
+	if *ramp {
+		opts.Ramp = &loadgen.Ramp{Start: *rampStart, Step: *rampStep, Max: *rampMax, StepDuration: *stepDur, LagBound: *lagBound, ErrorBound: *errBound}
+	}
+	rep, err := loadgen.Run(ctx, opts)
+	if err != nil {
+		return err
+	}
+	rep.WriteSummary(stdout)
+	for _, out := range []struct {
+		path  string
+		write func(io.Writer) error
+	}{{*jsonOut, rep.WriteJSON}, {*csvOut, rep.WriteCSV}, {*htmlOut, rep.WriteHTML}} {
+		if out.path == "" {
+			continue
+		}
+		f, err := os.Create(out.path)
+		if err != nil {
+			return err
+		}
+		werr := out.write(f)
+		if cerr := f.Close(); werr == nil {
+			werr = cerr
+		}
+		if werr != nil {
+			return fmt.Errorf("write %s: %w", out.path, werr)
+		}
+		fmt.Fprintf(stderr, "wrote %s\n", out.path)
+	}
+	if rep.Audit != nil && !rep.Audit.Clean() {
+		return errViolations
+	}
+	return nil
+}
+
+// isTerminal reports whether w is a character device (a person watching).
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}

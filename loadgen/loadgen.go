@@ -1,0 +1,289 @@
+// Package loadgen drives a running issuer over real HTTP at a fixed arrival
+// rate and measures what a platform team needs to size a deployment: HTTP
+// latency, issue-to-persisted lag, queue lag over time, and whether every
+// token handed out was persisted.
+package loadgen
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/HdrHistogram/hdrhistogram-go"
+
+	"github.com/tokenpipe/tokenpipe/events"
+)
+
+// Mix is the share of operations of each kind; the rest mint fresh keys.
+type Mix struct {
+	Reissue   float64 // re-request a key issued earlier in the run
+	Duplicate float64 // fire DupWidth identical requests at the same instant
+	DupWidth  int
+}
+
+// Target is the endpoint and the credentials of a client allowed the scopes
+// p0000 .. p<ScopePool-1>; a key is a pair of them.
+type Target struct {
+	URL       string
+	ClientID  string
+	Secret    string
+	ScopePool int
+}
+
+// Step is one constant-rate period.
+type Step struct {
+	Rate        float64 // operations per second
+	Duration    time.Duration
+	Concurrency int // most requests in flight; beyond it a request is dropped, not delayed
+}
+
+// Token is one token handed out, with the moment its answer arrived.
+type Token struct {
+	Digest   events.Digest
+	Received time.Time
+	Kind     string
+}
+
+// Second is one second of a run, for the time series.
+type Second struct {
+	At        time.Time
+	Offered   int     // requests scheduled
+	Achieved  int     // 200 answers received
+	Errors    int     // non-200 answers, transport errors and drops
+	P99Millis float64 // HTTP p99 of answers received in this second
+}
+
+// StepResult is what one step measured.
+type StepResult struct {
+	Step
+	Sent, OK, Dropped int
+	Errors            map[string]int
+	Latency           *hdrhistogram.Histogram // microseconds, from the scheduled send time
+	Seconds           []Second
+	Tokens            []Token
+	Started, Ended    time.Time
+}
+
+// AchievedRate is 200 answers per second over the step.
+func (r *StepResult) AchievedRate() float64 {
+	return float64(r.OK) / r.Ended.Sub(r.Started).Seconds()
+}
+
+// ErrorRate is the share of requests that did not get a token.
+func (r *StepResult) ErrorRate() float64 {
+	if r.Sent == 0 {
+		return 0
+	}
+	return float64(r.Sent-r.OK) / float64(r.Sent)
+}
+
+// Generator holds the keys of one run, so later steps can re-issue keys that
+// earlier ones minted.
+type Generator struct {
+	target Target
+	mix    Mix
+	client *http.Client
+	rng    *rand.Rand
+	mu     sync.Mutex
+	keys   []string
+	next   int // fresh key counter
+}
+
+// New returns a generator for target.
+func New(target Target, mix Mix, maxConns int) *Generator {
+	if mix.DupWidth < 2 {
+		mix.DupWidth = 2
+	}
+	return &Generator{
+		target: target, mix: mix,
+		client: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+			MaxIdleConns: maxConns, MaxIdleConnsPerHost: maxConns, MaxConnsPerHost: maxConns,
+		}},
+		rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 42)),
+	}
+}
+
+// Close releases idle connections.
+func (g *Generator) Close() { g.client.CloseIdleConnections() }
+
+// freshKey returns a scope pair never used before in this run.
+func (g *Generator) freshKey() string {
+	n := g.target.ScopePool
+	i := g.next
+	g.next++
+	a := i % n
+	b := (a + 1 + (i/n)%(n-1)) % n
+	if a > b {
+		a, b = b, a
+	}
+	k := fmt.Sprintf("p%04d p%04d", a, b)
+	g.keys = append(g.keys, k)
+	return k
+}
+
+// pick chooses the kind and key of the next operation.
+func (g *Generator) pick() (kind, key string, width int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	r := g.rng.Float64()
+	switch {
+	case r < g.mix.Reissue && len(g.keys) > 0:
+		return "reissue", g.keys[g.rng.IntN(len(g.keys))], 1
+	case r < g.mix.Reissue+g.mix.Duplicate:
+		return "duplicate", g.freshKey(), g.mix.DupWidth
+	default:
+		return "fresh", g.freshKey(), 1
+	}
+}
+
+// Run sends operations open-loop at step.Rate for step.Duration: operation
+// i is due at start + i/rate whether or not earlier ones answered, and its
+// latency counts from that due time, so a slow server cannot hide latency by
+// slowing the generator down (coordinated omission). progress, if not nil,
+// is called about every 250 ms with the result so far.
+func (g *Generator) Run(ctx context.Context, step Step, progress func(*StepResult)) *StepResult {
+	res := &StepResult{Step: step, Errors: map[string]int{}, Latency: newHist()}
+	var mu sync.Mutex
+	perSecond := map[int64]*secondAcc{}
+	acc := func(t time.Time) *secondAcc {
+		k := t.Unix()
+		s, ok := perSecond[k]
+		if !ok {
+			s = &secondAcc{hist: newHist()}
+			perSecond[k] = s
+		}
+		return s
+	}
+	slots := make(chan struct{}, step.Concurrency)
+	var inflight sync.WaitGroup
+	start := time.Now()
+	res.Started = start
+	end := start.Add(step.Duration)
+	interval := time.Duration(float64(time.Second) / step.Rate)
+	lastProgress := start
+	for i := 0; ; i++ {
+		due := start.Add(time.Duration(i) * interval)
+		if !due.Before(end) || ctx.Err() != nil {
+			break
+		}
+		if d := time.Until(due); d > 0 {
+			select {
+			case <-ctx.Done():
+			case <-time.After(d):
+			}
+		}
+		kind, key, width := g.pick()
+		for range width {
+			mu.Lock()
+			res.Sent++
+			acc(due).offered++
+			mu.Unlock()
+			select {
+			case slots <- struct{}{}:
+			default:
+				mu.Lock()
+				res.Dropped++
+				res.Errors["dropped: client saturated"]++
+				acc(due).errors++
+				mu.Unlock()
+				continue
+			}
+			inflight.Add(1)
+			go func() {
+				defer inflight.Done()
+				defer func() { <-slots }()
+				token, errKind := g.request(ctx, key)
+				now := time.Now()
+				mu.Lock()
+				defer mu.Unlock()
+				s := acc(now)
+				if errKind != "" {
+					res.Errors[errKind]++
+					s.errors++
+					return
+				}
+				lat := now.Sub(due).Microseconds()
+				_ = res.Latency.RecordValue(lat)
+				_ = s.hist.RecordValue(lat)
+				s.achieved++
+				res.OK++
+				res.Tokens = append(res.Tokens, Token{Digest: events.Digest(sha256.Sum256([]byte(token))), Received: now, Kind: kind})
+			}()
+		}
+		if progress != nil && time.Since(lastProgress) >= 250*time.Millisecond {
+			lastProgress = time.Now()
+			mu.Lock()
+			snap := *res
+			snap.Latency = hdrhistogram.Import(res.Latency.Export())
+			snap.Errors = maps.Clone(res.Errors)
+			snap.Tokens = nil
+			mu.Unlock()
+			snap.Ended = time.Now()
+			progress(&snap)
+		}
+	}
+	inflight.Wait()
+	res.Ended = time.Now()
+	for sec := start.Unix(); sec <= res.Ended.Unix(); sec++ {
+		s, ok := perSecond[sec]
+		if !ok {
+			s = &secondAcc{hist: newHist()}
+		}
+		res.Seconds = append(res.Seconds, Second{
+			At: time.Unix(sec, 0), Offered: s.offered, Achieved: s.achieved, Errors: s.errors,
+			P99Millis: float64(s.hist.ValueAtQuantile(99)) / 1000,
+		})
+	}
+	return res
+}
+
+type secondAcc struct {
+	offered, achieved, errors int
+	hist                      *hdrhistogram.Histogram
+}
+
+// newHist records 1 µs to 60 s with 3 significant digits.
+func newHist() *hdrhistogram.Histogram { return hdrhistogram.New(1, 60_000_000, 3) }
+
+// request performs one client_credentials request for the scope pair key.
+func (g *Generator) request(ctx context.Context, key string) (token, errKind string) {
+	form := url.Values{"grant_type": {"client_credentials"}, "scope": {key}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, g.target.URL, strings.NewReader(form.Encode()))
+	if err != nil {
+		return "", "request"
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.SetBasicAuth(url.QueryEscape(g.target.ClientID), url.QueryEscape(g.target.Secret))
+	resp, err := g.client.Do(req)
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) || strings.Contains(err.Error(), "Timeout") {
+			return "", "timeout"
+		}
+		return "", "transport"
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<10))
+	if err != nil {
+		return "", "transport"
+	}
+	var tr struct {
+		AccessToken string `json:"access_token"`
+		Error       string `json:"error"`
+	}
+	_ = json.Unmarshal(body, &tr)
+	if resp.StatusCode != http.StatusOK || tr.AccessToken == "" {
+		return "", fmt.Sprintf("HTTP %d %s", resp.StatusCode, tr.Error)
+	}
+	return tr.AccessToken, ""
+}
+

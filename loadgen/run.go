@@ -1,0 +1,197 @@
+package loadgen
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/tokenpipe/tokenpipe/audit"
+	"github.com/tokenpipe/tokenpipe/events"
+)
+
+// Ramp steps the rate up until the lag or error bound is passed.
+type Ramp struct {
+	Start, Step, Max float64       // operations per second
+	StepDuration     time.Duration // each step's length
+	LagBound         time.Duration // p99 issue-to-persisted lag a step may not exceed
+	ErrorBound       float64       // share of failed requests a step may not exceed
+}
+
+// Options configures a load test.
+type Options struct {
+	Target      Target
+	Mix         Mix
+	Rate        float64 // constant mode
+	Duration    time.Duration
+	Concurrency int
+	Ramp        *Ramp // if set, ramp mode instead of constant
+	LagEvery    int   // measure persist lag for every n-th token (1 = all)
+
+	Pool      *pgxpool.Pool
+	JS        jetstream.JetStream
+	Stream    string
+	Consumers []string
+
+	DrainTimeout time.Duration
+	Progress     io.Writer // live progress; nil for none
+	Terminal     bool      // rewrite one line in place instead of printing lines
+}
+
+// StepSummary is one step's figures.
+type StepSummary struct {
+	OfferedRate  float64        `json:"offered_rate"`
+	AchievedRate float64        `json:"achieved_rate"`
+	Sent         int            `json:"sent"`
+	OK           int            `json:"ok"`
+	Errors       map[string]int `json:"errors"`
+	HTTP         Percentiles    `json:"http_ms"`
+	Lag          LagResult      `json:"persist_lag"`
+	Held         bool           `json:"held"`
+}
+
+// Percentiles of HTTP latency in milliseconds.
+type Percentiles struct {
+	P50, P90, P99, P999, Max float64
+}
+
+// Report is the whole run.
+type Report struct {
+	Started          time.Time     `json:"started"`
+	Steps            []StepSummary `json:"steps"`
+	HighestSustained float64       `json:"highest_sustained_rate,omitempty"`
+	Seconds          []Second      `json:"seconds"`
+	Queue            []QueueSample `json:"queue"`
+	DrainTime        time.Duration `json:"drain_time"`
+	Audit            *audit.Report `json:"audit"`
+	Inactive         int           `json:"rows_made_inactive"`
+}
+
+func percentiles(r *StepResult) Percentiles {
+	ms := func(q float64) float64 { return float64(r.Latency.ValueAtQuantile(q)) / 1000 }
+	return Percentiles{P50: ms(50), P90: ms(90), P99: ms(99), P999: ms(99.9), Max: float64(r.Latency.Max()) / 1000}
+}
+
+// Run executes the load test and verifies the outcome.
+func Run(ctx context.Context, o Options) (*Report, error) {
+	g := New(o.Target, o.Mix, o.Concurrency)
+	defer g.Close()
+	sampler := StartSampler(ctx, o.JS, o.Stream, o.Consumers, 250*time.Millisecond)
+	defer sampler.Stop()
+	rep := &Report{Started: time.Now()}
+	var all []Token
+
+	steps := []Step{{Rate: o.Rate, Duration: o.Duration, Concurrency: o.Concurrency}}
+	if o.Ramp != nil {
+		steps = nil
+		for r := o.Ramp.Start; r <= o.Ramp.Max; r += o.Ramp.Step {
+			steps = append(steps, Step{Rate: r, Duration: o.Ramp.StepDuration, Concurrency: o.Concurrency})
+		}
+	}
+	for _, step := range steps {
+		res := g.Run(ctx, step, func(r *StepResult) { progressLine(o, r, sampler.Last()) })
+		all = append(all, res.Tokens...)
+		rep.Seconds = append(rep.Seconds, res.Seconds...)
+		sum := StepSummary{
+			OfferedRate: step.Rate, AchievedRate: res.AchievedRate(), Sent: res.Sent, OK: res.OK,
+			Errors: res.Errors, HTTP: percentiles(res),
+		}
+		if o.Ramp != nil {
+			// Give the step's tokens time to land, then judge the step.
+			waitPersisted(ctx, o.Pool, res.Tokens, 4*o.Ramp.LagBound)
+			lag, err := PersistLag(ctx, o.Pool, res.Tokens, o.LagEvery)
+			if err != nil {
+				return nil, err
+			}
+			sum.Lag = lag
+			sum.Held = lag.Unpersisted == 0 && lag.P99 <= o.Ramp.LagBound && res.ErrorRate() <= o.Ramp.ErrorBound &&
+				res.AchievedRate() >= 0.95*step.Rate
+			if o.Progress != nil {
+				fmt.Fprintf(o.Progress, "\nstep %.0f/s: achieved %.0f/s, http p99 %.1f ms, persist lag p99 %s, errors %.2f%%, held=%v\n",
+					step.Rate, sum.AchievedRate, sum.HTTP.P99, lag.P99.Round(time.Millisecond), 100*res.ErrorRate(), sum.Held)
+			}
+			rep.Steps = append(rep.Steps, sum)
+			if !sum.Held {
+				break
+			}
+			rep.HighestSustained = sum.AchievedRate
+			continue
+		}
+		rep.Steps = append(rep.Steps, sum)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	if o.Progress != nil && o.Terminal {
+		fmt.Fprintln(o.Progress)
+	}
+
+	// Drain, then verify everything that was handed out.
+	drainStart := time.Now()
+	stream, err := o.JS.Stream(ctx, o.Stream)
+	if err != nil {
+		return nil, fmt.Errorf("stream: %w", err)
+	}
+	digests := make([]events.Digest, len(all))
+	for i, t := range all {
+		digests[i] = t.Digest
+	}
+	for {
+		rep.Audit, err = audit.Check(ctx, o.Pool, digests, stream, o.Consumers...)
+		if err != nil {
+			return nil, err
+		}
+		if rep.Audit.Clean() || time.Since(drainStart) > o.DrainTimeout || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	rep.DrainTime = time.Since(drainStart)
+	if o.Ramp == nil && len(rep.Steps) == 1 {
+		lag, err := PersistLag(ctx, o.Pool, all, o.LagEvery)
+		if err != nil {
+			return nil, err
+		}
+		rep.Steps[0].Lag = lag
+	}
+	if err := o.Pool.QueryRow(ctx, `SELECT count(*) FROM tokens WHERE state = 'INACTIVE' AND client_id = $1`, o.Target.ClientID).Scan(&rep.Inactive); err != nil {
+		return nil, fmt.Errorf("count inactive: %w", err)
+	}
+	rep.Queue = sampler.Samples()
+	return rep, nil
+}
+
+// waitPersisted waits until the last token of the set has a row, or limit.
+func waitPersisted(ctx context.Context, pool *pgxpool.Pool, tokens []Token, limit time.Duration) {
+	if len(tokens) == 0 {
+		return
+	}
+	last := tokens[len(tokens)-1].Digest
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		var ok bool
+		if err := pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM tokens WHERE token_digest = $1)`, last[:]).Scan(&ok); err == nil && ok {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func progressLine(o Options, r *StepResult, q QueueSample) {
+	if o.Progress == nil {
+		return
+	}
+	elapsed := time.Since(r.Started).Seconds()
+	line := fmt.Sprintf("%5.1fs  offered %6.0f/s  achieved %6.0f/s  http p99 %7.1f ms  queue lag %7d  errors %d",
+		elapsed, r.Step.Rate, float64(r.OK)/max(elapsed, 0.001), float64(r.Latency.ValueAtQuantile(99))/1000, q.Lag(), r.Sent-r.OK)
+	if o.Terminal {
+		fmt.Fprintf(o.Progress, "\r%s", line)
+		return
+	}
+	if int(elapsed*4)%20 == 0 { // every ~5 s when not a terminal
+		fmt.Fprintln(o.Progress, line)
+	}
+}

@@ -286,4 +286,3 @@ func (g *Generator) request(ctx context.Context, key string) (token, errKind str
 	}
 	return tr.AccessToken, ""
 }
-

@@ -83,9 +83,9 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		fmt.Fprintf(stderr, "created client %s with %d scopes\n", *clientID, *pool)
 	}
 	opts := loadgen.Options{
-		Target:   loadgen.Target{URL: *target, ClientID: *clientID, Secret: *secret, ScopePool: *pool},
-		Mix:      loadgen.Mix{Reissue: *reissue, Duplicate: *dup, DupWidth: *dupWidth},
-		Rate:     *rate, Duration: *duration, Concurrency: *conc, LagEvery: *lagEvery,
+		Target: loadgen.Target{URL: *target, ClientID: *clientID, Secret: *secret, ScopePool: *pool},
+		Mix:    loadgen.Mix{Reissue: *reissue, Duplicate: *dup, DupWidth: *dupWidth},
+		Rate:   *rate, Duration: *duration, Concurrency: *conc, LagEvery: *lagEvery,
 		Pool: db, JS: js, Stream: cfg.Stream, Consumers: []string{cfg.PersisterName, cfg.RecoveryName},
 		DrainTimeout: *drain, Progress: stderr, Terminal: isTerminal(stderr),
 	}

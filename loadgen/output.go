@@ -96,7 +96,7 @@ func (r *Report) WriteHTML(w io.Writer) error {
 	p99 = series{name: "HTTP p99", unit: "ms", color: "#d62728"}
 	lag = series{name: "queue lag (pending + ack pending)", unit: "messages", color: "#2ca02c"}
 	for _, s := range r.Seconds {
-		x := s.At.Sub(t0).Seconds()
+		x := max(0, s.At.Sub(t0).Seconds())
 		offered.xs, offered.ys = append(offered.xs, x), append(offered.ys, float64(s.Offered))
 		achieved.xs, achieved.ys = append(achieved.xs, x), append(achieved.ys, float64(s.Achieved))
 		p99.xs, p99.ys = append(p99.xs, x), append(p99.ys, s.P99Millis)
@@ -104,25 +104,32 @@ func (r *Report) WriteHTML(w io.Writer) error {
 	for _, q := range r.Queue {
 		lag.xs, lag.ys = append(lag.xs, q.At.Sub(t0).Seconds()), append(lag.ys, float64(q.Lag()))
 	}
+	// One time axis for every panel, so a person can line events up.
+	xmax := 1.0
+	for _, s := range []series{offered, lag} {
+		for _, x := range s.xs {
+			xmax = math.Max(xmax, x)
+		}
+	}
 	var b strings.Builder
 	b.WriteString(`<!doctype html><html><head><meta charset="utf-8"><title>tokenpipe load test</title>
 <style>body{font:14px sans-serif;margin:2em}h1{font-size:18px}svg{display:block;margin-bottom:1.5em}</style></head><body>`)
 	fmt.Fprintf(&b, "<h1>tokenpipe load test, %s</h1>", html.EscapeString(t0.UTC().Format(time.RFC3339)))
-	b.WriteString(panel("Rate", "req/s", offered, achieved))
-	b.WriteString(panel("HTTP latency p99 (from scheduled send time)", "ms", p99))
-	b.WriteString(panel("Queue lag", "messages", lag))
+	b.WriteString(panel("Rate", "req/s", xmax, offered, achieved))
+	b.WriteString(panel("HTTP latency p99 (from scheduled send time)", "ms", xmax, p99))
+	b.WriteString(panel("Queue lag", "messages", xmax, lag))
 	b.WriteString("</body></html>\n")
 	_, err := io.WriteString(w, b.String())
 	return err
 }
 
 // panel draws one chart with shared axes for its series.
-func panel(title, unit string, ss ...series) string {
+func panel(title, unit string, xmax float64, ss ...series) string {
 	const W, H, L, R, T, B = 900.0, 220.0, 70.0, 20.0, 30.0, 40.0
-	xmax, ymax := 1.0, 1.0
+	ymax := 1.0
 	for _, s := range ss {
-		for i := range s.xs {
-			xmax, ymax = math.Max(xmax, s.xs[i]), math.Max(ymax, s.ys[i])
+		for _, y := range s.ys {
+			ymax = math.Max(ymax, y)
 		}
 	}
 	ymax *= 1.1

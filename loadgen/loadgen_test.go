@@ -1,0 +1,152 @@
+package loadgen_test
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenpipe/tokenpipe/clients"
+	"github.com/tokenpipe/tokenpipe/consume"
+	"github.com/tokenpipe/tokenpipe/internal/testenv"
+	"github.com/tokenpipe/tokenpipe/issuer"
+	"github.com/tokenpipe/tokenpipe/loadgen"
+	"github.com/tokenpipe/tokenpipe/persister"
+	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/recovery"
+)
+
+// slowServer answers every request after delay with a token.
+func slowServer(t *testing.T, delay time.Duration) *httptest.Server {
+	var n sync.Mutex
+	i := 0
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(delay)
+		n.Lock()
+		i++
+		tok := fmt.Sprintf("tok-%d", i)
+		n.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"access_token":%q,"token_type":"Bearer"}`, tok)
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// TestScheduleIsOpenLoop: requests leave on schedule although every answer
+// takes 200 ms, and latency counts from the scheduled time.
+func TestScheduleIsOpenLoop(t *testing.T) {
+	t.Parallel()
+	srv := slowServer(t, 200*time.Millisecond)
+	g := loadgen.New(loadgen.Target{URL: srv.URL, ClientID: "c", Secret: "s", ScopePool: 100}, loadgen.Mix{}, 500)
+	defer g.Close()
+	res := g.Run(context.Background(), loadgen.Step{Rate: 200, Duration: time.Second, Concurrency: 500}, nil)
+	if res.Sent < 195 || res.Sent > 201 {
+		t.Fatalf("sent %d requests in 1 s at 200/s; a closed loop would have sent far fewer", res.Sent)
+	}
+	if res.OK != res.Sent || res.Dropped != 0 {
+		t.Fatalf("ok=%d dropped=%d of %d", res.OK, res.Dropped, res.Sent)
+	}
+	if p50 := res.Latency.ValueAtQuantile(50); p50 < 200_000 {
+		t.Fatalf("p50 = %d µs, below the server's 200 ms delay", p50)
+	}
+	if d := res.Ended.Sub(res.Started); d > 1500*time.Millisecond {
+		t.Fatalf("run took %s: the schedule waited for answers", d)
+	}
+}
+
+// TestConcurrencyBoundDropsInsteadOfDelaying: past the bound, requests are
+// counted as dropped and the schedule keeps its pace.
+func TestConcurrencyBoundDropsInsteadOfDelaying(t *testing.T) {
+	t.Parallel()
+	srv := slowServer(t, 300*time.Millisecond)
+	g := loadgen.New(loadgen.Target{URL: srv.URL, ClientID: "c", Secret: "s", ScopePool: 100}, loadgen.Mix{}, 10)
+	defer g.Close()
+	res := g.Run(context.Background(), loadgen.Step{Rate: 100, Duration: time.Second, Concurrency: 10}, nil)
+	if res.Sent < 95 || res.Dropped < 50 || res.Errors["dropped: client saturated"] != res.Dropped {
+		t.Fatalf("sent=%d dropped=%d errors=%v; want the schedule kept and the excess dropped", res.Sent, res.Dropped, res.Errors)
+	}
+}
+
+func TestSamplerSeesPending(t *testing.T) {
+	t.Parallel()
+	_, js, topo := testenv.JetStream(t)
+	for range 25 {
+		testenv.Publish(t, js, topo, testenv.Token("app", testenv.Name("u"), "read"))
+	}
+	s := loadgen.StartSampler(context.Background(), js, topo.Stream, []string{topo.Persister, topo.Recovery}, 50*time.Millisecond)
+	defer s.Stop()
+	testenv.Eventually(t, 5*time.Second, "a sample", func() (bool, error) { return len(s.Samples()) >= 2, nil })
+	last := s.Last()
+	if last.Pending[topo.Persister] != 25 || last.Lag() != 25 {
+		t.Fatalf("sample = %+v, want 25 pending on the persister", last)
+	}
+}
+
+// TestRunAgainstRealPipeline drives an in-process issuer, persister and
+// recovery on the real services with a conflict-heavy mix and checks the
+// post-run verification and lag measurement.
+func TestRunAgainstRealPipeline(t *testing.T) {
+	t.Parallel()
+	_, pool := testenv.Database(t)
+	nc, _, topo := testenv.JetStream(t)
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(1024))
+	testenv.Must(t, err, "jetstream")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	scopes := make([]string, 50)
+	for i := range scopes {
+		scopes[i] = fmt.Sprintf("p%04d", i)
+	}
+	secret, err := clients.Add(ctx, pool, "lt", scopes, []string{"client_credentials"})
+	testenv.Must(t, err, "client")
+	log := testenv.Logger(t)
+	reg := prometheus.NewRegistry()
+	iss := issuer.New(issuer.Config{Mode: issuer.ModeAsync, TokenTTL: time.Hour, PublishTimeout: 2 * time.Second, Instance: "t", MaxBodyBytes: 4096, Topology: topo},
+		clients.NewRegistry(pool, time.Minute), nc, js, pool, log, issuer.NewMetrics(reg))
+	srv := httptest.NewServer(iss.Handler())
+	defer srv.Close()
+	pc := consume.Config{Workers: 2, BatchSize: 500, BatchWait: 10 * time.Millisecond}
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		_ = persister.New(persister.Config{Pool: pc, Retry: pgretry.DefaultPolicy(), Topology: topo, Finish: 5 * time.Second, NakDelay: time.Second},
+			pool, js, log, persister.NewMetrics(reg)).Run(ctx)
+	}()
+	go func() {
+		defer wg.Done()
+		_ = recovery.New(recovery.Config{Pool: pc, Retry: pgretry.DefaultPolicy(), Topology: topo, Finish: 5 * time.Second, NakDelay: time.Second},
+			pool, js, log, recovery.NewMetrics(reg)).Run(ctx)
+	}()
+	defer wg.Wait()
+	defer cancel()
+
+	rep, err := loadgen.Run(ctx, loadgen.Options{
+		Target:   loadgen.Target{URL: srv.URL + "/oauth2/token", ClientID: "lt", Secret: secret, ScopePool: 50},
+		Mix:      loadgen.Mix{Reissue: 0.2, Duplicate: 0.05, DupWidth: 3},
+		Rate:     300, Duration: 2 * time.Second, Concurrency: 64, LagEvery: 1,
+		Pool: pool, JS: js, Stream: topo.Stream, Consumers: []string{topo.Persister, topo.Recovery},
+		DrainTimeout: 30 * time.Second,
+	})
+	testenv.Must(t, err, "run")
+	s := rep.Steps[0]
+	if s.OK < 550 || !rep.Audit.Clean() || rep.Audit.Tokens != s.OK {
+		t.Fatalf("ok=%d audit=%+v", s.OK, rep.Audit)
+	}
+	if s.Lag.Measured != s.OK || s.Lag.Unpersisted != 0 {
+		t.Fatalf("lag = %+v for %d tokens", s.Lag, s.OK)
+	}
+	if rep.Inactive == 0 {
+		t.Fatal("a re-issue and duplicate mix made no token INACTIVE: the recovery path was not exercised")
+	}
+	if len(rep.Queue) == 0 || len(rep.Seconds) < 2 {
+		t.Fatalf("time series missing: %d queue samples, %d seconds", len(rep.Queue), len(rep.Seconds))
+	}
+}

@@ -129,9 +129,9 @@ func TestRunAgainstRealPipeline(t *testing.T) {
 	defer cancel()
 
 	rep, err := loadgen.Run(ctx, loadgen.Options{
-		Target:   loadgen.Target{URL: srv.URL + "/oauth2/token", ClientID: "lt", Secret: secret, ScopePool: 50},
-		Mix:      loadgen.Mix{Reissue: 0.2, Duplicate: 0.05, DupWidth: 3},
-		Rate:     300, Duration: 2 * time.Second, Concurrency: 64, LagEvery: 1,
+		Target: loadgen.Target{URL: srv.URL + "/oauth2/token", ClientID: "lt", Secret: secret, ScopePool: 50},
+		Mix:    loadgen.Mix{Reissue: 0.2, Duplicate: 0.05, DupWidth: 3},
+		Rate:   300, Duration: 2 * time.Second, Concurrency: 64, LagEvery: 1,
 		Pool: pool, JS: js, Stream: topo.Stream, Consumers: []string{topo.Persister, topo.Recovery},
 		DrainTimeout: 30 * time.Second,
 	})

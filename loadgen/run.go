@@ -110,8 +110,8 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			sum.Held = lag.Unpersisted == 0 && lag.P99 <= o.Ramp.LagBound && res.ErrorRate() <= o.Ramp.ErrorBound &&
 				res.AchievedRate() >= 0.95*step.Rate
 			if o.Progress != nil {
-				fmt.Fprintf(o.Progress, "\nstep %.0f/s: achieved %.0f/s, http p99 %.1f ms, persist lag p99 %s, errors %.2f%%, held=%v\n",
-					step.Rate, sum.AchievedRate, sum.HTTP.P99, lag.P99.Round(time.Millisecond), 100*res.ErrorRate(), sum.Held)
+				fmt.Fprintf(o.Progress, "\nstep %.0f/s: achieved %.0f/s, http p99 %.1f ms, persist lag p99 %s, unpersisted %d, errors %.2f%% %v, held=%v\n",
+					step.Rate, sum.AchievedRate, sum.HTTP.P99, lag.P99.Round(time.Millisecond), lag.Unpersisted, 100*res.ErrorRate(), res.Errors, sum.Held)
 			}
 			rep.Steps = append(rep.Steps, sum)
 			if !sum.Held {
@@ -164,19 +164,20 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	return rep, nil
 }
 
-// waitPersisted waits until the last token of the set has a row, or limit.
+// waitPersisted waits until every token of the set has a row, or limit.
 func waitPersisted(ctx context.Context, pool *pgxpool.Pool, tokens []Token, limit time.Duration) {
-	if len(tokens) == 0 {
-		return
+	raw := make([][]byte, len(tokens))
+	for i := range tokens {
+		raw[i] = tokens[i].Digest[:]
 	}
-	last := tokens[len(tokens)-1].Digest
 	deadline := time.Now().Add(limit)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
-		var ok bool
-		if err := pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM tokens WHERE token_digest = $1)`, last[:]).Scan(&ok); err == nil && ok {
+		var n int
+		err := pool.QueryRow(ctx, `SELECT count(*) FROM tokens WHERE token_digest = ANY($1::bytea[])`, raw).Scan(&n)
+		if err == nil && n >= len(tokens) {
 			return
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sync/atomic"
 	"time"
 
@@ -32,6 +33,9 @@ type Server struct {
 	checks   []Check
 	draining atomic.Bool
 	log      *slog.Logger
+	// Profiling serves net/http/pprof under /debug/pprof/. Off by default:
+	// profiles reveal internals and cost CPU while taken.
+	Profiling bool
 }
 
 // NewServer returns a server with a fresh registry holding the Go and
@@ -56,6 +60,12 @@ func (s *Server) Handler() http.Handler {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	mux.HandleFunc("GET /readyz", s.ready)
+	if s.Profiling {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	return mux
 }
 

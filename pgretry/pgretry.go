@@ -73,7 +73,7 @@ type Policy struct {
 
 // DefaultPolicy suits a batch writer.
 func DefaultPolicy() Policy {
-	return Policy{Initial: 100 * time.Millisecond, Max: 5 * time.Second, MaxElapsed: 2 * time.Minute, Attempt: 30 * time.Second}
+	return Policy{Initial: 20 * time.Millisecond, Max: 5 * time.Second, MaxElapsed: 2 * time.Minute, Attempt: 30 * time.Second}
 }
 
 // Do runs op until it succeeds, fails permanently, MaxElapsed passes or ctx

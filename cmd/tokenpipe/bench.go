@@ -18,7 +18,13 @@ import (
 	"github.com/tokenpipe/tokenpipe/schema"
 )
 
-const benchUsage = `drain [flags]
+const benchUsage = `drain|matrix [flags]
+
+  matrix  the scenario matrix of make bench: ceilings (raw COPY, raw
+          JetStream), drain at 1/2/4 workers, async end to end ramped to the
+          highest rate that keeps p99 issue-to-persisted lag under a bound,
+          lag at half that rate, sync mode, a conflict-heavy mix, and a table
+          already holding 1M rows. -write FILE puts the table into FILE.
 
   drain   pre-fill a scratch stream with token events, then in each run COPY
           the same rows into an empty tokens table (the ceiling) and let a
@@ -27,6 +33,7 @@ const benchUsage = `drain [flags]
 
 Examples:
   tokenpipe bench drain
+  tokenpipe bench matrix -runs 3 -write BENCHMARKS.md
   tokenpipe bench drain -events 500000 -workers 4 -runs 5`
 
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -34,6 +41,24 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	rest, err := loadConfig("bench", args, stderr, &cfg, benchUsage)
 	if err != nil {
 		return helpIsNil(err)
+	}
+	if len(rest) > 0 && rest[0] == "matrix" {
+		fs := flag.NewFlagSet("bench matrix", flag.ContinueOnError)
+		fs.SetOutput(stderr)
+		var o matrixOpts
+		fs.IntVar(&o.runs, "runs", 3, "runs of every scenario; medians are reported")
+		fs.IntVar(&o.events, "events", 100000, "events for the ceilings and drains")
+		fs.DurationVar(&o.stepDur, "step-duration", 5*time.Second, "ramp step length")
+		fs.Float64Var(&o.rampStart, "ramp-start", 2000, "ramp first rate")
+		fs.Float64Var(&o.rampStep, "ramp-step", 2000, "ramp increase per step")
+		fs.Float64Var(&o.rampMax, "ramp-max", 40000, "ramp highest rate")
+		fs.DurationVar(&o.lagBound, "lag-bound", 250*time.Millisecond, "p99 issue-to-persisted lag a ramp step may not exceed")
+		fs.IntVar(&o.preload, "preload", 1000000, "rows already in the table for the growth scenario")
+		fs.StringVar(&o.write, "write", "", "also write the table into this Markdown file (between bench markers)")
+		if err := fs.Parse(rest[1:]); err != nil {
+			return helpIsNil(flagErr(err))
+		}
+		return runMatrix(ctx, &cfg, o, stdout, stderr)
 	}
 	if len(rest) == 0 || rest[0] != "drain" {
 		fmt.Fprintln(stderr, "usage: tokenpipe bench "+benchUsage)

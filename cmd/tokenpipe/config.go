@@ -41,6 +41,7 @@ type Common struct {
 	MaxAckPending   int           `envconfig:"MAX_ACK_PENDING" default:"20000" desc:"in-flight events per consumer, across all pods"`
 
 	OpsAddr         string        `envconfig:"OPS_ADDR" default:":9090" desc:"address for /metrics, /healthz and /readyz; empty to disable"`
+	Pprof           bool          `envconfig:"PPROF" default:"false" desc:"serve /debug/pprof on the ops address"`
 	LogLevel        string        `envconfig:"LOG_LEVEL" default:"info" desc:"debug, info, warn or error"`
 	LogFormat       string        `envconfig:"LOG_FORMAT" default:"json" desc:"json or text"`
 	ShutdownTimeout time.Duration `envconfig:"SHUTDOWN_TIMEOUT" default:"25s" desc:"longest graceful drain after SIGTERM"`

@@ -72,6 +72,7 @@ func runIssuer(ctx context.Context, args []string, _, stderr io.Writer) error {
 	}
 	log := newLogger(&cfg.Common, stderr).With("role", "issuer", "instance", instanceName())
 	srv := ops.NewServer(log)
+	srv.Profiling = cfg.Pprof
 	pool, err := connectPostgres(ctx, &cfg.Common)
 	if err != nil {
 		return err

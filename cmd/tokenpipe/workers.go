@@ -73,6 +73,7 @@ type roleEnv struct {
 func startRole(ctx context.Context, name string, c *Common, stderr io.Writer) (*roleEnv, func(), error) {
 	log := newLogger(c, stderr).With("role", name, "instance", instanceName())
 	srv := ops.NewServer(log)
+	srv.Profiling = c.Pprof
 	nc, js, err := connectNATS(c, "tokenpipe-"+name, log, newConnMetrics(srv.Registry))
 	if err != nil {
 		return nil, nil, err

@@ -22,9 +22,10 @@ test:
 demo:
 	$(GO) run ./cmd/tokenpipe demo
 
-## bench: the persister drain against raw COPY, paired runs, medians.
+## bench: the scenario matrix (ceilings, drain, async vs sync, conflicts,
+## growth), medians of 3 runs, written into BENCHMARKS.md; about 15 minutes.
 bench: build
-	$(BIN) bench drain -events 200000 -runs 3
+	$(BIN) bench matrix -runs 3 -write BENCHMARKS.md
 
 vet:
 	$(GO) vet $(PKGS)

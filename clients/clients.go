@@ -47,6 +47,15 @@ type Client struct {
 	Scopes       []string // allowed scopes, sorted
 	Grants       []string // allowed grant types, sorted
 	CreatedAt    time.Time
+	scopeSet     map[string]bool
+}
+
+// AllowsScope reports whether the client may request scope.
+func (c *Client) AllowsScope(scope string) bool {
+	if c.scopeSet == nil {
+		return slices.Contains(c.Scopes, scope)
+	}
+	return c.scopeSet[scope]
 }
 
 // Allows reports whether the client may use grant.
@@ -220,6 +229,12 @@ func (r *Registry) client(ctx context.Context, id string) (*Client, error) {
 		return nil, fmt.Errorf("look up client: %w", err)
 	default:
 		copy(c.SecretDigest[:], digest)
+		// A set, not a scan: a client may be allowed thousands of scopes
+		// and every request checks each one it asks for.
+		c.scopeSet = make(map[string]bool, len(c.Scopes))
+		for _, sc := range c.Scopes {
+			c.scopeSet[sc] = true
+		}
 		found = &c
 	}
 	r.mu.Lock()

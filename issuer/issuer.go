@@ -15,7 +15,6 @@ import (
 	"mime"
 	"net/http"
 	"net/url"
-	"slices"
 	"strings"
 	"time"
 
@@ -179,7 +178,7 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, bool, error) {
 		// a subset of it.
 		scopes = events.CanonicalScopes(raw[0])
 		for _, sc := range scopes {
-			if !slices.Contains(client.Scopes, sc) {
+			if !client.AllowsScope(sc) {
 				return nil, basic, badRequest("invalid_scope", fmt.Sprintf("scope %q is not allowed for this client", sc))
 			}
 		}

@@ -1,9 +1,12 @@
 package persister
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -62,6 +65,9 @@ SELECT r.token_digest, r.refresh_digest, r.client_id, r.subject, r.scope,
        r.grant_type, r.issued_at, r.expires_at, r.stream_seq, r.instance,
        clock_timestamp() -- now() would be the transaction's start, hiding the batch wait
 FROM ranked r
+-- Key order: concurrent batches that share keys then wait for each other
+-- instead of deadlocking, which Postgres would only notice after a second.
+ORDER BY r.client_id, r.subject, r.scope, r.stream_seq DESC
 ON CONFLICT DO NOTHING
 RETURNING token_digest`
 
@@ -108,6 +114,9 @@ func WriteBatch(ctx context.Context, db Beginner, rows []Row) ([]Outcome, error)
 				fast = append(fast, i)
 			}
 		}
+		// Same key order as the careful INSERT, so concurrent batches take
+		// their index locks in one order and cannot deadlock on them.
+		slices.SortFunc(fast, func(a, b int) int { return compareKeys(rows[a].Event, rows[b].Event) })
 		if len(fast) > 0 {
 			copied, err := copyRows(ctx, tx, rows, fast)
 			if err != nil {
@@ -133,6 +142,10 @@ func WriteBatch(ctx context.Context, db Beginner, rows []Row) ([]Outcome, error)
 		return insertCareful(ctx, tx, rows, slow, out)
 	})
 	return out, err
+}
+
+func compareKeys(a, b *events.TokenIssued) int {
+	return cmp.Or(strings.Compare(a.ClientID, b.ClientID), strings.Compare(a.Subject, b.Subject), strings.Compare(a.Scope(), b.Scope()))
 }
 
 // probe marks the rows that must take the careful path.

@@ -23,7 +23,7 @@ demo:
 	$(GO) run ./cmd/tokenpipe demo
 
 ## bench: the scenario matrix (ceilings, drain, async vs sync, conflicts,
-## growth), medians of 3 runs, written into BENCHMARKS.md; about 15 minutes.
+## growth), medians of 3 runs, written into BENCHMARKS.md; about 6 minutes.
 bench: build
 	$(BIN) bench matrix -runs 3 -write BENCHMARKS.md
 

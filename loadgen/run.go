@@ -91,8 +91,9 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			steps = append(steps, Step{Rate: r, Duration: o.Ramp.StepDuration, Concurrency: o.Concurrency})
 		}
 	}
+	var lastLine time.Time
 	for _, step := range steps {
-		res := g.Run(ctx, step, func(r *StepResult) { progressLine(o, r, sampler.Last()) })
+		res := g.Run(ctx, step, func(r *StepResult) { progressLine(o, r, sampler.Last(), &lastLine) })
 		all = append(all, res.Tokens...)
 		rep.Seconds = append(rep.Seconds, res.Seconds...)
 		sum := StepSummary{
@@ -181,7 +182,7 @@ func waitPersisted(ctx context.Context, pool *pgxpool.Pool, tokens []Token, limi
 	}
 }
 
-func progressLine(o Options, r *StepResult, q QueueSample) {
+func progressLine(o Options, r *StepResult, q QueueSample, lastLine *time.Time) {
 	if o.Progress == nil {
 		return
 	}
@@ -192,7 +193,8 @@ func progressLine(o Options, r *StepResult, q QueueSample) {
 		fmt.Fprintf(o.Progress, "\r%s", line)
 		return
 	}
-	if int(elapsed*4)%20 == 0 { // every ~5 s when not a terminal
+	if time.Since(*lastLine) >= 5*time.Second { // plain lines every 5 s when not a terminal
+		*lastLine = time.Now()
 		fmt.Fprintln(o.Progress, line)
 	}
 }

@@ -3,13 +3,40 @@ package consume
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"strconv"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/pgretry"
 )
+
+// Settings are what every batch-consuming role (persister, recovery) needs.
+type Settings struct {
+	Pool     Config
+	Retry    pgretry.Policy
+	Topology events.Topology
+	// Finish bounds the last batch after a graceful stop begins.
+	Finish time.Duration
+	// NakDelay is how long JetStream waits before redelivering a batch that
+	// could not be settled.
+	NakDelay time.Duration
+}
+
+// DeadLetterOrNak dead-letters m, or, if even that fails, hands it back for a
+// later delivery. It reports whether m was dead-lettered.
+func (s Settings) DeadLetterOrNak(ctx context.Context, js jetstream.JetStream, log *slog.Logger, m jetstream.Msg, reason string) bool {
+	if err := DeadLetter(ctx, js, s.Topology, m, reason); err != nil {
+		log.Error("dead-letter failed; message left for redelivery", "err", err)
+		_ = m.NakWithDelay(s.NakDelay)
+		return false
+	}
+	log.Warn("message dead-lettered", "subject", m.Subject(), "reason", reason)
+	return true
+}
 
 // DeadLetter copies m with its reason to the dead-letter subject and then
 // terminates it, so it is never redelivered. The copy is published first: if

@@ -19,16 +19,7 @@ import (
 )
 
 // Config tunes a persister process.
-type Config struct {
-	Pool     consume.Config
-	Retry    pgretry.Policy
-	Topology events.Topology
-	// Finish bounds the last batch after a graceful stop begins.
-	Finish time.Duration
-	// NakDelay is how long JetStream waits before redelivering a batch whose
-	// retries ran out.
-	NakDelay time.Duration
-}
+type Config = consume.Settings
 
 // Persister is one process's pool of batch writers.
 type Persister struct {
@@ -206,11 +197,7 @@ func (p *Persister) forwardConflicts(ctx context.Context, conflicts []*pending) 
 }
 
 func (p *Persister) deadLetter(ctx context.Context, m jetstream.Msg, reason string) {
-	if err := consume.DeadLetter(ctx, p.js, p.cfg.Topology, m, reason); err != nil {
-		p.log.Error("dead-letter failed; message left for redelivery", "err", err)
-		_ = m.NakWithDelay(p.cfg.NakDelay)
-		return
+	if p.cfg.DeadLetterOrNak(ctx, p.js, p.log, m, reason) {
+		p.metrics.DeadLettered.Inc()
 	}
-	p.metrics.DeadLettered.Inc()
-	p.log.Warn("message dead-lettered", "subject", m.Subject(), "reason", reason)
 }

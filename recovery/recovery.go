@@ -21,13 +21,7 @@ import (
 )
 
 // Config tunes the recovery role.
-type Config struct {
-	Pool     consume.Config
-	Retry    pgretry.Policy
-	Topology events.Topology
-	Finish   time.Duration
-	NakDelay time.Duration
-}
+type Config = consume.Settings
 
 // Metrics are recovery's Prometheus series.
 type Metrics struct {
@@ -181,11 +175,7 @@ func (r *Recovery) notify(ctx context.Context, rows []Superseded) error {
 }
 
 func (r *Recovery) deadLetter(ctx context.Context, m jetstream.Msg, reason string) {
-	if err := consume.DeadLetter(ctx, r.js, r.cfg.Topology, m, reason); err != nil {
-		r.log.Error("dead-letter failed; message left for redelivery", "err", err)
-		_ = m.NakWithDelay(r.cfg.NakDelay)
-		return
+	if r.cfg.DeadLetterOrNak(ctx, r.js, r.log, m, reason) {
+		r.metrics.DeadLettered.Inc()
 	}
-	r.metrics.DeadLettered.Inc()
-	r.log.Warn("conflict event dead-lettered", "reason", reason)
 }

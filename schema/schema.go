@@ -23,6 +23,18 @@ var files embed.FS
 // advisoryLockKey is an arbitrary constant every tokenpipe process agrees on.
 const advisoryLockKey = 7_460_301_118
 
+// WithDatabase returns a postgres:// URL naming another database on the same
+// server (for scratch and test databases).
+func WithDatabase(url, name string) string {
+	rest, query, _ := strings.Cut(url, "?")
+	i := strings.LastIndex(rest, "/")
+	out := rest[:i+1] + name
+	if query != "" {
+		out += "?" + query
+	}
+	return out
+}
+
 // Migration is one numbered SQL file.
 type Migration struct {
 	Version int

@@ -156,18 +156,7 @@ func scratchDatabase(ctx context.Context, url string) (string, func(), error) {
 		defer c.Close(dctx)
 		_, _ = c.Exec(dctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)")
 	}
-	return withDatabaseName(url, name), drop, nil
-}
-
-// withDatabaseName swaps the database of a postgres:// URL.
-func withDatabaseName(url, name string) string {
-	rest, query, _ := strings.Cut(url, "?")
-	i := strings.LastIndex(rest, "/")
-	out := rest[:i+1] + name
-	if query != "" {
-		out += "?" + query
-	}
-	return out
+	return schema.WithDatabase(url, name), drop, nil
 }
 
 // startCPUProfile profiles this process until stop is called, so a missed

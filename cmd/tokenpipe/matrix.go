@@ -49,15 +49,6 @@ func (f *figure) String() string {
 	return fmt.Sprintf("%s [%s-%s]", num(s[len(s)/2]), num(s[0]), num(s[len(s)-1]))
 }
 
-func (f *figure) median() float64 {
-	if len(f.vals) == 0 {
-		return 0
-	}
-	s := slices.Clone(f.vals)
-	slices.Sort(s)
-	return s[len(s)/2]
-}
-
 func num(v float64) string {
 	switch {
 	case v >= 100:
@@ -68,7 +59,7 @@ func num(v float64) string {
 	return fmt.Sprintf("%.2f", v)
 }
 
-// ratios pairs two figures run by run.
+// ratio pairs two figures run by run.
 func ratio(a, b *figure) *figure {
 	r := &figure{}
 	for i := range min(len(a.vals), len(b.vals)) {

@@ -63,7 +63,7 @@ func Database(t testing.TB) (string, *pgxpool.Pool) {
 	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
 		t.Fatalf("testenv: create database: %v", err)
 	}
-	url := withDatabase(AdminDatabaseURL(), name)
+	url := schema.WithDatabase(AdminDatabaseURL(), name)
 	pool, err := pgxpool.New(ctx, url)
 	if err != nil {
 		t.Fatalf("testenv: open pool: %v", err)
@@ -86,17 +86,6 @@ func Database(t testing.TB) (string, *pgxpool.Pool) {
 		t.Fatalf("testenv: migrate: %v", err)
 	}
 	return url, pool
-}
-
-// withDatabase swaps the database name in a postgres:// URL.
-func withDatabase(url, name string) string {
-	rest, query, _ := strings.Cut(url, "?")
-	i := strings.LastIndex(rest, "/")
-	out := rest[:i+1] + name
-	if query != "" {
-		out += "?" + query
-	}
-	return out
 }
 
 // Topology returns a topology with names unique to this test.

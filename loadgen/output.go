@@ -155,7 +155,7 @@ func panel(title, unit string, xmax float64, ss ...series) string {
 			pts = append(pts, fmt.Sprintf("%.1f,%.1f", px(s.xs[j]), py(s.ys[j])))
 		}
 		fmt.Fprintf(&b, `<polyline fill="none" stroke="%s" stroke-width="1.5" points="%s"/>`, s.color, strings.Join(pts, " "))
-		fmt.Fprintf(&b, `<text x="%.0f" y="%.0f" font-size="12" fill="%s">%s (%s)</text>`, W-R-260, T+14*float64(i+1), s.color, html.EscapeString(s.name), html.EscapeString(s.unit))
+		fmt.Fprintf(&b, `<text x="%.0f" y="%.0f" font-size="12" fill="%s">%s (%s)</text>`, W-R-330, T+14*float64(i+1), s.color, html.EscapeString(s.name), html.EscapeString(s.unit))
 	}
 	b.WriteString("</svg>")
 	return b.String()

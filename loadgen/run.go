@@ -30,6 +30,9 @@ type Options struct {
 	Concurrency int
 	Ramp        *Ramp // if set, ramp mode instead of constant
 	LagEvery    int   // measure persist lag for every n-th token (1 = all)
+	// Warmup runs the constant rate this long first, unmeasured (its tokens
+	// are still verified), so connection set-up does not count as latency.
+	Warmup time.Duration
 
 	Pool      *pgxpool.Pool
 	JS        jetstream.JetStream
@@ -92,6 +95,11 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		}
 	}
 	var lastLine time.Time
+	if o.Warmup > 0 && o.Ramp == nil {
+		warm := g.Run(ctx, Step{Rate: o.Rate, Duration: o.Warmup, Concurrency: o.Concurrency}, nil)
+		all = append(all, warm.Tokens...)
+	}
+	measuredFrom := len(all)
 	for _, step := range steps {
 		res := g.Run(ctx, step, func(r *StepResult) { progressLine(o, r, sampler.Last(), &lastLine) })
 		all = append(all, res.Tokens...)
@@ -152,7 +160,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	}
 	rep.DrainTime = time.Since(drainStart)
 	if o.Ramp == nil && len(rep.Steps) == 1 {
-		lag, err := PersistLag(ctx, o.Pool, all, o.LagEvery)
+		lag, err := PersistLag(ctx, o.Pool, all[measuredFrom:], o.LagEvery)
 		if err != nil {
 			return nil, err
 		}

@@ -49,6 +49,7 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	lagBound := fs.Duration("lag-bound", 250*time.Millisecond, "ramp: p99 issue-to-persisted lag a step may not exceed")
 	errBound := fs.Float64("error-bound", 0.01, "ramp: share of failed requests a step may not exceed")
 	lagEvery := fs.Int("lag-every", 1, "measure persist lag for every n-th token")
+	warmup := fs.Duration("warmup", 0, "send at the rate this long first, unmeasured (tokens still verified)")
 	drain := fs.Duration("drain-timeout", 2*time.Minute, "longest wait for the queues to drain before verifying")
 	jsonOut := fs.String("json", "", "write the full report as JSON to `file`")
 	csvOut := fs.String("csv", "", "write the per-second series as CSV to `file`")
@@ -85,7 +86,7 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	opts := loadgen.Options{
 		Target: loadgen.Target{URL: *target, ClientID: *clientID, Secret: *secret, ScopePool: *pool},
 		Mix:    loadgen.Mix{Reissue: *reissue, Duplicate: *dup, DupWidth: *dupWidth},
-		Rate:   *rate, Duration: *duration, Concurrency: *conc, LagEvery: *lagEvery,
+		Rate:   *rate, Duration: *duration, Concurrency: *conc, LagEvery: *lagEvery, Warmup: *warmup,
 		Pool: db, JS: js, Stream: cfg.Stream, Consumers: []string{cfg.PersisterName, cfg.RecoveryName},
 		DrainTimeout: *drain, Progress: stderr, Terminal: isTerminal(stderr),
 	}

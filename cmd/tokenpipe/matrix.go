@@ -172,7 +172,7 @@ func runMatrix(ctx context.Context, cfg *Common, o matrixOpts, stdout, stderr io
 				if sc.key != "async" || rep.HighestSustained == 0 {
 					return nil
 				}
-				opts.Ramp, opts.Rate, opts.Duration = nil, rep.HighestSustained/2, 10*time.Second
+				opts.Ramp, opts.Rate, opts.Duration, opts.Warmup = nil, rep.HighestSustained/2, 10*time.Second, 2*time.Second
 				half, err := loadgen.Run(ctx, opts)
 				if err != nil {
 					return err

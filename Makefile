@@ -27,6 +27,12 @@ demo:
 bench: build
 	$(BIN) bench matrix -runs 3 -write BENCHMARKS.md
 
+## fuzz: a short run of every fuzz target (their seeds also run in make test).
+FUZZTIME ?= 10s
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzDecodeTokenIssued -fuzztime $(FUZZTIME) ./events/
+	$(GO) test -run '^$$' -fuzz FuzzParseRequest -fuzztime $(FUZZTIME) ./issuer/
+
 vet:
 	$(GO) vet $(PKGS)
 

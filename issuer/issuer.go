@@ -130,17 +130,12 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // issue validates the request completely before minting anything, so bad
 // input never produces an event or a row.
 func (s *Server) issue(r *http.Request) (*tokenResponse, bool, error) {
-	if r.Method != http.MethodPost {
-		return nil, false, &oauthError{status: http.StatusMethodNotAllowed, code: "invalid_request", desc: "the token endpoint accepts POST only"}
-	}
-	if s.cfg.RequireTLS && r.TLS == nil && !strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https") {
-		return nil, false, badRequest("invalid_request", "the token endpoint requires TLS")
-	}
-	form, err := s.readForm(r)
+	req, err := parseRequest(r, s.cfg.MaxBodyBytes, s.cfg.RequireTLS)
 	if err != nil {
-		return nil, false, err
+		return nil, req.basic, err
 	}
-	client, basic, err := s.authenticate(r, form)
+	form, basic := req.form, req.basic
+	client, err := s.authenticate(r.Context(), req)
 	if err != nil {
 		return nil, basic, err
 	}
@@ -187,13 +182,61 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, bool, error) {
 	return resp, basic, err
 }
 
+// tokenRequest is what the endpoint reads from an HTTP request before it
+// looks anything up: the form and the client's claimed credentials.
+type tokenRequest struct {
+	form         url.Values
+	clientID     string
+	clientSecret string
+	basic        bool // credentials came by HTTP Basic
+}
+
+// parseRequest validates everything about a token request that needs no
+// database: method, transport, content type, size, form syntax, and the
+// client authentication method (RFC 6749 2.3.1: HTTP Basic with
+// form-urlencoded id and secret, or client_secret_post, not both).
+func parseRequest(r *http.Request, maxBody int64, requireTLS bool) (tokenRequest, error) {
+	var req tokenRequest
+	if r.Method != http.MethodPost {
+		return req, &oauthError{status: http.StatusMethodNotAllowed, code: "invalid_request", desc: "the token endpoint accepts POST only"}
+	}
+	if requireTLS && r.TLS == nil && !strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https") {
+		return req, badRequest("invalid_request", "the token endpoint requires TLS")
+	}
+	form, err := readForm(r, maxBody)
+	if err != nil {
+		return req, err
+	}
+	req.form = form
+	id, secret, basic := r.BasicAuth()
+	req.basic = basic
+	if basic {
+		if form.Has("client_secret") {
+			return req, badRequest("invalid_request", "use one client authentication method, not two")
+		}
+		var err1, err2 error
+		id, err1 = url.QueryUnescape(id)
+		secret, err2 = url.QueryUnescape(secret)
+		if err1 != nil || err2 != nil {
+			return req, badRequest("invalid_request", "malformed Basic credentials")
+		}
+	} else {
+		id, secret = form.Get("client_id"), form.Get("client_secret")
+	}
+	if id == "" || secret == "" {
+		return req, &oauthError{status: http.StatusUnauthorized, code: "invalid_client", desc: "client authentication is required"}
+	}
+	req.clientID, req.clientSecret = id, secret
+	return req, nil
+}
+
 // readForm parses an application/x-www-form-urlencoded body of bounded size.
-func (s *Server) readForm(r *http.Request) (url.Values, error) {
+func readForm(r *http.Request, maxBody int64) (url.Values, error) {
 	ct, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if err != nil || ct != "application/x-www-form-urlencoded" {
 		return nil, badRequest("invalid_request", "the body must be application/x-www-form-urlencoded")
 	}
-	r.Body = http.MaxBytesReader(nil, r.Body, s.cfg.MaxBodyBytes)
+	r.Body = http.MaxBytesReader(nil, r.Body, maxBody)
 	if err := r.ParseForm(); err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
@@ -214,31 +257,13 @@ func (s *Server) readForm(r *http.Request) (url.Values, error) {
 	return r.PostForm, nil
 }
 
-// authenticate accepts HTTP Basic (RFC 6749 2.3.1, form-urlencoded id and
-// secret) or client_secret_post, not both.
-func (s *Server) authenticate(r *http.Request, form url.Values) (*clients.Client, bool, error) {
-	id, secret, basic := r.BasicAuth()
-	if basic {
-		if form.Has("client_secret") {
-			return nil, true, badRequest("invalid_request", "use one client authentication method, not two")
-		}
-		var err1, err2 error
-		id, err1 = url.QueryUnescape(id)
-		secret, err2 = url.QueryUnescape(secret)
-		if err1 != nil || err2 != nil {
-			return nil, true, badRequest("invalid_request", "malformed Basic credentials")
-		}
-	} else {
-		id, secret = form.Get("client_id"), form.Get("client_secret")
-	}
-	if id == "" || secret == "" {
-		return nil, basic, &oauthError{status: http.StatusUnauthorized, code: "invalid_client", desc: "client authentication is required"}
-	}
-	c, err := s.registry.Authenticate(r.Context(), id, secret)
+// authenticate checks the claimed credentials against the registry.
+func (s *Server) authenticate(ctx context.Context, req tokenRequest) (*clients.Client, error) {
+	c, err := s.registry.Authenticate(ctx, req.clientID, req.clientSecret)
 	if errors.Is(err, clients.ErrInvalidClient) {
-		return nil, basic, &oauthError{status: http.StatusUnauthorized, code: "invalid_client", desc: "client authentication failed"}
+		return nil, &oauthError{status: http.StatusUnauthorized, code: "invalid_client", desc: "client authentication failed"}
 	}
-	return c, basic, err
+	return c, err
 }
 
 // newToken returns 256 random bits, base64url encoded.

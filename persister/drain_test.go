@@ -22,12 +22,14 @@ func TestGracefulStopLeavesNothingInFlight(t *testing.T) {
 	_, pool := testenv.Database(t)
 	nc, js, topo := testenv.JetStream(t)
 	ctx := context.Background()
-	evs := bench.MakeEvents(20000)
+	// Small batches over a long stream, so the stop always lands mid-stream
+	// even on a loaded machine.
+	evs := bench.MakeEvents(40000)
 	testenv.Must(t, bench.Fill(ctx, js, topo, evs, nil), "fill")
 
 	runCtx, stop := context.WithCancel(ctx)
 	p := persister.New(persister.Config{
-		Pool:  consume.Config{Workers: 2, BatchSize: 500, BatchWait: 20 * time.Millisecond},
+		Pool:  consume.Config{Workers: 2, BatchSize: 100, BatchWait: 20 * time.Millisecond},
 		Retry: pgretry.DefaultPolicy(), Topology: topo, Finish: 10 * time.Second, NakDelay: time.Second,
 	}, pool, js, testenv.Logger(t), persister.NewMetrics(prometheus.NewRegistry()))
 	done := make(chan error, 1)

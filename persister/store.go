@@ -67,7 +67,8 @@ SELECT r.token_digest, r.refresh_digest, r.client_id, r.subject, r.scope,
 FROM ranked r
 -- Key order: concurrent batches that share keys then wait for each other
 -- instead of deadlocking, which Postgres would only notice after a second.
-ORDER BY r.client_id, r.subject, r.scope, r.stream_seq DESC
+-- Bytewise (COLLATE "C"), the order the COPY path sorts its rows in Go.
+ORDER BY r.client_id COLLATE "C", r.subject COLLATE "C", r.scope COLLATE "C", r.stream_seq DESC
 ON CONFLICT DO NOTHING
 RETURNING token_digest`
 
@@ -144,6 +145,7 @@ func WriteBatch(ctx context.Context, db Beginner, rows []Row) ([]Outcome, error)
 	return out, err
 }
 
+// compareKeys orders keys bytewise, as COLLATE "C" does in insertSQL.
 func compareKeys(a, b *events.TokenIssued) int {
 	return cmp.Or(strings.Compare(a.ClientID, b.ClientID), strings.Compare(a.Subject, b.Subject), strings.Compare(a.Scope(), b.Scope()))
 }

@@ -20,7 +20,7 @@ WITH keys AS (
 SELECT t.client_id, t.subject, t.scope, t.token_digest, t.stream_seq
 FROM tokens t JOIN keys k USING (client_id, subject, scope)
 WHERE t.state = 'ACTIVE'
-ORDER BY t.client_id, t.subject, t.scope
+ORDER BY t.client_id COLLATE "C", t.subject COLLATE "C", t.scope COLLATE "C"
 FOR UPDATE OF t`
 
 const maxSeqSQL = `

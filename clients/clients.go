@@ -167,7 +167,8 @@ func RemoveUser(ctx context.Context, db *pgxpool.Pool, username string) error {
 
 // Registry authenticates clients and users for the token endpoint. Clients
 // are cached for TTL so the hot path does not query Postgres per request;
-// a removed client keeps working on an issuer for at most TTL.
+// a removed client keeps working on an issuer for at most TTL. While
+// Postgres cannot be reached, the last known registration keeps answering.
 type Registry struct {
 	db       *pgxpool.Pool
 	ttl      time.Duration
@@ -213,11 +214,11 @@ func (r *Registry) Authenticate(ctx context.Context, id, secret string) (*Client
 func (r *Registry) client(ctx context.Context, id string) (*Client, error) {
 	now := time.Now()
 	r.mu.Lock()
-	if e, ok := r.cache[id]; ok && now.Before(e.expires) {
-		r.mu.Unlock()
+	e, known := r.cache[id]
+	r.mu.Unlock()
+	if known && now.Before(e.expires) {
 		return e.client, nil
 	}
-	r.mu.Unlock()
 	var c Client
 	var digest []byte
 	err := r.db.QueryRow(ctx, `SELECT client_id, secret_digest, scopes, grants, created_at FROM clients WHERE client_id = $1`, id).
@@ -225,6 +226,10 @@ func (r *Registry) client(ctx context.Context, id string) (*Client, error) {
 	var found *Client
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
+	case err != nil && known:
+		// Postgres is unreachable: keep answering with the last known
+		// registration, so an async issuer rides out a database outage.
+		return e.client, nil
 	case err != nil:
 		return nil, fmt.Errorf("look up client: %w", err)
 	default:

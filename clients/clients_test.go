@@ -88,3 +88,27 @@ func TestVerifyUser(t *testing.T) {
 		t.Fatal("a 4-byte password was accepted")
 	}
 }
+
+// TestLastKnownClientServesWhilePostgresIsAway: after the TTL, a failed
+// lookup falls back to the last known registration instead of refusing.
+func TestLastKnownClientServesWhilePostgresIsAway(t *testing.T) {
+	t.Parallel()
+	_, pool := testenv.Database(t)
+	ctx := context.Background()
+	secret, err := clients.Add(ctx, pool, "app", []string{"read"}, []string{"client_credentials"})
+	testenv.Must(t, err, "add")
+	reg := clients.NewRegistry(pool, 50*time.Millisecond)
+	_, err = reg.Authenticate(ctx, "app", secret)
+	testenv.Must(t, err, "first authentication")
+	pool.Close() // the database is now unreachable for this registry
+	time.Sleep(100 * time.Millisecond)
+	if _, err := reg.Authenticate(ctx, "app", secret); err != nil {
+		t.Fatalf("known client refused while Postgres is away: %v", err)
+	}
+	if _, err := reg.Authenticate(ctx, "app", "wrong"); !errors.Is(err, clients.ErrInvalidClient) {
+		t.Fatalf("wrong secret accepted from the stale entry: %v", err)
+	}
+	if _, err := reg.Authenticate(ctx, "stranger", "x"); err == nil || errors.Is(err, clients.ErrInvalidClient) {
+		t.Fatalf("unknown client during the outage: err = %v, want a lookup error (503), not invalid_client", err)
+	}
+}

@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/user"
@@ -104,17 +105,35 @@ func TestPostgresOutageDelaysButLosesNothing(t *testing.T) {
 		outage, err = time.ParseDuration(d)
 		testenv.Must(t, err, "TOKENPIPE_TEST_PG_OUTAGE")
 	}
+	addClient(t, pool, "outage-app", "outage-secret", "a", "b", "c", "d")
 	d := newDeployment(t, pg.url(), topo, "TOKENPIPE_BATCH_SIZE=500", "TOKENPIPE_RETRY_MAX_ELAPSED=5s", "TOKENPIPE_NAK_DELAY=1s")
+	iss, tokenURL := d.issuer("issuer")
 	d.start("persister", "persister")
 	d.start("recovery", "recovery")
+	// HTTP load through the issuer the whole time, plus a backlog published
+	// straight to the stream.
+	load := startLoad(t, 200, "outage-app", "outage-secret", []string{"a", "b", "c", "d"}, tokenURL)
 	testenv.Must(t, bench.Fill(ctx, js, topo, evs[:10000], nil), "fill before outage")
-	time.Sleep(200 * time.Millisecond)
+	time.Sleep(500 * time.Millisecond)
 	pg.stop()
-	// Events keep arriving while the database is away.
+	before := load.sent.Load()
 	testenv.Must(t, bench.Fill(ctx, js, topo, evs[10000:], nil), "fill during outage")
 	time.Sleep(outage)
+	resp, err := http.Get("http://" + iss.opsAddr + "/readyz")
+	testenv.Must(t, err, "readyz during outage")
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("async issuer not ready during a database outage: %d", resp.StatusCode)
+	}
+	issuedDuring := load.sent.Load() - before
 	pg.start()
 	start := time.Now()
+	time.Sleep(500 * time.Millisecond)
+	httpDigests, errs := load.finish()
+	if len(errs) > 0 {
+		t.Fatalf("the async issuer refused requests during the database outage: %v", errs)
+	}
+	t.Logf("%d requests answered during the %s outage, %d tokens over the whole run", issuedDuring, outage, len(httpDigests))
 
 	stream, err := js.Stream(ctx, topo.Stream)
 	testenv.Must(t, err, "stream")
@@ -122,6 +141,7 @@ func TestPostgresOutageDelaysButLosesNothing(t *testing.T) {
 	for i, e := range evs {
 		digests[i] = e.TokenDigest
 	}
+	digests = append(digests, httpDigests...)
 	testenv.Eventually(t, 2*time.Minute, "clean audit after the outage", func() (bool, error) {
 		r, err := audit.Check(ctx, pool, digests, stream, topo.Persister, topo.Recovery)
 		return err == nil && r.Clean(), err

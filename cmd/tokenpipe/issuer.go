@@ -78,7 +78,6 @@ func runIssuer(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return err
 	}
 	defer pool.Close()
-	srv.AddCheck(pgCheck(pool))
 	var iss *issuer.Server
 	registry := clients.NewRegistry(pool, cfg.ClientCacheTTL)
 	metrics := issuer.NewMetrics(srv.Registry)
@@ -103,6 +102,10 @@ func runIssuer(ctx context.Context, args []string, _, stderr io.Writer) error {
 		iss = issuer.New(cfg.issuerConfig(cfg.Topology()), registry, nc, js, pool, log, metrics)
 	} else {
 		iss = issuer.New(cfg.issuerConfig(cfg.Topology()), registry, nil, nil, pool, log, metrics)
+		// Only sync mode needs Postgres for every token. In async mode the
+		// issuer keeps issuing through a database outage (clients are cached),
+		// so a Postgres failure must not take it out of its Service.
+		srv.AddCheck(pgCheck(pool))
 	}
 	opsCtx, stopOps := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopOps()

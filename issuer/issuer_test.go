@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -250,15 +251,18 @@ func form(e *env, body string, mutate ...func(*http.Request)) *http.Request {
 }
 
 // TestNATSDownGives503AndNoToken stops an embedded JetStream server under
-// the issuer: the answer is a quick 503 with no token in it.
+// the issuer: the answer is a quick 503 with no token in it. When the server
+// comes back on the same port and store, the issuer recovers by itself.
 func TestNATSDownGives503AndNoToken(t *testing.T) {
 	t.Parallel()
-	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true})
+	store := t.TempDir()
+	ns, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: store, NoLog: true, NoSigs: true})
 	testenv.Must(t, err, "nats server")
 	ns.Start()
 	if !ns.ReadyForConnections(10 * time.Second) {
 		t.Fatal("embedded NATS not ready")
 	}
+	port := ns.Addr().(*net.TCPAddr).Port
 	_, pool := testenv.Database(t)
 	nc, err := nats.Connect(ns.ClientURL(), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond))
 	testenv.Must(t, err, "connect")
@@ -284,6 +288,17 @@ func TestNATSDownGives503AndNoToken(t *testing.T) {
 	if ans.header.Get("Retry-After") == "" {
 		t.Fatal("503 without Retry-After")
 	}
+
+	back, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: port, JetStream: true, StoreDir: store, NoLog: true, NoSigs: true})
+	testenv.Must(t, err, "restart nats server")
+	back.Start()
+	defer back.Shutdown()
+	if !back.ReadyForConnections(10 * time.Second) {
+		t.Fatal("restarted NATS not ready")
+	}
+	testenv.Eventually(t, 15*time.Second, "issuer answering 200 again", func() (bool, error) {
+		return e.post(t, url.Values{"grant_type": {"client_credentials"}}, basic("app", e.secret)).status == 200, nil
+	})
 }
 
 func TestSyncModeRetriesRacesToOneActive(t *testing.T) {

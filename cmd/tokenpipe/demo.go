@@ -187,7 +187,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	say("summary")
 	say("  issued (HTTP 200)                    %d", out.OK)
 	say("  persisted rows                       %d (%d ACTIVE, %d INACTIVE)", active+inactive, active, inactive)
-	say("  race losers made INACTIVE           %d", inactive)
+	say("  race losers made INACTIVE            %d", inactive)
 	say("  tokens without a row                 %d", len(report.Missing))
 	say("  keys with more than one ACTIVE row   %d", len(report.DoubleActive))
 	say("  ACTIVE rows that are not the newest  %d", len(report.ActiveNotNewest))

@@ -4,7 +4,7 @@ BIN       ?= bin/tokenpipe
 PKGS      ?= ./...
 STATICCHECK_VERSION ?= v0.8.2
 
-.PHONY: all build test demo bench lint vet staticcheck deploy-check e2e fuzz clean
+.PHONY: all build test demo bench lint vet staticcheck deploy-check fuzz chaos clean
 
 all: build
 
@@ -50,3 +50,17 @@ deploy-check:
 
 clean:
 	rm -rf bin
+
+## chaos: the fault cases (real processes, own NATS and Postgres where a case
+## kills them) with a 30 s Postgres outage; writes RELIABILITY.md's table
+## from this run.
+chaos:
+	TOKENPIPE_TEST_PG_OUTAGE=30s $(GO) test -count=1 -v -timeout 20m \
+	  -run 'Killed|Survives|Outage|ScaleRoles' ./e2e/ | tee chaos.log | grep -E '^(---|ok|FAIL)'
+	@{ sed -n '1,/<!-- chaos:begin -->/p' RELIABILITY.md; \
+	   echo "Run on $$(date -u +'%Y-%m-%d %H:%M UTC') with \`make chaos\`."; echo; \
+	   echo "| case | load offered | tokens issued | lost | duplicated | keys with 2 ACTIVE | fault end to clean audit |"; \
+	   echo "|---|---|---|---|---|---|---|"; \
+	   grep -o 'RELIABILITY|.*' chaos.log | awk -F'|' '{printf "| %s | %s | %s | %s | %s | %s | %s |\n", $$2, $$3, $$4, $$5, $$6, $$7, $$8}'; \
+	   sed -n '/<!-- chaos:end -->/,$$p' RELIABILITY.md; } > RELIABILITY.md.new && mv RELIABILITY.md.new RELIABILITY.md
+	@rm -f chaos.log

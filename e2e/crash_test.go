@@ -5,7 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tokenpipe/tokenpipe/audit"
 	"github.com/tokenpipe/tokenpipe/bench"
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
@@ -37,19 +36,14 @@ func TestPersisterKilledMidBatchLosesNothing(t *testing.T) {
 		})
 		p.kill(t)
 	}
+	faultEnd := time.Now()
 	d.start("persister-last", "persister")
 	d.start("recovery", "recovery")
-	stream, err := js.Stream(ctx, topo.Stream)
-	testenv.Must(t, err, "stream")
 	digests := make([]events.Digest, len(evs))
 	for i, e := range evs {
 		digests[i] = e.TokenDigest
 	}
-	var report *audit.Report
-	testenv.Eventually(t, 90*time.Second, "clean audit", func() (bool, error) {
-		report, err = audit.Check(ctx, pool, digests, stream, topo.Persister, topo.Recovery)
-		return err == nil && report.Clean(), err
-	})
+	auditUntilClean(t, "persister SIGKILL mid-batch x3 (stream of 30k events)", len(evs), digests, pool, js, topo, faultEnd)
 	if n := count(); n != len(evs) {
 		t.Fatalf("rows = %d, want %d", n, len(evs))
 	}
@@ -87,17 +81,13 @@ func TestRecoveryKilledMidTransactionLosesNothing(t *testing.T) {
 		})
 		r.kill(t)
 	}
+	faultEnd := time.Now()
 	d.start("recovery-last", "recovery")
-	stream, err := js.Stream(ctx, topo.Stream)
-	testenv.Must(t, err, "stream")
 	digests := make([]events.Digest, len(evs))
 	for i, e := range evs {
 		digests[i] = e.TokenDigest
 	}
-	testenv.Eventually(t, 90*time.Second, "clean audit", func() (bool, error) {
-		report, err := audit.Check(ctx, pool, digests, stream, topo.Persister, topo.Recovery)
-		return err == nil && report.Clean(), err
-	})
+	auditUntilClean(t, "recovery SIGKILL mid-transaction x3 (6k racing tokens, 400 keys)", len(evs), digests, pool, js, topo, faultEnd)
 	var active int
 	testenv.Must(t, pool.QueryRow(ctx, "SELECT count(*) FROM tokens WHERE state = 'ACTIVE'").Scan(&active), "count")
 	if active != 400 {
@@ -133,10 +123,5 @@ func TestIssuerKilledMidRequestLosesNothing(t *testing.T) {
 	if len(digests) < 300 {
 		t.Fatalf("only %d tokens issued", len(digests))
 	}
-	stream, err := js.Stream(ctxT(t, 5*time.Second), topo.Stream)
-	testenv.Must(t, err, "stream")
-	testenv.Eventually(t, 60*time.Second, "clean audit", func() (bool, error) {
-		r, err := audit.Check(ctxT(t, 20*time.Second), pool, digests, stream, topo.Persister, topo.Recovery)
-		return err == nil && r.Clean(), err
-	})
+	auditUntilClean(t, "issuer SIGKILL mid-request (1 of 2, 400 req/s)", int(load.sent.Load()), digests, pool, js, topo, time.Now())
 }

@@ -12,7 +12,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/tokenpipe/tokenpipe/audit"
 	"github.com/tokenpipe/tokenpipe/bench"
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
@@ -107,14 +106,7 @@ func TestPersisterSurvivesNATSRestart(t *testing.T) {
 	for i, e := range evs {
 		digests[i] = e.TokenDigest
 	}
-	testenv.Eventually(t, 90*time.Second, "clean audit after restarts", func() (bool, error) {
-		stream, err := js.Stream(ctx, topo.Stream)
-		if err != nil {
-			return false, err
-		}
-		report, err := audit.Check(ctx, pool, digests, stream, topo.Persister, topo.Recovery)
-		return err == nil && report.Clean(), err
-	})
+	auditUntilClean(t, "NATS server SIGKILL + restart x2 (stream of 30k events)", len(evs), digests, pool, js, topo, time.Now())
 	if !strings.Contains(p.output(), "nats reconnected") {
 		t.Fatalf("persister log does not show the reconnect:\n%s", p.output())
 	}

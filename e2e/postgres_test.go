@@ -14,7 +14,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
-	"github.com/tokenpipe/tokenpipe/audit"
 	"github.com/tokenpipe/tokenpipe/bench"
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
@@ -135,16 +134,10 @@ func TestPostgresOutageDelaysButLosesNothing(t *testing.T) {
 	}
 	t.Logf("%d requests answered during the %s outage, %d tokens over the whole run", issuedDuring, outage, len(httpDigests))
 
-	stream, err := js.Stream(ctx, topo.Stream)
-	testenv.Must(t, err, "stream")
 	digests := make([]events.Digest, len(evs))
 	for i, e := range evs {
 		digests[i] = e.TokenDigest
 	}
 	digests = append(digests, httpDigests...)
-	testenv.Eventually(t, 2*time.Minute, "clean audit after the outage", func() (bool, error) {
-		r, err := audit.Check(ctx, pool, digests, stream, topo.Persister, topo.Recovery)
-		return err == nil && r.Clean(), err
-	})
-	t.Logf("backlog drained %s after Postgres came back from a %s outage", time.Since(start).Round(10*time.Millisecond), outage)
+	auditUntilClean(t, fmt.Sprintf("Postgres down %s under 200 req/s + 20k published events", outage), int(load.sent.Load())+len(evs), digests, pool, js, topo, start)
 }

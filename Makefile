@@ -56,7 +56,7 @@ clean:
 ## from this run.
 chaos:
 	TOKENPIPE_TEST_PG_OUTAGE=30s $(GO) test -count=1 -v -timeout 20m \
-	  -run 'Killed|Survives|Outage|ScaleRoles' ./e2e/ | tee chaos.log | grep -E '^(---|ok|FAIL)'
+	  -run 'Killed|Survives|Outage|ScaleRoles|ConnectionsCut' ./e2e/ | tee chaos.log | grep -E '^(---|ok|FAIL)'
 	@{ sed -n '1,/<!-- chaos:begin -->/p' RELIABILITY.md; \
 	   echo "Run on $$(date -u +'%Y-%m-%d %H:%M UTC') with \`make chaos\`."; echo; \
 	   echo "| case | load offered | tokens issued | lost | duplicated | keys with 2 ACTIVE | fault end to clean audit |"; \

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -124,4 +125,50 @@ func TestIssuerKilledMidRequestLosesNothing(t *testing.T) {
 		t.Fatalf("only %d tokens issued", len(digests))
 	}
 	auditUntilClean(t, "issuer SIGKILL mid-request (1 of 2, 400 req/s)", int(load.sent.Load()), digests, pool, js, topo, time.Now())
+}
+
+// TestConnectionsCutMidTransaction terminates the persister's and recovery's
+// Postgres connections over and over while they drain a conflict-heavy
+// stream, so COPYs and transactions are cut in the middle. Each cut batch
+// is retried on a new connection; the audit must be clean.
+func TestConnectionsCutMidTransaction(t *testing.T) {
+	t.Parallel()
+	dbURL, pool := testenv.Database(t)
+	_, js, topo := testenv.JetStream(t)
+	ctx := ctxT(t, 3*time.Minute)
+	var evs []*events.TokenIssued
+	for round := 0; round < 4; round++ {
+		evs = append(evs, bench.MakeEvents(10000)...)
+		for k := 0; k < 500; k++ {
+			evs = append(evs, testenv.Token("app", "racer-"+itoa(k), "read"))
+		}
+	}
+	testenv.Must(t, bench.Fill(ctx, js, topo, evs, nil), "fill")
+	d := newDeployment(t, dbURL, topo, "TOKENPIPE_BATCH_SIZE=1000", "TOKENPIPE_LOG_LEVEL=warn")
+	per := d.start("persister", "persister")
+	d.start("recovery", "recovery")
+	var dbName string
+	testenv.Must(t, pool.QueryRow(ctx, "SELECT current_database()").Scan(&dbName), "db name")
+	cuts := 0
+	for i := 0; i < 40; i++ {
+		var n int
+		err := pool.QueryRow(ctx, `SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+			WHERE datname = $1 AND pid <> pg_backend_pid() AND state <> 'idle') x`, dbName).Scan(&n)
+		testenv.Must(t, err, "terminate")
+		cuts += n
+		time.Sleep(50 * time.Millisecond)
+	}
+	faultEnd := time.Now()
+	t.Logf("cut %d busy connections", cuts)
+	if cuts == 0 {
+		t.Fatal("no busy connection was cut; the test proved nothing")
+	}
+	digests := make([]events.Digest, len(evs))
+	for i, e := range evs {
+		digests[i] = e.TokenDigest
+	}
+	auditUntilClean(t, "Postgres connections cut mid-COPY/mid-transaction x40 (42k events, 2k racing)", len(evs), digests, pool, js, topo, faultEnd)
+	if !strings.Contains(per.output(), "retrying") {
+		t.Fatalf("persister never retried a cut batch:\n%s", per.output())
+	}
 }

@@ -11,8 +11,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
+	mathrand "math/rand/v2"
 	"mime"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -34,17 +37,74 @@ const (
 	ModeSync  = "sync"  // write the row inside the request
 )
 
-// Config tunes the issuer.
+// Defaults for Config fields left zero.
+const (
+	DefaultTokenTTL            = time.Hour
+	DefaultRefreshTTL          = 720 * time.Hour
+	DefaultPublishTimeout      = 2 * time.Second
+	DefaultMaxInFlight         = 4096
+	DefaultSyncConflictRetries = 5
+	DefaultMaxBodyBytes        = 8192
+)
+
+// Config tunes the issuer. Zero fields take the defaults above.
 type Config struct {
-	Mode                string
-	TokenTTL            time.Duration
-	RefreshTTL          time.Duration
-	PublishTimeout      time.Duration
+	// Mode is ModeAsync (also when empty) or ModeSync.
+	Mode string
+	// TokenTTL is the access token lifetime: expires_in and the event's
+	// ExpiresAt.
+	TokenTTL time.Duration
+	// RefreshTTL is the refresh token lifetime. It is not recorded yet:
+	// neither TokenIssued nor the tokens table has a refresh expiry column.
+	RefreshTTL time.Duration
+	// PublishTimeout bounds the wait for JetStream's ack, including the
+	// wait for a free in-flight slot; past it the answer is 503.
+	PublishTimeout time.Duration
+	// MaxInFlight bounds the publishes awaiting an ack, shared by all
+	// requests. Only NewJetStream reads it: the bound lives in the
+	// JetStream handle.
+	MaxInFlight int
+	// SyncConflictRetries is how often sync mode retries a transaction that
+	// lost a race for its key; negative means never.
 	SyncConflictRetries int
-	Instance            string
-	MaxBodyBytes        int64
-	RequireTLS          bool
-	Topology            events.Topology
+	// Instance names this issuer in events; empty is allowed.
+	Instance string
+	// MaxBodyBytes bounds the request body; larger bodies get 413.
+	MaxBodyBytes int64
+	// RequireTLS refuses requests that came neither over TLS nor through a
+	// TLS-terminating proxy that set X-Forwarded-Proto: https. Only enable
+	// it behind a proxy that overwrites that header.
+	RequireTLS bool
+	// Topology names the stream and subject events are published to.
+	Topology events.Topology
+}
+
+func (c Config) withDefaults() Config {
+	if c.Mode == "" {
+		c.Mode = ModeAsync
+	}
+	if c.TokenTTL <= 0 {
+		c.TokenTTL = DefaultTokenTTL
+	}
+	if c.RefreshTTL <= 0 {
+		c.RefreshTTL = DefaultRefreshTTL
+	}
+	if c.PublishTimeout <= 0 {
+		c.PublishTimeout = DefaultPublishTimeout
+	}
+	if c.MaxInFlight <= 0 {
+		c.MaxInFlight = DefaultMaxInFlight
+	}
+	switch {
+	case c.SyncConflictRetries == 0:
+		c.SyncConflictRetries = DefaultSyncConflictRetries
+	case c.SyncConflictRetries < 0:
+		c.SyncConflictRetries = 0
+	}
+	if c.MaxBodyBytes <= 0 {
+		c.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	return c
 }
 
 // Server answers POST /oauth2/token.
@@ -58,11 +118,28 @@ type Server struct {
 	metrics  *Metrics
 }
 
-// New returns a token endpoint. In async mode js must have been created with
-// jetstream.WithPublishAsyncMaxPending so in-flight publishes are bounded;
-// nc and js may be nil in sync mode.
+// NewJetStream returns the JetStream handle async mode needs: at most
+// cfg.MaxInFlight publishes await an ack at once, shared by all requests, and
+// a pending ack is given up after cfg.PublishTimeout, so an ack that never
+// comes cannot hold a slot for ever.
+func NewJetStream(nc *nats.Conn, cfg Config) (jetstream.JetStream, error) {
+	cfg = cfg.withDefaults()
+	js, err := jetstream.New(nc,
+		jetstream.WithPublishAsyncMaxPending(cfg.MaxInFlight),
+		jetstream.WithPublishAsyncTimeout(cfg.PublishTimeout))
+	if err != nil {
+		return nil, fmt.Errorf("jetstream: %w", err)
+	}
+	return js, nil
+}
+
+// New returns a token endpoint. registry, db, log and m are required. In
+// async mode nc and js are required too, and js must bound its in-flight
+// publishes: create it with NewJetStream (or jetstream.New with
+// WithPublishAsyncMaxPending), or one slow ack window lets pending publishes
+// grow without limit. In sync mode nc and js may be nil.
 func New(cfg Config, registry *clients.Registry, nc *nats.Conn, js jetstream.JetStream, db *pgxpool.Pool, log *slog.Logger, m *Metrics) *Server {
-	return &Server{cfg: cfg, registry: registry, nc: nc, js: js, db: db, log: log, metrics: m}
+	return &Server{cfg: cfg.withDefaults(), registry: registry, nc: nc, js: js, db: db, log: log, metrics: m}
 }
 
 // Handler routes the token endpoint.
@@ -77,12 +154,19 @@ type oauthError struct {
 	status int
 	code   string
 	desc   string
+	// challenge adds WWW-Authenticate to a 401: the client tried HTTP
+	// Basic, or sent no credentials at all (RFC 6749 5.2, RFC 9110 15.5.2).
+	challenge bool
 }
 
 func (e *oauthError) Error() string { return e.code + ": " + e.desc }
 
 func badRequest(code, desc string) *oauthError {
 	return &oauthError{status: http.StatusBadRequest, code: code, desc: desc}
+}
+
+func invalidClient(desc string, challenge bool) *oauthError {
+	return &oauthError{status: http.StatusUnauthorized, code: "invalid_client", desc: desc, challenge: challenge}
 }
 
 var errUnavailable = &oauthError{status: http.StatusServiceUnavailable, code: "temporarily_unavailable",
@@ -97,20 +181,19 @@ type tokenResponse struct {
 }
 
 func (s *Server) token(w http.ResponseWriter, r *http.Request) {
-	resp, basic, err := s.issue(r)
+	resp, err := s.issue(r)
 	if err != nil {
 		var oe *oauthError
 		if !errors.As(err, &oe) {
 			s.log.Error("token request failed", "err", err)
 			oe = errUnavailable
 		}
-		if oe.status == http.StatusMethodNotAllowed {
+		switch {
+		case oe.status == http.StatusMethodNotAllowed:
 			w.Header().Set("Allow", http.MethodPost)
-		}
-		if oe.status == http.StatusUnauthorized && basic {
+		case oe.status == http.StatusUnauthorized && oe.challenge:
 			w.Header().Set("WWW-Authenticate", `Basic realm="tokenpipe"`)
-		}
-		if oe.status == http.StatusServiceUnavailable {
+		case oe.status == http.StatusServiceUnavailable:
 			w.Header().Set("Retry-After", "1")
 		}
 		writeJSON(w, oe.status, map[string]string{"error": oe.code, "error_description": oe.desc})
@@ -129,57 +212,72 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 // issue validates the request completely before minting anything, so bad
 // input never produces an event or a row.
-func (s *Server) issue(r *http.Request) (*tokenResponse, bool, error) {
+func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
 	req, err := parseRequest(r, s.cfg.MaxBodyBytes, s.cfg.RequireTLS)
 	if err != nil {
-		return nil, req.basic, err
+		return nil, err
 	}
-	form, basic := req.form, req.basic
+	form := req.form
 	client, err := s.authenticate(r.Context(), req)
 	if err != nil {
-		return nil, basic, err
+		return nil, err
 	}
 	grant := form.Get("grant_type")
 	var subject string
 	switch grant {
 	case "":
-		return nil, basic, badRequest("invalid_request", "grant_type is required")
+		return nil, badRequest("invalid_request", "grant_type is required")
 	case "client_credentials":
+		if !client.Allows(grant) {
+			return nil, badRequest("unauthorized_client", "this client may not use the client_credentials grant")
+		}
+		// RFC 6749 4.4: the client acts on its own behalf.
 		subject = client.ID
 	case "password":
+		if !client.Allows(grant) {
+			return nil, badRequest("unauthorized_client", "this client may not use the password grant")
+		}
 		user, pass := form.Get("username"), form.Get("password")
 		if user == "" || pass == "" {
-			return nil, basic, badRequest("invalid_request", "username and password are required")
-		}
-		if !client.Allows(grant) {
-			return nil, basic, badRequest("unauthorized_client", "this client may not use the password grant")
+			return nil, badRequest("invalid_request", "username and password are required")
 		}
 		if err := s.registry.VerifyUser(r.Context(), user, pass); err != nil {
 			if errors.Is(err, clients.ErrInvalidGrant) {
-				return nil, basic, badRequest("invalid_grant", "the resource owner credentials are invalid")
+				return nil, badRequest("invalid_grant", "the resource owner credentials are invalid")
 			}
-			return nil, basic, err
+			return nil, err
 		}
 		subject = user
 	default:
-		return nil, basic, badRequest("unsupported_grant_type", "supported grant types: client_credentials, password")
+		return nil, badRequest("unsupported_grant_type", "supported grant types: client_credentials, password")
 	}
-	if !client.Allows(grant) {
-		return nil, basic, badRequest("unauthorized_client", "this client may not use the "+grant+" grant")
+	scopes, err := requestedScopes(client, form.Get("scope"))
+	if err != nil {
+		return nil, err
 	}
+	return s.mint(r.Context(), client.ID, subject, grant, scopes)
+}
+
+// requestedScopes canonicalises the scope parameter and checks it against
+// the client's registration. An absent or blank parameter means the client's
+// full allowed set (RFC 6749 3.3 lets the server pick a default); a present
+// one must be a subset of it.
+func requestedScopes(client *clients.Client, raw string) ([]string, error) {
 	scopes := client.Scopes
-	if raw, ok := form["scope"]; ok {
-		// An absent scope gets the client's full set; a present one must be
-		// a subset of it.
-		scopes = events.CanonicalScopes(raw[0])
+	if strings.TrimSpace(raw) != "" {
+		scopes = events.CanonicalScopes(raw)
 		for _, sc := range scopes {
 			if !client.AllowsScope(sc) {
-				return nil, basic, badRequest("invalid_scope", fmt.Sprintf("scope %q is not allowed for this client", sc))
+				return nil, badRequest("invalid_scope", fmt.Sprintf("scope %q is not allowed for this client", sc))
 			}
 		}
 	}
-	resp, err := s.mint(r.Context(), client.ID, subject, grant, scopes)
-	return resp, basic, err
+	// A client may be allowed more scopes than one token can carry; it must
+	// then ask for a subset.
+	if n := len(strings.Join(scopes, " ")); n > events.MaxScopeLen {
+		return nil, badRequest("invalid_scope", fmt.Sprintf("the scope is %d bytes; a token carries at most %d, so request fewer scopes", n, events.MaxScopeLen))
+	}
+	return scopes, nil
 }
 
 // tokenRequest is what the endpoint reads from an HTTP request before it
@@ -208,9 +306,11 @@ func parseRequest(r *http.Request, maxBody int64, requireTLS bool) (tokenRequest
 		return req, err
 	}
 	req.form = form
-	id, secret, basic := r.BasicAuth()
-	req.basic = basic
-	if basic {
+	if r.Header.Get("Authorization") != "" {
+		id, secret, ok := r.BasicAuth()
+		if !ok {
+			return req, invalidClient("the Authorization header is not HTTP Basic credentials", true)
+		}
 		if form.Has("client_secret") {
 			return req, badRequest("invalid_request", "use one client authentication method, not two")
 		}
@@ -218,13 +318,22 @@ func parseRequest(r *http.Request, maxBody int64, requireTLS bool) (tokenRequest
 		id, err1 = url.QueryUnescape(id)
 		secret, err2 = url.QueryUnescape(secret)
 		if err1 != nil || err2 != nil {
-			return req, badRequest("invalid_request", "malformed Basic credentials")
+			return req, invalidClient("malformed Basic credentials", true)
 		}
-	} else {
-		id, secret = form.Get("client_id"), form.Get("client_secret")
+		// A client_id next to Basic credentials is harmless only if it names
+		// the same client.
+		if form.Has("client_id") && form.Get("client_id") != id {
+			return req, badRequest("invalid_request", "client_id does not match the Basic credentials")
+		}
+		if id == "" || secret == "" {
+			return req, invalidClient("empty Basic credentials", true)
+		}
+		req.clientID, req.clientSecret, req.basic = id, secret, true
+		return req, nil
 	}
+	id, secret := form.Get("client_id"), form.Get("client_secret")
 	if id == "" || secret == "" {
-		return req, &oauthError{status: http.StatusUnauthorized, code: "invalid_client", desc: "client authentication is required"}
+		return req, invalidClient("client authentication is required", id == "" && secret == "")
 	}
 	req.clientID, req.clientSecret = id, secret
 	return req, nil
@@ -261,9 +370,12 @@ func readForm(r *http.Request, maxBody int64) (url.Values, error) {
 func (s *Server) authenticate(ctx context.Context, req tokenRequest) (*clients.Client, error) {
 	c, err := s.registry.Authenticate(ctx, req.clientID, req.clientSecret)
 	if errors.Is(err, clients.ErrInvalidClient) {
-		return nil, &oauthError{status: http.StatusUnauthorized, code: "invalid_client", desc: "client authentication failed"}
+		return nil, invalidClient("client authentication failed", req.basic)
 	}
-	return c, err
+	if err != nil {
+		return nil, fmt.Errorf("authenticate client: %w", err)
+	}
+	return c, nil
 }
 
 // newToken returns 256 random bits, base64url encoded.
@@ -324,22 +436,29 @@ func (s *Server) publish(ctx context.Context, ev *events.TokenIssued) error {
 		jetstream.WithExpectStream(s.cfg.Topology.Stream),
 		jetstream.WithStallWait(s.cfg.PublishTimeout))
 	if err != nil {
-		s.metrics.publishErrors.WithLabelValues("stalled").Inc()
-		s.log.Warn("publish refused", "err", err)
+		reason := "publish"
+		if errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
+			reason = "stalled" // MaxInFlight acks pending for the whole PublishTimeout
+		}
+		s.metrics.publishErrors.WithLabelValues(reason).Inc()
+		s.log.Warn("publish refused", "err", err, "token_digest", ev.TokenDigest.String())
 		return errUnavailable
 	}
 	timer := time.NewTimer(s.cfg.PublishTimeout - time.Since(start))
 	defer timer.Stop()
+	// After a timeout or a vanished client JetStream may still store the
+	// event: the token then has a row but no holder, which the one-ACTIVE
+	// rule treats like any newer token for the key.
 	select {
 	case <-f.Ok():
 		s.metrics.publishSeconds.Observe(time.Since(start).Seconds())
 		return nil
 	case err := <-f.Err():
 		s.metrics.publishErrors.WithLabelValues("nack").Inc()
-		s.log.Warn("publish failed", "err", err)
+		s.log.Warn("publish failed", "err", err, "token_digest", ev.TokenDigest.String())
 	case <-timer.C:
 		s.metrics.publishErrors.WithLabelValues("timeout").Inc()
-		s.log.Warn("publish not acknowledged in time", "timeout", s.cfg.PublishTimeout)
+		s.log.Warn("publish not acknowledged in time", "timeout", s.cfg.PublishTimeout, "token_digest", ev.TokenDigest.String())
 	case <-ctx.Done():
 		s.metrics.publishErrors.WithLabelValues("client_gone").Inc()
 	}
@@ -347,51 +466,110 @@ func (s *Server) publish(ctx context.Context, ev *events.TokenIssued) error {
 }
 
 // persistSync writes the row in the request: deactivate the key's ACTIVE row
-// and insert the new one in one transaction, retrying when a concurrent
-// request for the same key wins the race (WSO2's synchronous mode).
+// and insert the new one in one transaction (WSO2's synchronous mode).
+//
+// Requests for the same key first queue on a transaction-scoped advisory
+// lock: without it, N racing requests all fail the unique index but one,
+// retry, and race again, so under contention some run out of retries. The
+// retry remains for writers that do not take the lock (the persister in a
+// mixed deployment) and for deadlocks and serialization failures.
 func (s *Server) persistSync(ctx context.Context, ev *events.TokenIssued) error {
 	var refresh []byte
 	if ev.RefreshDigest != nil {
 		refresh = ev.RefreshDigest[:]
 	}
+	scope := ev.Scope()
+	lock := keyLock(ev.ClientID, ev.Subject, scope)
 	var last error
-	for attempt := 0; attempt <= s.cfg.SyncConflictRetries; attempt++ {
+	for attempt := 0; ; attempt++ {
 		err := pgx.BeginFunc(ctx, s.db, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, `UPDATE tokens SET state = 'INACTIVE', state_changed_at = now()
+			b := &pgx.Batch{}
+			b.Queue(`SELECT pg_advisory_xact_lock($1)`, lock)
+			b.Queue(`UPDATE tokens SET state = 'INACTIVE', state_changed_at = now()
 				WHERE client_id = $1 AND subject = $2 AND scope = $3 AND state = 'ACTIVE'`,
-				ev.ClientID, ev.Subject, ev.Scope()); err != nil {
-				return err
-			}
-			_, err := tx.Exec(ctx, `INSERT INTO tokens (token_digest, refresh_digest, client_id, subject, scope, state,
-				grant_type, issued_at, expires_at, instance) VALUES ($1, $2, $3, $4, $5, 'ACTIVE', $6, $7, $8, $9)`,
-				ev.TokenDigest[:], refresh, ev.ClientID, ev.Subject, ev.Scope(), ev.GrantType, ev.IssuedAt, ev.ExpiresAt, ev.Instance)
-			return err
+				ev.ClientID, ev.Subject, scope)
+			b.Queue(`INSERT INTO tokens (token_digest, refresh_digest, client_id, subject, scope, state,
+				grant_type, issued_at, expires_at, persisted_at, stream_seq, instance)
+				VALUES ($1, $2, $3, $4, $5, 'ACTIVE', $6, $7, $8, now(), NULL, $9)`,
+				ev.TokenDigest[:], refresh, ev.ClientID, ev.Subject, scope, ev.GrantType, ev.IssuedAt, ev.ExpiresAt, ev.Instance)
+			// One round trip for the three statements.
+			return tx.SendBatch(ctx, b).Close()
 		})
 		if err == nil {
 			return nil
 		}
 		last = err
-		var pe *pgconn.PgError
-		if !errors.As(err, &pe) || (pe.Code != "23505" && pe.Code != "40001" && pe.Code != "40P01") {
+		if !retryable(err) || attempt >= s.cfg.SyncConflictRetries {
 			break
 		}
 		s.metrics.syncRetries.Inc()
+		// Jitter, so racers that collided once do not collide again.
+		if err := sleep(ctx, mathrand.N(time.Duration(attempt+1)*5*time.Millisecond)); err != nil {
+			last = errors.Join(last, err)
+			break
+		}
 	}
-	s.log.Error("sync persistence failed", "err", last, "retries", s.cfg.SyncConflictRetries)
+	s.log.Error("sync persistence failed", "err", last, "client_id", ev.ClientID,
+		"token_digest", ev.TokenDigest.String(), "retries", s.cfg.SyncConflictRetries)
 	return errUnavailable
 }
 
-// Serve runs the endpoint on addr until ctx is done, then stops accepting,
-// finishes in-flight requests (and so their publishes) within grace.
+// sleep waits for d or until ctx is done.
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// retryable reports a lost race: unique violation, serialization failure or
+// deadlock. A fresh transaction sees the winner and succeeds.
+func retryable(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && (pe.Code == "23505" || pe.Code == "40001" || pe.Code == "40P01")
+}
+
+// keyLock maps a (client, subject, scope) key to an advisory lock id. Two
+// keys sharing an id merely queue behind each other.
+func keyLock(clientID, subject, scope string) int64 {
+	h := fnv.New64a()
+	for _, part := range []string{clientID, subject, scope} {
+		h.Write([]byte(part))
+		h.Write([]byte{0}) // no part contains NUL, so the key is unambiguous
+	}
+	return int64(h.Sum64())
+}
+
+// Serve runs the endpoint on addr until ctx is done; see ServeListener.
 func (s *Server) Serve(ctx context.Context, addr string, grace time.Duration) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("issuer: listen: %w", err)
+	}
+	return s.ServeListener(ctx, ln, grace)
+}
+
+// ServeListener runs the endpoint on ln until ctx is done, then stops
+// accepting and lets in-flight requests (and so their publishes and
+// transactions) finish within grace; connections still busy after grace are
+// closed. It returns nil after a clean stop.
+func (s *Server) ServeListener(ctx context.Context, ln net.Listener, grace time.Duration) error {
 	srv := &http.Server{
-		Addr: addr, Handler: s.Handler(),
-		ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, WriteTimeout: 15 * time.Second,
-		MaxHeaderBytes: 16 << 10,
+		Handler:           s.Handler(),
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      15 * time.Second,
+		IdleTimeout:       90 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.ListenAndServe() }()
-	s.log.Info("issuer listening", "addr", addr, "mode", s.cfg.Mode)
+	go func() { errc <- srv.Serve(ln) }()
+	s.log.Info("issuer listening", "addr", ln.Addr().String(), "mode", s.cfg.Mode)
 	select {
 	case err := <-errc:
 		return fmt.Errorf("issuer: %w", err)
@@ -399,8 +577,12 @@ func (s *Server) Serve(ctx context.Context, addr string, grace time.Duration) er
 	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
-	if err := srv.Shutdown(shutdownCtx); err != nil {
-		return fmt.Errorf("issuer shutdown: %w", err)
+	err := srv.Shutdown(shutdownCtx)
+	<-errc // Serve has returned ErrServerClosed
+	if err != nil {
+		_ = srv.Close()
+		return fmt.Errorf("issuer shutdown: requests still running after %s: %w", grace, err)
 	}
+	s.log.Info("issuer stopped")
 	return nil
 }

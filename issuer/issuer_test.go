@@ -332,3 +332,39 @@ func TestSyncModeRetriesRacesToOneActive(t *testing.T) {
 		t.Fatalf("active=%d rows=%d, want 1 and %d", active, rows, n)
 	}
 }
+
+// TestRequireTLSBehindProxy: with RequireTLS, a request that reached the
+// issuer over plain HTTP without the proxy's X-Forwarded-Proto: https is
+// refused and publishes nothing.
+func TestRequireTLSBehindProxy(t *testing.T) {
+	t.Parallel()
+	_, pool := testenv.Database(t)
+	nc, _, topo := testenv.JetStream(t)
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(64))
+	testenv.Must(t, err, "jetstream")
+	ctx := context.Background()
+	secret, err := clients.Add(ctx, pool, "tls-app", []string{"read"}, []string{"client_credentials"})
+	testenv.Must(t, err, "client")
+	cfg := config(topo, issuer.ModeAsync)
+	cfg.RequireTLS = true
+	s := issuer.New(cfg, clients.NewRegistry(pool, time.Minute), nc, js, pool, testenv.Logger(t), issuer.NewMetrics(prometheus.NewRegistry()))
+	srv := httptest.NewServer(s.Handler())
+	defer srv.Close()
+	e := &env{pool: pool, js: js, topo: topo, srv: srv}
+	form := url.Values{"grant_type": {"client_credentials"}}
+	plain := e.post(t, form, basic("tls-app", secret))
+	if plain.status != 400 || plain.body["error"] != "invalid_request" {
+		t.Fatalf("plain HTTP: %d %v", plain.status, plain.body)
+	}
+	spoofed := e.post(t, form, basic("tls-app", secret), func(r *http.Request) { r.Header.Set("X-Forwarded-Proto", "http") })
+	if spoofed.status != 400 {
+		t.Fatalf("X-Forwarded-Proto: http accepted: %d", spoofed.status)
+	}
+	if n := len(e.streamMessages(t)); n != 0 {
+		t.Fatalf("refused requests published %d events", n)
+	}
+	viaProxy := e.post(t, form, basic("tls-app", secret), func(r *http.Request) { r.Header.Set("X-Forwarded-Proto", "https") })
+	if viaProxy.status != 200 {
+		t.Fatalf("behind a TLS proxy: %d %v", viaProxy.status, viaProxy.body)
+	}
+}

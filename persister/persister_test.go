@@ -1,6 +1,7 @@
 package persister_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"sync"
@@ -214,6 +215,10 @@ func TestPoisonIsDeadLetteredWhileBatchCommits(t *testing.T) {
 	testenv.PublishRaw(t, p.js, p.topo.IssuedSubject(), []byte("{not json"))
 	testenv.PublishRaw(t, p.js, p.topo.IssuedSubject(), unknownVersion)
 	testenv.PublishRaw(t, p.js, p.topo.IssuedSubject(), nulBody)
+	// Oversized: accepted by the stream (its limit is twice ours), refused by
+	// the decoder before any parsing.
+	oversized := append([]byte(`{"v":1,"pad":"`), append(bytes.Repeat([]byte("x"), events.MaxEventBytes+1), '"', '}')...)
+	testenv.PublishRaw(t, p.js, p.topo.IssuedSubject(), oversized)
 	testenv.Publish(t, p.js, p.topo, good2)
 	p.start(t, 1)
 	p.drained(t)
@@ -223,8 +228,8 @@ func TestPoisonIsDeadLetteredWhileBatchCommits(t *testing.T) {
 	testenv.Must(t, err, "stream")
 	si, err := info.Info(context.Background(), jetstream.WithSubjectFilter(p.topo.DeadSubject()))
 	testenv.Must(t, err, "stream info")
-	if n := si.State.Subjects[p.topo.DeadSubject()]; n != 3 {
-		t.Fatalf("dead letters = %d, want 3", n)
+	if n := si.State.Subjects[p.topo.DeadSubject()]; n != 4 {
+		t.Fatalf("dead letters = %d, want 4", n)
 	}
 	last, err := info.GetLastMsgForSubject(context.Background(), p.topo.DeadSubject())
 	testenv.Must(t, err, "last dead letter")

@@ -19,6 +19,7 @@ import (
 	"sync"
 	"time"
 	"unicode"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -61,10 +62,15 @@ func (c *Client) AllowsScope(scope string) bool {
 // Allows reports whether the client may use grant.
 func (c *Client) Allows(grant string) bool { return slices.Contains(c.Grants, grant) }
 
-// validID accepts what fits in HTTP Basic and in our key columns.
+// validID accepts what fits in HTTP Basic and in our key columns. Invalid
+// UTF-8 is refused here because Postgres would refuse it later with an error
+// that looks like an outage rather than bad input.
 func validID(kind, id string) error {
 	if id == "" || len(id) > events.MaxClientIDLen {
 		return fmt.Errorf("%s must be 1 to %d bytes", kind, events.MaxClientIDLen)
+	}
+	if !utf8.ValidString(id) {
+		return fmt.Errorf("%s is not valid UTF-8", kind)
 	}
 	for _, r := range id {
 		if !unicode.IsPrint(r) || unicode.IsSpace(r) || r == ':' {
@@ -74,14 +80,38 @@ func validID(kind, id string) error {
 	return nil
 }
 
+// validScope accepts one RFC 6749 section 3.3 scope-token:
+// 1*( %x21 / %x23-5B / %x5D-7E ), printable ASCII other than space, double
+// quote and backslash.
+func validScope(s string) error {
+	if s == "" {
+		return errors.New("a scope may not be empty")
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c < 0x21 || c > 0x7e || c == '"' || c == '\\' {
+			return fmt.Errorf("scope %q is not one RFC 6749 scope token (printable ASCII other than space, double quote and backslash)", s)
+		}
+	}
+	return nil
+}
+
 // Add registers a client and returns its secret. The secret is shown once:
-// only its digest is stored.
+// only its digest is stored. Every element of scopes must be one scope token
+// and every grant one of client_credentials, password, refresh_token;
+// duplicates are dropped and both sets are stored sorted.
 func Add(ctx context.Context, db *pgxpool.Pool, id string, scopes, grants []string) (string, error) {
 	if err := validID("client id", id); err != nil {
 		return "", err
 	}
-	scopes = events.CanonicalScopes(strings.Join(scopes, " "))
-	grants = events.CanonicalScopes(strings.Join(grants, " "))
+	for _, s := range scopes {
+		if err := validScope(s); err != nil {
+			return "", err
+		}
+	}
+	// No bound on the whole set: a client may be allowed thousands of
+	// scopes, as long as each token asks for few enough to fit in an event.
+	scopes = sortedSet(scopes)
 	if len(grants) == 0 {
 		return "", errors.New("at least one grant is required")
 	}
@@ -90,6 +120,7 @@ func Add(ctx context.Context, db *pgxpool.Pool, id string, scopes, grants []stri
 			return "", fmt.Errorf("grant %q is not one of %s", g, strings.Join(knownGrants, ", "))
 		}
 	}
+	grants = sortedSet(grants)
 	raw := make([]byte, 32)
 	if _, err := rand.Read(raw); err != nil {
 		return "", fmt.Errorf("generate secret: %w", err)
@@ -106,6 +137,18 @@ func Add(ctx context.Context, db *pgxpool.Pool, id string, scopes, grants []stri
 		return "", fmt.Errorf("add client: %w", err)
 	}
 	return secret, nil
+}
+
+// sortedSet returns a sorted copy of s without duplicates, never nil (a nil
+// slice would be stored as NULL, not as an empty array).
+func sortedSet(s []string) []string {
+	out := slices.Clone(s)
+	slices.Sort(out)
+	out = slices.Compact(out)
+	if out == nil {
+		out = []string{}
+	}
+	return out
 }
 
 // List returns every client, without secrets.
@@ -133,7 +176,9 @@ func Remove(ctx context.Context, db *pgxpool.Pool, id string) error {
 	return nil
 }
 
-// AddUser registers a password-grant user with a bcrypt hash of cost cost.
+// AddUser registers a password-grant user with a bcrypt hash of the given
+// cost. An existing user's password is replaced, so the same command resets
+// a password.
 func AddUser(ctx context.Context, db *pgxpool.Pool, username, password string, cost int) error {
 	if err := validID("username", username); err != nil {
 		return err
@@ -165,15 +210,34 @@ func RemoveUser(ctx context.Context, db *pgxpool.Pool, username string) error {
 	return nil
 }
 
-// Registry authenticates clients and users for the token endpoint. Clients
-// are cached for TTL so the hot path does not query Postgres per request;
-// a removed client keeps working on an issuer for at most TTL. While
+// DefaultCacheTTL is how long a client's registration is cached when
+// NewRegistry is given no TTL.
+const DefaultCacheTTL = 30 * time.Second
+
+// MaxCachedClients bounds the client cache, so requests naming random client
+// ids cannot grow it without limit.
+const MaxCachedClients = 10000
+
+// dummyCost is the bcrypt cost of the hash compared when a user is unknown.
+// It matches the default of "tokenpipe user add" (TOKENPIPE_BCRYPT_COST), so
+// an unknown user costs as long as a known one.
+const dummyCost = bcrypt.DefaultCost
+
+// Registry authenticates clients and users for the token endpoint. It is safe
+// for concurrent use.
+//
+// Clients are cached for the TTL so the hot path does not query Postgres per
+// request; a removed client (or one whose secret changed) keeps working on an
+// issuer for at most the TTL, and a newly added one may be refused for as long
+// if it was asked for just before. Entries expire lazily on lookup. While
 // Postgres cannot be reached, the last known registration keeps answering.
+// Users are not cached: bcrypt dominates the cost of the password grant.
 type Registry struct {
-	db       *pgxpool.Pool
-	ttl      time.Duration
-	maxItems int
-	dummy    []byte // bcrypt hash compared when the user is unknown
+	db  *pgxpool.Pool
+	ttl time.Duration
+
+	dummyOnce sync.Once
+	dummy     []byte // bcrypt hash compared when the user is unknown
 
 	mu    sync.Mutex
 	cache map[string]cached
@@ -184,21 +248,29 @@ type cached struct {
 	expires time.Time
 }
 
-// NewRegistry returns a registry with a client cache of the given TTL.
+// NewRegistry returns a registry whose client cache keeps entries for ttl;
+// ttl <= 0 means DefaultCacheTTL.
 func NewRegistry(db *pgxpool.Pool, ttl time.Duration) *Registry {
-	dummy, _ := bcrypt.GenerateFromPassword([]byte("no such user, constant time"), bcrypt.DefaultCost)
-	return &Registry{db: db, ttl: ttl, maxItems: 10000, dummy: dummy, cache: map[string]cached{}}
+	if ttl <= 0 {
+		ttl = DefaultCacheTTL
+	}
+	return &Registry{db: db, ttl: ttl, cache: map[string]cached{}}
 }
 
 // dummyDigest is compared when a client is unknown, so the answer takes the
 // same time whether or not the id exists.
 var dummyDigest = sha256.Sum256([]byte("tokenpipe: no such client"))
 
-// Authenticate returns the client if secret is its secret.
+// Authenticate returns the client if secret is its secret, ErrInvalidClient
+// if the client is unknown or the secret wrong (callers cannot and should not
+// tell which), or another error if the registry could not be read.
 func (r *Registry) Authenticate(ctx context.Context, id, secret string) (*Client, error) {
-	c, err := r.client(ctx, id)
-	if err != nil {
-		return nil, err
+	var c *Client
+	if validID("client id", id) == nil {
+		var err error
+		if c, err = r.client(ctx, id); err != nil {
+			return nil, err
+		}
 	}
 	given := sha256.Sum256([]byte(secret))
 	want := dummyDigest
@@ -244,22 +316,51 @@ func (r *Registry) client(ctx context.Context, id string) (*Client, error) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if len(r.cache) >= r.maxItems {
-		// Bounded: drop everything rather than track recency; a refill
-		// costs one query per client.
-		clear(r.cache)
+	if _, present := r.cache[id]; !present && len(r.cache) >= MaxCachedClients {
+		r.evict(now)
 	}
 	r.cache[id] = cached{client: found, expires: now.Add(r.ttl)}
 	return found, nil
 }
 
-// VerifyUser checks a resource owner's password.
+// evict makes room in a full cache: expired entries go first; if none had
+// expired, everything goes. Tracking recency is not worth it: a refill costs
+// one query per client and happens at most once per MaxCachedClients misses.
+// r.mu must be held.
+func (r *Registry) evict(now time.Time) {
+	for id, e := range r.cache {
+		if !now.Before(e.expires) {
+			delete(r.cache, id)
+		}
+	}
+	if len(r.cache) >= MaxCachedClients {
+		clear(r.cache)
+	}
+}
+
+// dummyHash is computed on first need: an issuer that never sees the
+// password grant never pays for it.
+func (r *Registry) dummyHash() []byte {
+	r.dummyOnce.Do(func() {
+		r.dummy, _ = bcrypt.GenerateFromPassword([]byte("tokenpipe: no such user"), dummyCost)
+	})
+	return r.dummy
+}
+
+// VerifyUser checks a resource owner's password: nil if it is right,
+// ErrInvalidGrant if the user is unknown or the password wrong (in the same
+// time, as far as bcrypt goes), another error if the registry could not be
+// read.
 func (r *Registry) VerifyUser(ctx context.Context, username, password string) error {
+	if validID("username", username) != nil {
+		_ = bcrypt.CompareHashAndPassword(r.dummyHash(), []byte(password))
+		return ErrInvalidGrant
+	}
 	var hash string
 	err := r.db.QueryRow(ctx, `SELECT password_hash FROM users WHERE username = $1`, username).Scan(&hash)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
-		_ = bcrypt.CompareHashAndPassword(r.dummy, []byte(password))
+		_ = bcrypt.CompareHashAndPassword(r.dummyHash(), []byte(password))
 		return ErrInvalidGrant
 	case err != nil:
 		return fmt.Errorf("look up user: %w", err)

@@ -3,7 +3,10 @@ package clients_test
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"errors"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -17,8 +20,13 @@ func TestSecretIsShownOnceAndStoredAsDigest(t *testing.T) {
 	ctx := context.Background()
 	secret, err := clients.Add(ctx, pool, "app", []string{"write", "read", "read"}, []string{"client_credentials"})
 	testenv.Must(t, err, "add")
-	if len(secret) < 43 {
-		t.Fatalf("secret of %d characters is shorter than 256 bits in base64url", len(secret))
+	if raw, err := base64.RawURLEncoding.DecodeString(secret); err != nil || len(raw) != 32 {
+		t.Fatalf("secret %d characters long is not 256 bits of unpadded base64url (%v)", len(secret), err)
+	}
+	other, err := clients.Add(ctx, pool, "other-app", nil, []string{"client_credentials"})
+	testenv.Must(t, err, "add another")
+	if other == secret {
+		t.Fatal("two clients got the same secret")
 	}
 	var stored []byte
 	var scopes []string
@@ -49,7 +57,7 @@ func TestAuthenticateAndCache(t *testing.T) {
 	ctx := context.Background()
 	secret, err := clients.Add(ctx, pool, "app", []string{"read"}, []string{"client_credentials"})
 	testenv.Must(t, err, "add")
-	reg := clients.NewRegistry(pool, 200*time.Millisecond)
+	reg := clients.NewRegistry(pool, time.Second)
 	c, err := reg.Authenticate(ctx, "app", secret)
 	if err != nil || c.ID != "app" || !c.AllowsScope("read") || c.AllowsScope("write") {
 		t.Fatalf("authenticate: %+v %v", c, err)
@@ -64,7 +72,7 @@ func TestAuthenticateAndCache(t *testing.T) {
 	if _, err := reg.Authenticate(ctx, "app", secret); err != nil {
 		t.Fatalf("cached client refused within the TTL: %v", err)
 	}
-	time.Sleep(250 * time.Millisecond)
+	time.Sleep(1100 * time.Millisecond)
 	if _, err := reg.Authenticate(ctx, "app", secret); !errors.Is(err, clients.ErrInvalidClient) {
 		t.Fatalf("removed client accepted after the TTL: %v", err)
 	}
@@ -110,5 +118,162 @@ func TestLastKnownClientServesWhilePostgresIsAway(t *testing.T) {
 	}
 	if _, err := reg.Authenticate(ctx, "stranger", "x"); err == nil || errors.Is(err, clients.ErrInvalidClient) {
 		t.Fatalf("unknown client during the outage: err = %v, want a lookup error (503), not invalid_client", err)
+	}
+}
+
+func TestAddValidates(t *testing.T) {
+	t.Parallel()
+	_, pool := testenv.Database(t)
+	ctx := context.Background()
+	cc := []string{"client_credentials"}
+	cases := []struct {
+		name           string
+		id             string
+		scopes, grants []string
+	}{
+		{"empty id", "", nil, cc},
+		{"long id", strings.Repeat("a", 129), nil, cc},
+		{"id with space", "has space", nil, cc},
+		{"id with colon", "a:b", nil, cc},
+		{"id with control character", "a\tb", nil, cc},
+		{"id not UTF-8", "a\xffb", nil, cc},
+		{"two scopes in one", "c", []string{"read write"}, cc},
+		{"empty scope", "c", []string{""}, cc},
+		{"scope with quote", "c", []string{`a"b`}, cc},
+		{"scope with backslash", "c", []string{`a\b`}, cc},
+		{"non-ASCII scope", "c", []string{"lesenä"}, cc},
+		{"no grants", "c", nil, nil},
+		{"unknown grant", "c", nil, []string{"implicit"}},
+		{"two grants in one", "c", nil, []string{"client_credentials password"}},
+	}
+	for _, c := range cases {
+		if _, err := clients.Add(ctx, pool, c.id, c.scopes, c.grants); err == nil {
+			t.Errorf("%s: accepted", c.name)
+		}
+	}
+	var n int
+	testenv.Must(t, pool.QueryRow(ctx, "SELECT count(*) FROM clients").Scan(&n), "count")
+	if n != 0 {
+		t.Fatalf("rejected clients left %d rows", n)
+	}
+	_, err := clients.Add(ctx, pool, strings.Repeat("a", 128), []string{"a:read", "b/write~"}, []string{"refresh_token", "password", "password"})
+	testenv.Must(t, err, "a 128-byte id and URI-like scopes")
+}
+
+func TestListAndRemove(t *testing.T) {
+	t.Parallel()
+	_, pool := testenv.Database(t)
+	ctx := context.Background()
+	_, err := clients.Add(ctx, pool, "b", []string{"x"}, []string{"password", "client_credentials"})
+	testenv.Must(t, err, "add b")
+	_, err = clients.Add(ctx, pool, "a", nil, []string{"client_credentials"})
+	testenv.Must(t, err, "add a")
+	list, err := clients.List(ctx, pool)
+	testenv.Must(t, err, "list")
+	if len(list) != 2 || list[0].ID != "a" || list[1].ID != "b" {
+		t.Fatalf("list = %+v, want a and b in order", list)
+	}
+	if strings.Join(list[1].Grants, ",") != "client_credentials,password" || strings.Join(list[1].Scopes, " ") != "x" || list[1].CreatedAt.IsZero() {
+		t.Fatalf("b = %+v", list[1])
+	}
+	for _, c := range list {
+		if c.SecretDigest != [sha256.Size]byte{} {
+			t.Fatal("List returned a secret digest")
+		}
+	}
+	testenv.Must(t, clients.Remove(ctx, pool, "a"), "remove a")
+	if err := clients.Remove(ctx, pool, "a"); !errors.Is(err, clients.ErrNotFound) {
+		t.Fatalf("removing a missing client: %v, want ErrNotFound", err)
+	}
+	if err := clients.RemoveUser(ctx, pool, "nobody"); !errors.Is(err, clients.ErrNotFound) {
+		t.Fatalf("removing a missing user: %v, want ErrNotFound", err)
+	}
+}
+
+// TestCacheServesWithoutPostgresWithinTTL: a cached client answers without a
+// query, so closing the pool changes nothing within the TTL; and an unknown
+// client is remembered as unknown for the TTL too.
+func TestCacheServesWithoutPostgresWithinTTL(t *testing.T) {
+	t.Parallel()
+	_, pool := testenv.Database(t)
+	ctx := context.Background()
+	secret, err := clients.Add(ctx, pool, "app", []string{"read"}, []string{"client_credentials"})
+	testenv.Must(t, err, "add")
+	reg := clients.NewRegistry(pool, time.Second)
+	_, err = reg.Authenticate(ctx, "app", secret)
+	testenv.Must(t, err, "first authentication")
+	if _, err := reg.Authenticate(ctx, "late", "x"); !errors.Is(err, clients.ErrInvalidClient) {
+		t.Fatalf("unknown client: %v", err)
+	}
+	lateSecret, err := clients.Add(ctx, pool, "late", nil, []string{"client_credentials"})
+	testenv.Must(t, err, "add late")
+	if _, err := reg.Authenticate(ctx, "late", lateSecret); !errors.Is(err, clients.ErrInvalidClient) {
+		t.Fatalf("a client added within the TTL of its miss was accepted at once: %v", err)
+	}
+	time.Sleep(1100 * time.Millisecond)
+	if _, err := reg.Authenticate(ctx, "late", lateSecret); err != nil {
+		t.Fatalf("a client added before the TTL ran out is still refused: %v", err)
+	}
+	_, err = reg.Authenticate(ctx, "app", secret) // refresh app's entry
+	testenv.Must(t, err, "refresh")
+
+	// The cache answers concurrently, and without the database.
+	pool.Close()
+	var wg sync.WaitGroup
+	errs := make(chan error, 50)
+	for range 50 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := reg.Authenticate(ctx, "app", secret)
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		testenv.Must(t, err, "cached authentication with the pool closed")
+	}
+	if _, err := reg.Authenticate(ctx, "stranger", "x"); err == nil || errors.Is(err, clients.ErrInvalidClient) {
+		t.Fatalf("an uncached client with the pool closed: %v, want a lookup error", err)
+	}
+}
+
+// TestMalformedNamesAreRefusedNotErrors: bytes Postgres cannot store must be
+// a failed login, not a database error the issuer would answer with 503.
+func TestMalformedNamesAreRefusedNotErrors(t *testing.T) {
+	t.Parallel()
+	_, pool := testenv.Database(t)
+	ctx := context.Background()
+	reg := clients.NewRegistry(pool, 0)
+	for _, id := range []string{"\xff\xfe", "a\x00b", strings.Repeat("x", 1000)} {
+		if _, err := reg.Authenticate(ctx, id, "secret"); !errors.Is(err, clients.ErrInvalidClient) {
+			t.Errorf("client %q: %v, want ErrInvalidClient", id, err)
+		}
+		if err := reg.VerifyUser(ctx, id, "password"); !errors.Is(err, clients.ErrInvalidGrant) {
+			t.Errorf("user %q: %v, want ErrInvalidGrant", id, err)
+		}
+	}
+}
+
+func TestAddUserReplacesPassword(t *testing.T) {
+	t.Parallel()
+	_, pool := testenv.Database(t)
+	ctx := context.Background()
+	testenv.Must(t, clients.AddUser(ctx, pool, "alice", "first password", 4), "add")
+	testenv.Must(t, clients.AddUser(ctx, pool, "alice", "second password", 4), "reset")
+	var hash string
+	testenv.Must(t, pool.QueryRow(ctx, "SELECT password_hash FROM users WHERE username = 'alice'").Scan(&hash), "read")
+	if !strings.HasPrefix(hash, "$2") || strings.Contains(hash, "password") {
+		t.Fatalf("stored %q is not a bcrypt hash", hash)
+	}
+	reg := clients.NewRegistry(pool, time.Minute)
+	if err := reg.VerifyUser(ctx, "alice", "first password"); !errors.Is(err, clients.ErrInvalidGrant) {
+		t.Fatalf("old password: %v", err)
+	}
+	testenv.Must(t, reg.VerifyUser(ctx, "alice", "second password"), "new password")
+	testenv.Must(t, clients.RemoveUser(ctx, pool, "alice"), "remove")
+	if err := reg.VerifyUser(ctx, "alice", "second password"); !errors.Is(err, clients.ErrInvalidGrant) {
+		t.Fatalf("removed user: %v", err)
 	}
 }

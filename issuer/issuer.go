@@ -65,7 +65,7 @@ type Config struct {
 	// JetStream handle.
 	MaxInFlight int
 	// SyncConflictRetries is how often sync mode retries a transaction that
-	// lost a race for its key; negative means never.
+	// lost a race for its key: zero means the default, negative means never.
 	SyncConflictRetries int
 	// Instance names this issuer in events; empty is allowed.
 	Instance string

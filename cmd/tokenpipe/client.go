@@ -12,10 +12,22 @@ import (
 	"github.com/tokenpipe/tokenpipe/clients"
 )
 
-// RegistryConfig is what client and user management needs.
+// RegistryConfig is what client and user management needs. It does not embed
+// Common: these commands only talk to Postgres, and their -h should not list
+// a dozen NATS and stream variables they ignore.
 type RegistryConfig struct {
 	DatabaseURL string `envconfig:"DATABASE_URL" default:"postgres://postgres@127.0.0.1:5432/tokenpipe?sslmode=disable" desc:"Postgres URL"`
 	BcryptCost  int    `envconfig:"BCRYPT_COST" default:"10" desc:"bcrypt cost for user passwords (user add)"`
+}
+
+func (c *RegistryConfig) validate() error {
+	switch {
+	case c.DatabaseURL == "":
+		return fmt.Errorf("%s_DATABASE_URL: is empty", envPrefix)
+	case c.BcryptCost < 4 || c.BcryptCost > 31:
+		return fmt.Errorf("%s_BCRYPT_COST: %d is not between 4 and 31", envPrefix, c.BcryptCost)
+	}
+	return nil
 }
 
 const clientUsage = `add|list|remove ...
@@ -29,17 +41,40 @@ const clientUsage = `add|list|remove ...
 Examples:
   tokenpipe client add billing -scopes "invoices:read invoices:write"
   tokenpipe client add mobile -scopes "profile" -grants password,refresh_token
-  tokenpipe client list`
+  tokenpipe client list
+  tokenpipe client remove billing
+  tokenpipe client add -h`
 
-const userUsage = `add|remove ...
+const clientAddUsage = `usage: tokenpipe client add ID [-scopes "a b"] [-grants g1,g2]
 
-  add USERNAME     register a password-grant user; the password is read from
-                   TOKENPIPE_USER_PASSWORD or the first line of standard input
-  remove USERNAME  delete a user
+Registers client ID and prints its secret. The secret is shown only this once:
+only its SHA-256 digest is stored, so a lost secret means removing and adding
+the client again. ID is 1 to 128 printable bytes without spaces or ':'.
+Scopes are RFC 6749 scope tokens; grants are client_credentials, password
+and refresh_token. A token request without a scope parameter gets all of the
+client's scopes.
 
 Examples:
-  printf 'correct horse battery\n' | tokenpipe user add alice
-  tokenpipe user remove alice`
+  tokenpipe client add billing -scopes "invoices:read invoices:write"
+  tokenpipe client add mobile --scopes "profile email" --grants client_credentials,password
+
+Flags:`
+
+const clientListUsage = `usage: tokenpipe client list
+
+Prints every client with its grants, scopes and creation time. Secrets are
+never shown: only their digests are stored.
+
+Example:
+  tokenpipe client list`
+
+const clientRemoveUsage = `usage: tokenpipe client remove ID
+
+Deletes client ID. Issuers that cached it keep accepting it for up to
+TOKENPIPE_CLIENT_CACHE_TTL; tokens already issued stay as they are.
+
+Example:
+  tokenpipe client remove billing`
 
 func runClient(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg RegistryConfig
@@ -51,32 +86,18 @@ func runClient(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		fmt.Fprintln(stderr, "usage: tokenpipe client "+clientUsage)
 		return errUsage
 	}
-	pool, err := connectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
-	if err != nil {
-		return err
-	}
-	defer pool.Close()
 	switch rest[0] {
 	case "add":
-		fs := flag.NewFlagSet("client add", flag.ContinueOnError)
-		fs.SetOutput(stderr)
-		scopes := fs.String("scopes", "", "space-separated scopes the client may request")
-		grants := fs.String("grants", "client_credentials", "comma-separated grants: client_credentials, password, refresh_token")
-		if len(rest) < 2 || strings.HasPrefix(rest[1], "-") {
-			fmt.Fprintln(stderr, "usage: tokenpipe client add ID [-scopes \"a b\"] [-grants g1,g2]")
-			return errUsage
+		return clientAdd(ctx, &cfg, rest[1:], stdout, stderr)
+	case "list":
+		if _, err := positional(rest[1:], 0, clientListUsage, stderr); err != nil {
+			return helpIsNil(err)
 		}
-		if err := fs.Parse(rest[2:]); err != nil {
-			return helpIsNil(flagErr(err))
-		}
-		secret, err := clients.Add(ctx, pool, rest[1], strings.Fields(*scopes), strings.Split(*grants, ","))
+		pool, err := connectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "client_id:     %s\nclient_secret: %s\n", rest[1], secret)
-		fmt.Fprintln(stderr, "The secret is shown only this once; only its digest is stored.")
-		return nil
-	case "list":
+		defer pool.Close()
 		list, err := clients.List(ctx, pool)
 		if err != nil {
 			return err
@@ -88,16 +109,93 @@ func runClient(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		}
 		return tw.Flush()
 	case "remove":
-		if len(rest) != 2 {
-			fmt.Fprintln(stderr, "usage: tokenpipe client remove ID")
-			return errUsage
+		pos, err := positional(rest[1:], 1, clientRemoveUsage, stderr)
+		if err != nil {
+			return helpIsNil(err)
 		}
-		if err := clients.Remove(ctx, pool, rest[1]); err != nil {
+		pool, err := connectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
+		if err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "removed client %s\n", rest[1])
+		defer pool.Close()
+		if err := clients.Remove(ctx, pool, pos[0]); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "removed client %s\n", pos[0])
 		return nil
 	}
-	fmt.Fprintln(stderr, "usage: tokenpipe client "+clientUsage)
+	fmt.Fprintf(stderr, "tokenpipe client: unknown subcommand %q\nusage: tokenpipe client %s\n", rest[0], clientUsage)
 	return errUsage
+}
+
+func clientAdd(ctx context.Context, cfg *RegistryConfig, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("client add", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, clientAddUsage)
+		fs.PrintDefaults()
+	}
+	scopes := fs.String("scopes", "", "space-separated scopes the client may request")
+	grants := fs.String("grants", "client_credentials", "comma-separated grants: client_credentials, password, refresh_token")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return helpIsNil(flagErr(err))
+	}
+	if len(pos) != 1 {
+		fs.Usage()
+		return errUsage
+	}
+	var grantList []string
+	for _, g := range strings.Split(*grants, ",") {
+		if g = strings.TrimSpace(g); g != "" {
+			grantList = append(grantList, g)
+		}
+	}
+	pool, err := connectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	secret, err := clients.Add(ctx, pool, pos[0], strings.Fields(*scopes), grantList)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "client_id:     %s\nclient_secret: %s\n", pos[0], secret)
+	fmt.Fprintln(stderr, "The secret is shown only this once; only its digest is stored.")
+	return nil
+}
+
+// parseInterleaved parses flags given before, between or after positional
+// arguments ("add ID -scopes x" and "add -scopes x ID" alike) and returns the
+// positional ones.
+func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			return pos, nil
+		}
+		pos = append(pos, args[0])
+		args = args[1:]
+	}
+}
+
+// positional returns the arguments of a subcommand that takes exactly n of
+// them and no flags; -h prints its usage and returns errHelp.
+func positional(args []string, n int, usage string, stderr io.Writer) ([]string, error) {
+	fs := flag.NewFlagSet("", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprintln(stderr, usage) }
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return nil, flagErr(err)
+	}
+	if len(pos) != n {
+		fs.Usage()
+		return nil, errUsage
+	}
+	return pos, nil
 }

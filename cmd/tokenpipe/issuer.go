@@ -4,9 +4,10 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go"
 
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/events"
@@ -18,14 +19,14 @@ import (
 type IssuerConfig struct {
 	Common
 	HTTPAddr            string        `envconfig:"HTTP_ADDR" default:":8080" desc:"address of the OAuth2 token endpoint"`
-	Mode                string        `envconfig:"MODE" default:"async" desc:"async: answer after JetStream has the event; sync: write the row in the request"`
+	Mode                string        `envconfig:"MODE" default:"async" desc:"async: answer after JetStream has the event; sync: write the row in the request (no NATS)"`
 	TokenTTL            time.Duration `envconfig:"TOKEN_TTL" default:"1h" desc:"access token lifetime"`
-	RefreshTTL          time.Duration `envconfig:"REFRESH_TTL" default:"720h" desc:"refresh token lifetime"`
+	RefreshTTL          time.Duration `envconfig:"REFRESH_TTL" default:"720h" desc:"refresh token lifetime (not yet recorded: events carry no refresh expiry)"`
 	PublishTimeout      time.Duration `envconfig:"PUBLISH_TIMEOUT" default:"2s" desc:"longest wait for JetStream's ack before answering 503"`
 	PublishMaxInFlight  int           `envconfig:"PUBLISH_MAX_INFLIGHT" default:"4096" desc:"most unacknowledged publishes shared by all requests"`
 	SyncConflictRetries int           `envconfig:"SYNC_CONFLICT_RETRIES" default:"5" desc:"sync mode: retries when a concurrent request wins the race for a key"`
 	ClientCacheTTL      time.Duration `envconfig:"CLIENT_CACHE_TTL" default:"30s" desc:"how long a client's registration is cached; a removed client works this long"`
-	Instance            string        `envconfig:"INSTANCE" desc:"name of this issuer in events (default: hostname-pid)"`
+	Instance            string        `envconfig:"INSTANCE" desc:"name of this issuer in events and logs (default: hostname-pid)"`
 	MaxBodyBytes        int64         `envconfig:"MAX_BODY_BYTES" default:"8192" desc:"largest accepted request body"`
 	RequireTLS          bool          `envconfig:"REQUIRE_TLS" default:"false" desc:"refuse requests not over TLS (directly or X-Forwarded-Proto: https from a proxy)"`
 }
@@ -39,6 +40,10 @@ func (c *IssuerConfig) validate() error {
 		return fmt.Errorf("%s_MODE: %q is not async or sync", envPrefix, c.Mode)
 	case c.TokenTTL < time.Second:
 		return fmt.Errorf("%s_TOKEN_TTL: must be at least 1s", envPrefix)
+	case c.RefreshTTL < time.Second:
+		return fmt.Errorf("%s_REFRESH_TTL: must be at least 1s", envPrefix)
+	case c.ClientCacheTTL <= 0:
+		return fmt.Errorf("%s_CLIENT_CACHE_TTL: must be positive", envPrefix)
 	case c.PublishTimeout <= 0:
 		return fmt.Errorf("%s_PUBLISH_TIMEOUT: must be positive", envPrefix)
 	case c.PublishMaxInFlight < 1:
@@ -54,23 +59,46 @@ func (c *IssuerConfig) validate() error {
 }
 
 func (c *IssuerConfig) issuerConfig(topo events.Topology) issuer.Config {
-	inst := c.Instance
-	if inst == "" {
-		inst = instanceName()
-	}
 	return issuer.Config{
 		Mode: c.Mode, TokenTTL: c.TokenTTL, RefreshTTL: c.RefreshTTL, PublishTimeout: c.PublishTimeout,
-		SyncConflictRetries: c.SyncConflictRetries, Instance: inst, MaxBodyBytes: c.MaxBodyBytes,
-		RequireTLS: c.RequireTLS, Topology: topo,
+		MaxInFlight: c.PublishMaxInFlight, SyncConflictRetries: c.SyncConflictRetries, Instance: c.instance(),
+		MaxBodyBytes: c.MaxBodyBytes, RequireTLS: c.RequireTLS, Topology: topo,
 	}
 }
 
+func (c *IssuerConfig) instance() string {
+	if c.Instance != "" {
+		return c.Instance
+	}
+	return instanceName()
+}
+
+const issuerUsage = `[-h]
+
+Serves POST /oauth2/token (RFC 6749: client_credentials and password grants,
+client authentication by HTTP Basic or client_secret_post) on
+TOKENPIPE_HTTP_ADDR, and /metrics, /healthz, /readyz on TOKENPIPE_OPS_ADDR.
+
+In async mode a token is returned only after JetStream acknowledged its event;
+persister workers write the rows. In sync mode the row is written inside the
+request and NATS is not used.
+
+Examples:
+  tokenpipe issuer
+  TOKENPIPE_MODE=sync TOKENPIPE_HTTP_ADDR=:8443 TOKENPIPE_REQUIRE_TLS=true tokenpipe issuer`
+
 func runIssuer(ctx context.Context, args []string, _, stderr io.Writer) error {
 	var cfg IssuerConfig
-	if _, err := loadConfig("issuer", args, stderr, &cfg, ""); err != nil {
+	rest, err := loadConfig("issuer", args, stderr, &cfg, issuerUsage)
+	if err != nil {
 		return helpIsNil(err)
 	}
-	log := newLogger(&cfg.Common, stderr).With("role", "issuer", "instance", instanceName())
+	if len(rest) != 0 {
+		fmt.Fprintf(stderr, "tokenpipe issuer takes no arguments (got %q); see tokenpipe issuer -h\n", rest)
+		return errUsage
+	}
+	icfg := cfg.issuerConfig(cfg.Topology())
+	log := newLogger(&cfg.Common, stderr).With("role", "issuer", "instance", icfg.Instance)
 	srv := ops.NewServer(log)
 	srv.Profiling = cfg.Pprof
 	pool, err := connectPostgres(ctx, &cfg.Common)
@@ -78,42 +106,78 @@ func runIssuer(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return err
 	}
 	defer pool.Close()
-	var iss *issuer.Server
 	registry := clients.NewRegistry(pool, cfg.ClientCacheTTL)
 	metrics := issuer.NewMetrics(srv.Registry)
+	var iss *issuer.Server
 	if cfg.Mode == issuer.ModeAsync {
 		nc, _, err := connectNATS(&cfg.Common, "tokenpipe-issuer", log, newConnMetrics(srv.Registry))
 		if err != nil {
 			return err
 		}
-		defer func() {
-			// In-flight publishes were awaited by their requests; Drain
-			// flushes anything else before closing.
-			_ = nc.Drain()
-		}()
-		js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(cfg.PublishMaxInFlight))
+		// Runs after the HTTP server stopped: every request's publish was
+		// awaited, so Drain only flushes and closes.
+		defer drainNATS(nc, cfg.ShutdownTimeout, log)
+		js, err := issuer.NewJetStream(nc, icfg)
 		if err != nil {
-			return fmt.Errorf("jetstream: %w", err)
+			return err
 		}
-		if _, err := events.Provision(ctx, js, cfg.Topology()); err != nil {
+		if _, err := events.Provision(ctx, js, icfg.Topology); err != nil {
 			return err
 		}
 		srv.AddCheck(natsCheck(nc))
-		iss = issuer.New(cfg.issuerConfig(cfg.Topology()), registry, nc, js, pool, log, metrics)
+		iss = issuer.New(icfg, registry, nc, js, pool, log, metrics)
 	} else {
-		iss = issuer.New(cfg.issuerConfig(cfg.Topology()), registry, nil, nil, pool, log, metrics)
+		iss = issuer.New(icfg, registry, nil, nil, pool, log, metrics)
 		// Only sync mode needs Postgres for every token. In async mode the
 		// issuer keeps issuing through a database outage (clients are cached),
 		// so a Postgres failure must not take it out of its Service.
 		srv.AddCheck(pgCheck(pool))
 	}
+
+	// The ops server outlives the token endpoint so /readyz can report the
+	// drain while in-flight requests finish.
 	opsCtx, stopOps := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopOps()
+	opsDone := make(chan struct{})
 	go func() {
+		defer close(opsDone)
 		if err := srv.Serve(opsCtx, cfg.OpsAddr); err != nil {
 			log.Error("ops server failed", "err", err)
 		}
 	}()
-	go func() { <-ctx.Done(); srv.SetDraining() }()
-	return iss.Serve(ctx, cfg.HTTPAddr, cfg.ShutdownTimeout)
+	defer func() { stopOps(); <-opsDone }()
+
+	// On SIGTERM: fail readiness first, then stop the token endpoint, so the
+	// drain is visible before connections are refused.
+	serveCtx, stopServe := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopServe()
+	go func() {
+		select {
+		case <-ctx.Done():
+			srv.SetDraining()
+			log.Info("draining", "grace", cfg.ShutdownTimeout)
+			stopServe()
+		case <-serveCtx.Done(): // Serve failed on its own
+		}
+	}()
+	err = iss.Serve(serveCtx, cfg.HTTPAddr, cfg.ShutdownTimeout)
+	stopServe()
+	return err
+}
+
+// drainNATS flushes and closes the connection, waiting at most grace.
+func drainNATS(nc *nats.Conn, grace time.Duration, log *slog.Logger) {
+	if err := nc.Drain(); err != nil {
+		log.Warn("nats drain", "err", err)
+		nc.Close()
+		return
+	}
+	deadline := time.Now().Add(grace)
+	for !nc.IsClosed() {
+		if time.Now().After(deadline) {
+			log.Warn("nats drain did not finish in time; closing", "grace", grace)
+			nc.Close()
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

@@ -36,6 +36,9 @@ func commands() map[string]command {
 		"bench":     {"measure the pipeline against raw ceilings (drain)", runBench},
 		"loadtest":  {"drive an issuer at a fixed rate and measure queue lag", runLoadtest},
 		"audit":     {"check that every issued token has exactly one row and one ACTIVE per key", runAudit},
+		"replay":    {"re-drive a range of the token stream through persistence", runReplay},
+		"dlq":       {"list, show, replay or purge dead letters", runDLQ},
+		"status":    {"show the stream, its consumers and row counts", runStatus},
 	}
 }
 

@@ -1,0 +1,225 @@
+package replay
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/persister"
+	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/recovery"
+)
+
+// DB is what writing needs: a pool or a connection. Both persister.WriteBatch
+// and recovery.Apply take it.
+type DB interface {
+	Begin(ctx context.Context) (pgx.Tx, error)
+}
+
+// Item is one decoded TokenIssued event with the stream sequence it was
+// ORIGINALLY given on the issued subject. Ordering between tokens of a key
+// depends on that sequence alone, so a replay must never substitute the
+// sequence of a copy (a conflict or dead letter).
+type Item struct {
+	Event *events.TokenIssued
+	Seq   uint64
+}
+
+// Rejected is an item Postgres refused for its data (a data exception or a
+// constraint other than the one-ACTIVE rule): retrying cannot help.
+type Rejected struct {
+	Item
+	Err error
+}
+
+// Result counts what one Write did.
+type Result struct {
+	Inserted    int // rows written by the persister's path
+	Present     int // a row with the digest was already there
+	Resolved    int // conflicting rows given a row by recovery's rule
+	Deactivated int // older ACTIVE rows made INACTIVE by a newer replayed token
+	Rejected    []Rejected
+}
+
+func (r *Result) add(o Result) {
+	r.Inserted += o.Inserted
+	r.Present += o.Present
+	r.Resolved += o.Resolved
+	r.Deactivated += o.Deactivated
+	r.Rejected = append(r.Rejected, o.Rejected...)
+}
+
+// Writer persists events exactly as the pipeline does: persister.WriteBatch
+// first, then recovery.Apply in-process for the rows that met an older ACTIVE
+// token, publishing a TokenDeactivated notice for every row recovery turns
+// INACTIVE, as the recovery consumer does.
+type Writer struct {
+	DB       DB
+	JS       jetstream.JetStream
+	Topology events.Topology
+	Retry    pgretry.Policy
+	Log      *slog.Logger
+}
+
+// Write persists items, which must have distinct token digests. It returns
+// an error only for failures that retrying within the policy did not fix;
+// rows Postgres refused for their data are reported in Result.Rejected and
+// the rest are still written.
+func (w *Writer) Write(ctx context.Context, items []Item) (Result, error) {
+	if len(items) == 0 {
+		return Result{}, nil
+	}
+	rows := make([]persister.Row, len(items))
+	for i, it := range items {
+		rows[i] = persister.Row{Event: it.Event, Seq: it.Seq}
+	}
+	outcomes, err := pgretry.Do(ctx, w.Retry, func(ctx context.Context) ([]persister.Outcome, error) {
+		return persister.WriteBatch(ctx, w.DB, rows)
+	}, w.onRetry("write batch", len(rows)))
+	if err != nil {
+		return w.splitOnDataError(ctx, items, err, w.Write)
+	}
+	var res Result
+	var conflicts []Item
+	for i, o := range outcomes {
+		switch o {
+		case persister.Inserted:
+			res.Inserted++
+		case persister.Existing:
+			res.Present++
+		case persister.Conflict:
+			conflicts = append(conflicts, items[i])
+		}
+	}
+	if len(conflicts) > 0 {
+		r, err := w.resolve(ctx, conflicts)
+		res.add(r)
+		if err != nil {
+			return res, err
+		}
+	}
+	return res, nil
+}
+
+// resolve runs recovery's rule on conflicting items in one transaction.
+func (w *Writer) resolve(ctx context.Context, items []Item) (Result, error) {
+	incoming := make([]recovery.Incoming, len(items))
+	for i, it := range items {
+		incoming[i] = recovery.Incoming{Event: it.Event, Seq: it.Seq}
+	}
+	d, err := pgretry.Do(ctx, w.Retry, func(ctx context.Context) (recovery.Decision, error) {
+		return recovery.Apply(ctx, w.DB, incoming, func(s []recovery.Superseded) error {
+			return PublishDeactivations(ctx, w.JS, w.Topology, s)
+		})
+	}, w.onRetry("resolve conflicts", len(items)))
+	if err != nil {
+		return w.splitOnDataError(ctx, items, err, w.resolve)
+	}
+	// Apply skips digests that got a row meanwhile (the live recovery
+	// consumer, or a concurrent batch): those are already present.
+	return Result{
+		Resolved:    len(d.Insert),
+		Present:     len(items) - len(d.Insert),
+		Deactivated: len(d.Deactivate),
+	}, nil
+}
+
+// splitOnDataError isolates the row Postgres refuses, as the persister does:
+// halves are retried until the offending row is alone, so one bad row never
+// holds back the others. Any other error is returned.
+func (w *Writer) splitOnDataError(ctx context.Context, items []Item, err error, again func(context.Context, []Item) (Result, error)) (Result, error) {
+	if !pgretry.IsDataError(err) || ctx.Err() != nil {
+		return Result{}, fmt.Errorf("write %d events: %w", len(items), err)
+	}
+	if len(items) == 1 {
+		return Result{Rejected: []Rejected{{Item: items[0], Err: err}}}, nil
+	}
+	var res Result
+	for _, half := range [][]Item{items[:len(items)/2], items[len(items)/2:]} {
+		r, err := again(ctx, half)
+		res.add(r)
+		if err != nil {
+			return res, err
+		}
+	}
+	return res, nil
+}
+
+func (w *Writer) onRetry(what string, n int) func(string, error, time.Duration) {
+	return func(reason string, err error, wait time.Duration) {
+		if w.Log != nil {
+			w.Log.Warn(what+" failed; retrying", "reason", reason, "err", err, "rows", n, "retry_in", wait)
+		}
+	}
+}
+
+// PublishDeactivations publishes a TokenDeactivated notice for each row and
+// waits until JetStream holds them all. The message ids are the ones the
+// recovery consumer uses, so a notice that both send is stored once.
+//
+// This mirrors the recovery consumer's unexported notify; exporting that one
+// from package recovery would let both share it.
+func PublishDeactivations(ctx context.Context, js jetstream.JetStream, topo events.Topology, rows []recovery.Superseded) error {
+	now := time.Now().UTC()
+	futures := make([]jetstream.PubAckFuture, 0, len(rows))
+	for _, s := range rows {
+		body, err := events.EncodeTokenDeactivated(&events.TokenDeactivated{
+			TokenDigest: s.Digest, ClientID: s.Key.ClientID, Subject: s.Key.Subject, Scope: s.Key.Scope,
+			Reason: "superseded", SupersededBy: s.By, DeactivatedAt: now,
+		})
+		if err != nil {
+			return err
+		}
+		f, err := js.PublishAsync(topo.DeactivatedSubject(), body,
+			jetstream.WithMsgID("deactivated-"+s.Digest.String()),
+			jetstream.WithExpectStream(topo.Stream))
+		if err != nil {
+			return fmt.Errorf("publish deactivation of %s: %w", s.Digest.String()[:12], err)
+		}
+		futures = append(futures, f)
+	}
+	for _, f := range futures {
+		select {
+		case <-f.Ok():
+		case err := <-f.Err():
+			return fmt.Errorf("publish deactivation: %w", err)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// Existing returns which of the digests already have a row. It reads only,
+// for dry runs.
+func Existing(ctx context.Context, db DB, digests []events.Digest) (map[events.Digest]bool, error) {
+	raw := make([][]byte, len(digests))
+	for i := range digests {
+		raw[i] = digests[i][:]
+	}
+	out := map[events.Digest]bool{}
+	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		rows, err := tx.Query(ctx, `SELECT token_digest FROM tokens WHERE token_digest = ANY($1::bytea[])`, raw)
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var d []byte
+			if err := rows.Scan(&d); err != nil {
+				return err
+			}
+			out[events.Digest(d)] = true
+		}
+		return rows.Err()
+	})
+	if err != nil {
+		return nil, fmt.Errorf("look up %d digests: %w", len(digests), err)
+	}
+	return out, nil
+}

@@ -141,9 +141,15 @@ func Apply(ctx context.Context, db DB, incoming []Incoming, notify func([]Supers
 	return d, err
 }
 
-// notify publishes a TokenDeactivated notice for each row and waits until
-// JetStream holds them all.
+// notify publishes the deactivation notices of one transaction.
 func (r *Recovery) notify(ctx context.Context, rows []Superseded) error {
+	return PublishDeactivations(ctx, r.js, r.cfg.Topology, rows)
+}
+
+// PublishDeactivations publishes a TokenDeactivated notice for each row and
+// waits until JetStream holds them all. The message id is the deactivated
+// token's digest, so a repeated notice (redelivery, replay) is deduplicated.
+func PublishDeactivations(ctx context.Context, js jetstream.JetStream, topo events.Topology, rows []Superseded) error {
 	now := time.Now().UTC()
 	futures := make([]jetstream.PubAckFuture, 0, len(rows))
 	for _, s := range rows {
@@ -154,11 +160,11 @@ func (r *Recovery) notify(ctx context.Context, rows []Superseded) error {
 		if err != nil {
 			return err
 		}
-		f, err := r.js.PublishAsync(r.cfg.Topology.DeactivatedSubject(), body,
+		f, err := js.PublishAsync(topo.DeactivatedSubject(), body,
 			jetstream.WithMsgID("deactivated-"+s.Digest.String()),
-			jetstream.WithExpectStream(r.cfg.Topology.Stream))
+			jetstream.WithExpectStream(topo.Stream))
 		if err != nil {
-			return err
+			return fmt.Errorf("publish deactivation of %s: %w", s.Digest.String()[:12], err)
 		}
 		futures = append(futures, f)
 	}
@@ -166,7 +172,7 @@ func (r *Recovery) notify(ctx context.Context, rows []Superseded) error {
 		select {
 		case <-f.Ok():
 		case err := <-f.Err():
-			return err
+			return fmt.Errorf("publish deactivation: %w", err)
 		case <-ctx.Done():
 			return ctx.Err()
 		}

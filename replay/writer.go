@@ -114,7 +114,7 @@ func (w *Writer) resolve(ctx context.Context, items []Item) (Result, error) {
 	}
 	d, err := pgretry.Do(ctx, w.Retry, func(ctx context.Context) (recovery.Decision, error) {
 		return recovery.Apply(ctx, w.DB, incoming, func(s []recovery.Superseded) error {
-			return PublishDeactivations(ctx, w.JS, w.Topology, s)
+			return recovery.PublishDeactivations(ctx, w.JS, w.Topology, s)
 		})
 	}, w.onRetry("resolve conflicts", len(items)))
 	if err != nil {
@@ -156,43 +156,6 @@ func (w *Writer) onRetry(what string, n int) func(string, error, time.Duration) 
 			w.Log.Warn(what+" failed; retrying", "reason", reason, "err", err, "rows", n, "retry_in", wait)
 		}
 	}
-}
-
-// PublishDeactivations publishes a TokenDeactivated notice for each row and
-// waits until JetStream holds them all. The message ids are the ones the
-// recovery consumer uses, so a notice that both send is stored once.
-//
-// This mirrors the recovery consumer's unexported notify; exporting that one
-// from package recovery would let both share it.
-func PublishDeactivations(ctx context.Context, js jetstream.JetStream, topo events.Topology, rows []recovery.Superseded) error {
-	now := time.Now().UTC()
-	futures := make([]jetstream.PubAckFuture, 0, len(rows))
-	for _, s := range rows {
-		body, err := events.EncodeTokenDeactivated(&events.TokenDeactivated{
-			TokenDigest: s.Digest, ClientID: s.Key.ClientID, Subject: s.Key.Subject, Scope: s.Key.Scope,
-			Reason: "superseded", SupersededBy: s.By, DeactivatedAt: now,
-		})
-		if err != nil {
-			return err
-		}
-		f, err := js.PublishAsync(topo.DeactivatedSubject(), body,
-			jetstream.WithMsgID("deactivated-"+s.Digest.String()),
-			jetstream.WithExpectStream(topo.Stream))
-		if err != nil {
-			return fmt.Errorf("publish deactivation of %s: %w", s.Digest.String()[:12], err)
-		}
-		futures = append(futures, f)
-	}
-	for _, f := range futures {
-		select {
-		case <-f.Ok():
-		case err := <-f.Err():
-			return fmt.Errorf("publish deactivation: %w", err)
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
-	return nil
 }
 
 // Existing returns which of the digests already have a row. It reads only,

@@ -17,6 +17,8 @@ import (
 	"strings"
 	"time"
 	"unicode/utf8"
+
+	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
 // Version is the only schema version this build understands. A decoder that
@@ -28,6 +30,7 @@ const Version = 1
 const (
 	TypeTokenIssued      = "token.issued"
 	TypeTokenDeactivated = "token.deactivated"
+	TypeTokenRevoked     = "token.revoked"
 )
 
 // MaxEventBytes bounds one encoded event. Real events are a few hundred bytes;
@@ -95,6 +98,13 @@ type TokenIssued struct {
 	IssuedAt      time.Time `json:"issued_at"`
 	ExpiresAt     time.Time `json:"expires_at"`
 	Instance      string    `json:"instance"`
+	// FamilyID names the authorization the token belongs to: revoking the
+	// family revokes it even while this event is queued. Absent only in
+	// events from before families existed.
+	FamilyID *tokens.Family `json:"family_id,omitempty"`
+	// RefreshExpiresAt is the refresh token's expiry, present with
+	// RefreshDigest.
+	RefreshExpiresAt *time.Time `json:"refresh_expires_at,omitempty"`
 }
 
 // Scope returns the canonical scope string: the scope set sorted and joined by
@@ -127,6 +137,10 @@ func (e *TokenIssued) Validate() error {
 		return errors.New("issued_at is missing")
 	case !e.ExpiresAt.After(e.IssuedAt):
 		return errors.New("expires_at is not after issued_at")
+	case e.RefreshExpiresAt != nil && e.RefreshDigest == nil:
+		return errors.New("refresh_expires_at without refresh_digest")
+	case e.RefreshExpiresAt != nil && e.RefreshExpiresAt.Before(e.ExpiresAt):
+		return errors.New("refresh_expires_at is before expires_at")
 	}
 	if err := checkText("client_id", e.ClientID, MaxClientIDLen, true); err != nil {
 		return err
@@ -223,6 +237,42 @@ func DecodeTokenDeactivated(data []byte) (*TokenDeactivated, error) {
 		return nil, fmt.Errorf("%w: decode token.deactivated: %v", ErrPoison, err)
 	}
 	if e.Version != Version || e.Type != TypeTokenDeactivated {
+		return nil, fmt.Errorf("%w: unsupported event v=%d type=%q", ErrPoison, e.Version, e.Type)
+	}
+	return &e, nil
+}
+
+// TokenRevoked is published after a revocation commits, so every issuer
+// instance drops what its introspection cache holds for the tokens. It is a
+// notice: the revocation itself is already durable in Postgres.
+type TokenRevoked struct {
+	Version int    `json:"v"`
+	Type    string `json:"type"`
+	// Digests lists token rows the revocation changed.
+	Digests []Digest `json:"token_digests,omitempty"`
+	// Family is set when a whole family was revoked.
+	Family *tokens.Family `json:"family_id,omitempty"`
+	// ClientID and Subject are set for grant revocations; Subject is empty
+	// when every user of the client is affected.
+	ClientID  string    `json:"client_id,omitempty"`
+	Subject   string    `json:"sub,omitempty"`
+	Reason    string    `json:"reason"`
+	RevokedAt time.Time `json:"revoked_at"`
+}
+
+// EncodeTokenRevoked encodes a revocation notice.
+func EncodeTokenRevoked(e *TokenRevoked) ([]byte, error) {
+	e.Version, e.Type = Version, TypeTokenRevoked
+	return json.Marshal(e)
+}
+
+// DecodeTokenRevoked decodes a revocation notice.
+func DecodeTokenRevoked(data []byte) (*TokenRevoked, error) {
+	var e TokenRevoked
+	if err := json.Unmarshal(data, &e); err != nil {
+		return nil, fmt.Errorf("%w: decode token.revoked: %v", ErrPoison, err)
+	}
+	if e.Version != Version || e.Type != TypeTokenRevoked {
 		return nil, fmt.Errorf("%w: unsupported event v=%d type=%q", ErrPoison, e.Version, e.Type)
 	}
 	return &e, nil

@@ -47,6 +47,9 @@ func (t Topology) ConflictSubject() string { return t.Prefix + ".conflict" }
 // DeactivatedSubject carries TokenDeactivated notices for gateways.
 func (t Topology) DeactivatedSubject() string { return t.Prefix + ".deactivated" }
 
+// RevokedSubject carries TokenRevoked notices for introspection caches.
+func (t Topology) RevokedSubject() string { return t.Prefix + ".revoked" }
+
 // DeadSubject carries poison messages with the reason they were rejected.
 func (t Topology) DeadSubject() string { return t.Prefix + ".dead" }
 

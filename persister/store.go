@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/revoke"
 )
 
 // Row is one TokenIssued event with the stream sequence JetStream gave it.
@@ -37,6 +38,9 @@ const (
 
 // insertSQL writes a whole batch in one statement.
 //
+// A row covered by a family or grant revocation is written REVOKED whatever
+// else holds, so a token revoked while queued never becomes ACTIVE.
+//
 // Each row's state is decided here, not by a later UPDATE: a row is ACTIVE
 // only if it is the newest event of its key in the batch (row_number) and no
 // newer token of the key is already stored. Everything else is INACTIVE at
@@ -44,25 +48,28 @@ const (
 // ACTIVE over a newer token. An ACTIVE row that meets an older ACTIVE one
 // trips the partial unique index; ON CONFLICT DO NOTHING skips it and the
 // caller routes it to recovery.
-const insertSQL = `
+var insertSQL = `
 WITH batch AS (
 	SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[], $5::text[],
-	                     $6::text[], $7::timestamptz[], $8::timestamptz[], $9::bigint[], $10::text[])
+	                     $6::text[], $7::timestamptz[], $8::timestamptz[], $9::bigint[], $10::text[],
+	                     $11::bytea[], $12::timestamptz[])
 	    AS b(token_digest, refresh_digest, client_id, subject, scope,
-	         grant_type, issued_at, expires_at, stream_seq, instance)
+	         grant_type, issued_at, expires_at, stream_seq, instance, family_id, refresh_expires_at)
 ), ranked AS (
 	SELECT b.*, row_number() OVER (PARTITION BY client_id, subject, scope ORDER BY stream_seq DESC) AS rn
 	FROM batch b
 )
 INSERT INTO tokens (token_digest, refresh_digest, client_id, subject, scope, state,
-                    grant_type, issued_at, expires_at, stream_seq, instance, persisted_at)
+                    grant_type, issued_at, expires_at, stream_seq, instance, family_id, refresh_expires_at,
+                    persisted_at)
 SELECT r.token_digest, r.refresh_digest, r.client_id, r.subject, r.scope,
-       CASE WHEN r.rn = 1 AND NOT EXISTS (
+       CASE WHEN ` + revoke.CoveredSQL("r.family_id", "r.client_id", "r.subject", "r.stream_seq") + ` THEN 'REVOKED'
+            WHEN r.rn = 1 AND NOT EXISTS (
                 SELECT 1 FROM tokens t
                 WHERE t.client_id = r.client_id AND t.subject = r.subject AND t.scope = r.scope
                   AND t.stream_seq > r.stream_seq)
             THEN 'ACTIVE' ELSE 'INACTIVE' END,
-       r.grant_type, r.issued_at, r.expires_at, r.stream_seq, r.instance,
+       r.grant_type, r.issued_at, r.expires_at, r.stream_seq, r.instance, r.family_id, r.refresh_expires_at,
        clock_timestamp() -- now() would be the transaction's start, hiding the batch wait
 FROM ranked r
 -- Key order: concurrent batches that share keys then wait for each other
@@ -70,7 +77,20 @@ FROM ranked r
 -- Bytewise (COLLATE "C"), the order the COPY path sorts its rows in Go.
 ORDER BY r.client_id COLLATE "C", r.subject COLLATE "C", r.scope COLLATE "C", r.stream_seq DESC
 ON CONFLICT DO NOTHING
-RETURNING token_digest`
+RETURNING token_digest, state = 'REVOKED' AND family_id IS NOT NULL, family_id`
+
+// revokeFamiliesSQL extends a grant revocation to the families of the rows
+// it covered on their way in: a refresh that raced with the revocation may
+// have minted a newer member the watermark does not reach.
+const revokeFamiliesSQL = `
+WITH fresh AS (
+	INSERT INTO revoked_families (family_id, reason)
+	SELECT unnest($1::bytea[]), 'grant_revoked'
+	ON CONFLICT DO NOTHING
+	RETURNING family_id
+)
+UPDATE tokens SET state = 'REVOKED', state_changed_at = now()
+WHERE family_id IN (SELECT family_id FROM fresh) AND state <> 'REVOKED'`
 
 const existingSQL = `SELECT token_digest FROM tokens WHERE token_digest = ANY($1::bytea[])`
 
@@ -81,18 +101,20 @@ const existingSQL = `SELECT token_digest FROM tokens WHERE token_digest = ANY($1
 //
 // The probes are scalar subqueries with LIMIT 1 on purpose: as EXISTS, the
 // planner may turn them into a hash join over a sequential scan of the whole
-// table when its statistics are stale, which grows with the table.
-const probeSQL = `
-SELECT b.i FROM unnest($1::int[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::bigint[])
-    AS b(i, token_digest, client_id, subject, scope, stream_seq)
+// table when its statistics are stale, which grows with the table. The
+// revocation tables are small, so the revocation check may be EXISTS. Rows it
+// matches take the careful path, which writes them REVOKED.
+var probeSQL = `
+SELECT b.i FROM unnest($1::int[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bytea[])
+    AS b(i, token_digest, client_id, subject, scope, stream_seq, family_id)
 WHERE (SELECT true FROM tokens t WHERE t.token_digest = b.token_digest LIMIT 1)
    OR (SELECT true FROM tokens t
        WHERE t.client_id = b.client_id AND t.subject = b.subject AND t.scope = b.scope
          AND (t.state = 'ACTIVE' OR t.stream_seq > b.stream_seq)
-       LIMIT 1)`
-
+       LIMIT 1)
+   OR ` + revoke.CoveredSQL("b.family_id", "b.client_id", "b.subject", "b.stream_seq")
 var copyColumns = []string{"token_digest", "refresh_digest", "client_id", "subject", "scope", "state",
-	"grant_type", "issued_at", "expires_at", "stream_seq", "instance"}
+	"grant_type", "issued_at", "expires_at", "stream_seq", "instance", "family_id", "refresh_expires_at"}
 
 // WriteBatch writes rows in one transaction and reports each row's outcome,
 // in the order of rows. Rows must have distinct token digests.
@@ -105,6 +127,9 @@ var copyColumns = []string{"token_digest", "refresh_digest", "client_id", "subje
 func WriteBatch(ctx context.Context, db Beginner, rows []Row) ([]Outcome, error) {
 	out := make([]Outcome, len(rows))
 	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		if err := revoke.LockShared(ctx, tx); err != nil {
+			return err
+		}
 		careful, err := probe(ctx, tx, rows)
 		if err != nil {
 			return err
@@ -157,7 +182,9 @@ func probe(ctx context.Context, tx pgx.Tx, rows []Row) (map[int]bool, error) {
 	n := len(rows)
 	idx, digests := make([]int32, n), make([][]byte, n)
 	clients, subjects, scopes, seqs := make([]string, n), make([]string, n), make([]string, n), make([]int64, n)
+	families := make([][]byte, n)
 	for i, r := range rows {
+		families[i] = familyBytes(r.Event)
 		e := r.Event
 		k := [3]string{e.ClientID, e.Subject, e.Scope()}
 		if j, ok := keys[k]; ok {
@@ -167,7 +194,7 @@ func probe(ctx context.Context, tx pgx.Tx, rows []Row) (map[int]bool, error) {
 		idx[i], digests[i], seqs[i] = int32(i), e.TokenDigest[:], int64(r.Seq)
 		clients[i], subjects[i], scopes[i] = k[0], k[1], k[2]
 	}
-	res, err := tx.Query(ctx, probeSQL, idx, digests, clients, subjects, scopes, seqs)
+	res, err := tx.Query(ctx, probeSQL, idx, digests, clients, subjects, scopes, seqs, families)
 	if err != nil {
 		return nil, fmt.Errorf("probe batch of %d: %w", n, err)
 	}
@@ -200,7 +227,7 @@ func copyRows(ctx context.Context, tx pgx.Tx, rows []Row, which []int) (bool, er
 			refresh = e.RefreshDigest[:]
 		}
 		src[j] = []any{e.TokenDigest[:], refresh, e.ClientID, e.Subject, e.Scope(), "ACTIVE",
-			e.GrantType, e.IssuedAt, e.ExpiresAt, int64(rows[i].Seq), e.Instance}
+			e.GrantType, e.IssuedAt, e.ExpiresAt, int64(rows[i].Seq), e.Instance, familyBytes(e), e.RefreshExpiresAt}
 	}
 	_, err = sp.CopyFrom(ctx, pgx.Identifier{"tokens"}, copyColumns, pgx.CopyFromRows(src))
 	if err == nil {
@@ -228,6 +255,8 @@ func insertCareful(ctx context.Context, tx pgx.Tx, rows []Row, which []int, out 
 		expires  = make([]time.Time, n)
 		seqs     = make([]int64, n)
 		inst     = make([]string, n)
+		families = make([][]byte, n)
+		refExp   = make([]*time.Time, n)
 	)
 	for j, i := range which {
 		e := rows[i].Event
@@ -238,10 +267,16 @@ func insertCareful(ctx context.Context, tx pgx.Tx, rows []Row, which []int, out 
 		clients[j], subjects[j], scopes[j] = e.ClientID, e.Subject, e.Scope()
 		grants[j], issued[j], expires[j] = e.GrantType, e.IssuedAt, e.ExpiresAt
 		seqs[j], inst[j] = int64(rows[i].Seq), e.Instance
+		families[j], refExp[j] = familyBytes(e), e.RefreshExpiresAt
 	}
-	inserted, err := digestSet(ctx, tx, insertSQL, digests, refresh, clients, subjects, scopes, grants, issued, expires, seqs, inst)
+	inserted, revokedFamilies, err := insertRows(ctx, tx, digests, refresh, clients, subjects, scopes, grants, issued, expires, seqs, inst, families, refExp)
 	if err != nil {
 		return fmt.Errorf("insert %d rows: %w", n, err)
+	}
+	if len(revokedFamilies) > 0 {
+		if _, err := tx.Exec(ctx, revokeFamiliesSQL, revokedFamilies); err != nil {
+			return fmt.Errorf("revoke families of %d revoked rows: %w", len(revokedFamilies), err)
+		}
 	}
 	var missing [][]byte
 	for _, d := range digests {
@@ -273,6 +308,37 @@ func insertCareful(ctx context.Context, tx pgx.Tx, rows []Row, which []int, out 
 // Beginner is what WriteBatch needs: a pool or a connection.
 type Beginner interface {
 	Begin(ctx context.Context) (pgx.Tx, error)
+}
+
+// insertRows runs insertSQL and returns the digests it inserted and the
+// families of rows it wrote REVOKED.
+func insertRows(ctx context.Context, tx pgx.Tx, args ...any) (map[string]bool, [][]byte, error) {
+	rows, err := tx.Query(ctx, insertSQL, args...)
+	if err != nil {
+		return nil, nil, err
+	}
+	set := map[string]bool{}
+	var families [][]byte
+	for rows.Next() {
+		var d, fam []byte
+		var revoked bool
+		if err := rows.Scan(&d, &revoked, &fam); err != nil {
+			return nil, nil, err
+		}
+		set[string(d)] = true
+		if revoked {
+			families = append(families, fam)
+		}
+	}
+	return set, families, rows.Err()
+}
+
+// familyBytes is the family column of an event: NULL when absent.
+func familyBytes(e *events.TokenIssued) []byte {
+	if e.FamilyID == nil {
+		return nil
+	}
+	return e.FamilyID[:]
 }
 
 func digestSet(ctx context.Context, tx pgx.Tx, sql string, args ...any) (map[string]bool, error) {

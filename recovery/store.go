@@ -8,6 +8,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/revoke"
 )
 
 // lockKeysSQL reads every row of the given keys that matters to the rule,
@@ -36,21 +37,37 @@ const deactivateSQL = `
 UPDATE tokens SET state = 'INACTIVE', state_changed_at = now()
 WHERE token_digest = ANY($1::bytea[]) AND state = 'ACTIVE'`
 
-// insertSQL never uses DO NOTHING on the partial unique index: if another
+// insertSQL writes a token covered by a family or grant revocation as
+// REVOKED: the older row it supersedes is still deactivated, so the newest
+// token decides the key whichever order revocation and conflict meet.
+//
+// It never uses DO NOTHING on the partial unique index: if another
 // transaction activated a token for the key since we read it, the insert
 // fails, the whole transaction (our UPDATE included) rolls back, and the
 // retry reads the new state. Nothing is half-applied.
-const insertSQL = `
+var insertSQL = `
 INSERT INTO tokens (token_digest, refresh_digest, client_id, subject, scope, state,
-                    grant_type, issued_at, expires_at, stream_seq, instance, persisted_at)
-SELECT *, clock_timestamp() FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::timestamptz[], $9::timestamptz[], $10::bigint[], $11::text[])
+                    grant_type, issued_at, expires_at, stream_seq, instance, family_id, refresh_expires_at,
+                    persisted_at)
+SELECT b.token_digest, b.refresh_digest, b.client_id, b.subject, b.scope,
+       CASE WHEN ` + revoke.CoveredSQL("b.family_id", "b.client_id", "b.subject", "b.stream_seq") + ` THEN 'REVOKED'
+            ELSE b.state END,
+       b.grant_type, b.issued_at, b.expires_at, b.stream_seq, b.instance, b.family_id, b.refresh_expires_at,
+       clock_timestamp()
+FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::timestamptz[], $9::timestamptz[], $10::bigint[], $11::text[],
+            $12::bytea[], $13::timestamptz[])
+    AS b(token_digest, refresh_digest, client_id, subject, scope, state,
+         grant_type, issued_at, expires_at, stream_seq, instance, family_id, refresh_expires_at)
 ON CONFLICT (token_digest) DO NOTHING`
 
 // resolveTx runs the whole rule for a batch in tx. notify is called with the
 // rows about to be deactivated before the transaction commits; if it fails,
 // nothing is written.
 func resolveTx(ctx context.Context, tx pgx.Tx, incoming []Incoming, notify func([]Superseded) error) (Decision, error) {
+	if err := revoke.LockShared(ctx, tx); err != nil {
+		return Decision{}, err
+	}
 	var digests [][]byte
 	for _, in := range incoming {
 		digests = append(digests, in.Event.TokenDigest[:])
@@ -140,6 +157,8 @@ func insertPlaced(ctx context.Context, tx pgx.Tx, placed []Placed) error {
 		states, grants, inst     = make([]string, n), make([]string, n), make([]string, n)
 		issued, expires          = make([]time.Time, n), make([]time.Time, n)
 		seqs                     = make([]int64, n)
+		families                 = make([][]byte, n)
+		refExp                   = make([]*time.Time, n)
 	)
 	for i, p := range placed {
 		e := p.Event
@@ -154,8 +173,12 @@ func insertPlaced(ctx context.Context, tx pgx.Tx, placed []Placed) error {
 		}
 		grants[i], inst[i] = e.GrantType, e.Instance
 		issued[i], expires[i], seqs[i] = e.IssuedAt, e.ExpiresAt, int64(p.Seq)
+		refExp[i] = e.RefreshExpiresAt
+		if e.FamilyID != nil {
+			families[i] = e.FamilyID[:]
+		}
 	}
-	_, err := tx.Exec(ctx, insertSQL, digests, refresh, clients, subjects, scope, states, grants, issued, expires, seqs, inst)
+	_, err := tx.Exec(ctx, insertSQL, digests, refresh, clients, subjects, scope, states, grants, issued, expires, seqs, inst, families, refExp)
 	if err != nil {
 		return fmt.Errorf("insert %d resolved rows: %w", n, err)
 	}

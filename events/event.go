@@ -109,7 +109,10 @@ type TokenIssued struct {
 
 // Scope returns the canonical scope string: the scope set sorted and joined by
 // single spaces. It is the third column of the one-ACTIVE-token key.
-func (e *TokenIssued) Scope() string { return strings.Join(e.Scopes, " ") }
+func (e *TokenIssued) Scope() string { return JoinScopes(e.Scopes) }
+
+// JoinScopes joins a canonical scope set into the scope string.
+func JoinScopes(scopes []string) string { return strings.Join(scopes, " ") }
 
 // CanonicalScopes splits an RFC 6749 scope parameter into a sorted set with
 // duplicates removed, so "b a a" and "a b" name the same key.

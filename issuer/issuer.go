@@ -6,14 +6,11 @@ package issuer
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/fnv"
 	"log/slog"
-	mathrand "math/rand/v2"
 	"mime"
 	"net"
 	"net/http"
@@ -21,7 +18,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
@@ -29,6 +25,7 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
 // Persistence modes.
@@ -45,7 +42,17 @@ const (
 	DefaultMaxInFlight         = 4096
 	DefaultSyncConflictRetries = 5
 	DefaultMaxBodyBytes        = 8192
+	DefaultCoalesceWindow      = 5 * time.Second
+	DefaultRefreshGrace        = 5 * time.Second
+	DefaultIntrospectCacheTTL  = 5 * time.Second
+	DefaultIntrospectCacheSize = 100_000
 )
+
+// maxClockSkew bounds how far issuer clocks may disagree with the database's.
+// A token without a row yet is taken as revoked by a grant revocation that
+// happened after its issue time minus this: conservative, and only until its
+// row (which decides by stream sequence) is written.
+const maxClockSkew = time.Minute
 
 // Config tunes the issuer. Zero fields take the defaults above.
 type Config struct {
@@ -54,9 +61,27 @@ type Config struct {
 	// TokenTTL is the access token lifetime: expires_in and the event's
 	// ExpiresAt.
 	TokenTTL time.Duration
-	// RefreshTTL is the refresh token lifetime. It is not recorded yet:
-	// neither TokenIssued nor the tokens table has a refresh expiry column.
+	// RefreshTTL is the refresh token lifetime.
 	RefreshTTL time.Duration
+	// Keys signs and verifies tokens; required. Every instance must share
+	// the first key, or coalescing and refresh rotation stop agreeing.
+	Keys *tokens.Keyring
+	// CoalesceWindow: identical token requests inside one window of this
+	// length get the same token. Zero means the default; negative disables.
+	CoalesceWindow time.Duration
+	// RefreshGrace: concurrent redemptions of one refresh token within this
+	// long of the first all get the same new pair; a later one is reuse and
+	// revokes the family. Zero means the default; negative means none.
+	RefreshGrace time.Duration
+	// IntrospectCacheTTL bounds how long a positive introspection answer is
+	// reused; revocation and deactivation notices end it sooner. Zero means
+	// the default; negative disables the cache.
+	IntrospectCacheTTL time.Duration
+	// IntrospectCacheSize bounds the cached answers.
+	IntrospectCacheSize int
+	// AdminToken guards the /admin API (Authorization: Bearer); empty
+	// disables it.
+	AdminToken string
 	// PublishTimeout bounds the wait for JetStream's ack, including the
 	// wait for a free in-flight slot; past it the answer is 503.
 	PublishTimeout time.Duration
@@ -104,10 +129,28 @@ func (c Config) withDefaults() Config {
 	if c.MaxBodyBytes <= 0 {
 		c.MaxBodyBytes = DefaultMaxBodyBytes
 	}
+	c.CoalesceWindow = orDefault(c.CoalesceWindow, DefaultCoalesceWindow)
+	c.RefreshGrace = orDefault(c.RefreshGrace, DefaultRefreshGrace)
+	c.IntrospectCacheTTL = orDefault(c.IntrospectCacheTTL, DefaultIntrospectCacheTTL)
+	if c.IntrospectCacheSize <= 0 {
+		c.IntrospectCacheSize = DefaultIntrospectCacheSize
+	}
 	return c
 }
 
-// Server answers POST /oauth2/token.
+// orDefault maps zero to def and negative to zero (off).
+func orDefault(d, def time.Duration) time.Duration {
+	switch {
+	case d == 0:
+		return def
+	case d < 0:
+		return 0
+	}
+	return d
+}
+
+// Server answers the OAuth endpoints: token, revoke, introspect, and the
+// management API.
 type Server struct {
 	cfg      Config
 	registry *clients.Registry
@@ -116,6 +159,7 @@ type Server struct {
 	db       *pgxpool.Pool
 	log      *slog.Logger
 	metrics  *Metrics
+	cache    *introCache
 }
 
 // NewJetStream returns the JetStream handle async mode needs: at most
@@ -138,14 +182,25 @@ func NewJetStream(nc *nats.Conn, cfg Config) (jetstream.JetStream, error) {
 // publishes: create it with NewJetStream (or jetstream.New with
 // WithPublishAsyncMaxPending), or one slow ack window lets pending publishes
 // grow without limit. In sync mode nc and js may be nil.
+//
+// cfg.Keys is required: New panics without it, as a programming error.
 func New(cfg Config, registry *clients.Registry, nc *nats.Conn, js jetstream.JetStream, db *pgxpool.Pool, log *slog.Logger, m *Metrics) *Server {
-	return &Server{cfg: cfg.withDefaults(), registry: registry, nc: nc, js: js, db: db, log: log, metrics: m}
+	cfg = cfg.withDefaults()
+	if cfg.Keys == nil {
+		panic("issuer: Config.Keys is required")
+	}
+	return &Server{cfg: cfg, registry: registry, nc: nc, js: js, db: db, log: log, metrics: m,
+		cache: newIntroCache(cfg.IntrospectCacheTTL, cfg.IntrospectCacheSize)}
 }
 
-// Handler routes the token endpoint.
+// Handler routes the OAuth endpoints and the management API.
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/oauth2/token", s.token)
+	mux.HandleFunc("/oauth2/revoke", s.revoke)
+	mux.HandleFunc("/oauth2/introspect", s.introspect)
+	mux.HandleFunc("/.well-known/oauth-authorization-server", s.metadata)
+	s.manageRoutes(mux)
 	return s.metrics.instrument(mux)
 }
 
@@ -183,23 +238,29 @@ type tokenResponse struct {
 func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 	resp, err := s.issue(r)
 	if err != nil {
-		var oe *oauthError
-		if !errors.As(err, &oe) {
-			s.log.Error("token request failed", "err", err)
-			oe = errUnavailable
-		}
-		switch {
-		case oe.status == http.StatusMethodNotAllowed:
-			w.Header().Set("Allow", http.MethodPost)
-		case oe.status == http.StatusUnauthorized && oe.challenge:
-			w.Header().Set("WWW-Authenticate", `Basic realm="tokenpipe"`)
-		case oe.status == http.StatusServiceUnavailable:
-			w.Header().Set("Retry-After", "1")
-		}
-		writeJSON(w, oe.status, map[string]string{"error": oe.code, "error_description": oe.desc})
+		s.writeError(w, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, resp)
+}
+
+// writeError answers with an RFC 6749 5.2 error; anything that is not an
+// oauthError is logged and answered 503.
+func (s *Server) writeError(w http.ResponseWriter, err error) {
+	var oe *oauthError
+	if !errors.As(err, &oe) {
+		s.log.Error("request failed", "err", err)
+		oe = errUnavailable
+	}
+	switch {
+	case oe.status == http.StatusMethodNotAllowed:
+		w.Header().Set("Allow", http.MethodPost)
+	case oe.status == http.StatusUnauthorized && oe.challenge:
+		w.Header().Set("WWW-Authenticate", `Basic realm="tokenpipe"`)
+	case oe.status == http.StatusServiceUnavailable:
+		w.Header().Set("Retry-After", "1")
+	}
+	writeJSON(w, oe.status, map[string]string{"error": oe.code, "error_description": oe.desc})
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -233,6 +294,11 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
 		}
 		// RFC 6749 4.4: the client acts on its own behalf.
 		subject = client.ID
+	case "refresh_token":
+		if !client.Allows(grant) {
+			return nil, badRequest("unauthorized_client", "this client may not use refresh tokens")
+		}
+		return s.refresh(r.Context(), client, form)
 	case "password":
 		if !client.Allows(grant) {
 			return nil, badRequest("unauthorized_client", "this client may not use the password grant")
@@ -249,13 +315,20 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
 		}
 		subject = user
 	default:
-		return nil, badRequest("unsupported_grant_type", "supported grant types: client_credentials, password")
+		return nil, badRequest("unsupported_grant_type", "supported grant types: client_credentials, password, refresh_token")
 	}
 	scopes, err := requestedScopes(client, form.Get("scope"))
 	if err != nil {
 		return nil, err
 	}
-	return s.mint(r.Context(), client.ID, subject, grant, scopes)
+	// Refresh tokens go with the password grant (RFC 6749 4.4.3: not with
+	// client_credentials), and only to clients allowed to redeem them.
+	withRefresh := grant == "password" && client.Allows("refresh_token")
+	sp, err := s.grantSpec(client.ID, subject, grant, scopes, withRefresh, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	return s.mint(r.Context(), sp)
 }
 
 // requestedScopes canonicalises the scope parameter and checks it against
@@ -378,142 +451,6 @@ func (s *Server) authenticate(ctx context.Context, req tokenRequest) (*clients.C
 	return c, nil
 }
 
-// newToken returns 256 random bits, base64url encoded.
-func newToken() (string, error) {
-	b := make([]byte, 32)
-	if _, err := rand.Read(b); err != nil {
-		return "", fmt.Errorf("generate token: %w", err)
-	}
-	return base64.RawURLEncoding.EncodeToString(b), nil
-}
-
-func (s *Server) mint(ctx context.Context, clientID, subject, grant string, scopes []string) (*tokenResponse, error) {
-	access, err := newToken()
-	if err != nil {
-		return nil, err
-	}
-	now := time.Now().UTC()
-	ev := &events.TokenIssued{
-		TokenDigest: events.DigestOf(access), ClientID: clientID, Subject: subject, Scopes: scopes,
-		GrantType: grant, IssuedAt: now, ExpiresAt: now.Add(s.cfg.TokenTTL), Instance: s.cfg.Instance,
-	}
-	resp := &tokenResponse{AccessToken: access, TokenType: "Bearer", ExpiresIn: int64(s.cfg.TokenTTL / time.Second), Scope: ev.Scope()}
-	if grant == "password" {
-		refresh, err := newToken()
-		if err != nil {
-			return nil, err
-		}
-		d := events.DigestOf(refresh)
-		ev.RefreshDigest = &d
-		resp.RefreshToken = refresh
-	}
-	if s.cfg.Mode == ModeSync {
-		err = s.persistSync(ctx, ev)
-	} else {
-		err = s.publish(ctx, ev)
-	}
-	if err != nil {
-		return nil, err
-	}
-	s.metrics.issued.WithLabelValues(grant).Inc()
-	return resp, nil
-}
-
-// publish hands the event to JetStream and waits for its acknowledgement.
-// Any failure means the token is never shown to the client.
-func (s *Server) publish(ctx context.Context, ev *events.TokenIssued) error {
-	body, err := events.EncodeTokenIssued(ev)
-	if err != nil {
-		return fmt.Errorf("encode event: %w", err)
-	}
-	if s.nc != nil && !s.nc.IsConnected() {
-		s.metrics.publishErrors.WithLabelValues("disconnected").Inc()
-		return errUnavailable
-	}
-	start := time.Now()
-	f, err := s.js.PublishAsync(s.cfg.Topology.IssuedSubject(), body,
-		jetstream.WithMsgID(ev.TokenDigest.String()),
-		jetstream.WithExpectStream(s.cfg.Topology.Stream),
-		jetstream.WithStallWait(s.cfg.PublishTimeout))
-	if err != nil {
-		reason := "publish"
-		if errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
-			reason = "stalled" // MaxInFlight acks pending for the whole PublishTimeout
-		}
-		s.metrics.publishErrors.WithLabelValues(reason).Inc()
-		s.log.Warn("publish refused", "err", err, "token_digest", ev.TokenDigest.String())
-		return errUnavailable
-	}
-	timer := time.NewTimer(s.cfg.PublishTimeout - time.Since(start))
-	defer timer.Stop()
-	// After a timeout or a vanished client JetStream may still store the
-	// event: the token then has a row but no holder, which the one-ACTIVE
-	// rule treats like any newer token for the key.
-	select {
-	case <-f.Ok():
-		s.metrics.publishSeconds.Observe(time.Since(start).Seconds())
-		return nil
-	case err := <-f.Err():
-		s.metrics.publishErrors.WithLabelValues("nack").Inc()
-		s.log.Warn("publish failed", "err", err, "token_digest", ev.TokenDigest.String())
-	case <-timer.C:
-		s.metrics.publishErrors.WithLabelValues("timeout").Inc()
-		s.log.Warn("publish not acknowledged in time", "timeout", s.cfg.PublishTimeout, "token_digest", ev.TokenDigest.String())
-	case <-ctx.Done():
-		s.metrics.publishErrors.WithLabelValues("client_gone").Inc()
-	}
-	return errUnavailable
-}
-
-// persistSync writes the row in the request: deactivate the key's ACTIVE row
-// and insert the new one in one transaction (WSO2's synchronous mode).
-//
-// Requests for the same key first queue on a transaction-scoped advisory
-// lock: without it, N racing requests all fail the unique index but one,
-// retry, and race again, so under contention some run out of retries. The
-// retry remains for writers that do not take the lock (the persister in a
-// mixed deployment) and for deadlocks and serialization failures.
-func (s *Server) persistSync(ctx context.Context, ev *events.TokenIssued) error {
-	var refresh []byte
-	if ev.RefreshDigest != nil {
-		refresh = ev.RefreshDigest[:]
-	}
-	scope := ev.Scope()
-	lock := keyLock(ev.ClientID, ev.Subject, scope)
-	var last error
-	for attempt := 0; ; attempt++ {
-		err := pgx.BeginFunc(ctx, s.db, func(tx pgx.Tx) error {
-			b := &pgx.Batch{}
-			b.Queue(`SELECT pg_advisory_xact_lock($1)`, lock)
-			b.Queue(`UPDATE tokens SET state = 'INACTIVE', state_changed_at = now()
-				WHERE client_id = $1 AND subject = $2 AND scope = $3 AND state = 'ACTIVE'`,
-				ev.ClientID, ev.Subject, scope)
-			b.Queue(`INSERT INTO tokens (token_digest, refresh_digest, client_id, subject, scope, state,
-				grant_type, issued_at, expires_at, persisted_at, stream_seq, instance)
-				VALUES ($1, $2, $3, $4, $5, 'ACTIVE', $6, $7, $8, now(), NULL, $9)`,
-				ev.TokenDigest[:], refresh, ev.ClientID, ev.Subject, scope, ev.GrantType, ev.IssuedAt, ev.ExpiresAt, ev.Instance)
-			// One round trip for the three statements.
-			return tx.SendBatch(ctx, b).Close()
-		})
-		if err == nil {
-			return nil
-		}
-		last = err
-		if !retryable(err) || attempt >= s.cfg.SyncConflictRetries {
-			break
-		}
-		s.metrics.syncRetries.Inc()
-		// Jitter, so racers that collided once do not collide again.
-		if err := sleep(ctx, mathrand.N(time.Duration(attempt+1)*5*time.Millisecond)); err != nil {
-			last = errors.Join(last, err)
-			break
-		}
-	}
-	s.log.Error("sync persistence failed", "err", last, "client_id", ev.ClientID,
-		"token_digest", ev.TokenDigest.String(), "retries", s.cfg.SyncConflictRetries)
-	return errUnavailable
-}
-
 // sleep waits for d or until ctx is done.
 func sleep(ctx context.Context, d time.Duration) error {
 	t := time.NewTimer(d)
@@ -567,6 +504,11 @@ func (s *Server) ServeListener(ctx context.Context, ln net.Listener, grace time.
 		MaxHeaderBytes:    16 << 10,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
+	stopWatch, err := s.WatchNotices()
+	if err != nil {
+		return fmt.Errorf("issuer: %w", err)
+	}
+	defer stopWatch()
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	s.log.Info("issuer listening", "addr", ln.Addr().String(), "mode", s.cfg.Mode)
@@ -577,7 +519,7 @@ func (s *Server) ServeListener(ctx context.Context, ln net.Listener, grace time.
 	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
-	err := srv.Shutdown(shutdownCtx)
+	err = srv.Shutdown(shutdownCtx)
 	<-errc // Serve has returned ErrServerClosed
 	if err != nil {
 		_ = srv.Close()

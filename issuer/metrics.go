@@ -16,6 +16,11 @@ type Metrics struct {
 	syncRetries    prometheus.Counter
 	requests       *prometheus.CounterVec
 	requestSeconds prometheus.Histogram
+
+	coalesced         *prometheus.CounterVec
+	refreshReuse      prometheus.Counter
+	revoked           *prometheus.CounterVec
+	introspectSeconds *prometheus.HistogramVec
 }
 
 // NewMetrics registers the issuer's series on reg.
@@ -25,10 +30,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		publishErrors:  prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_issuer_publish_errors_total", Help: "Token events JetStream did not acknowledge; no token was handed out."}, []string{"reason"}),
 		publishSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tokenpipe_issuer_publish_duration_seconds", Help: "Time from publish to JetStream's acknowledgement.", Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16)}),
 		syncRetries:    prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_issuer_sync_conflict_retries_total", Help: "Sync-mode transactions retried after losing a race for a key."}),
-		requests:       prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_http_requests_total", Help: "Token endpoint requests by status code."}, []string{"code"}),
-		requestSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tokenpipe_http_request_duration_seconds", Help: "Token endpoint latency.", Buckets: prometheus.ExponentialBuckets(0.0001, 2, 18)}),
+		requests:       prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_http_requests_total", Help: "HTTP requests to the OAuth endpoints and management API by status code."}, []string{"code"}),
+		requestSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tokenpipe_http_request_duration_seconds", Help: "HTTP request latency of the OAuth endpoints and management API.", Buckets: prometheus.ExponentialBuckets(0.0001, 2, 18)}),
 	}
-	reg.MustRegister(m.issued, m.publishErrors, m.publishSeconds, m.syncRetries, m.requests, m.requestSeconds)
+	m.coalesced = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_issuer_coalesced_total", Help: "Requests that derived a token minted before: shared (handed out again) or refused (revoked or deactivated since, so a fresh token was minted)."}, []string{"result"})
+	m.refreshReuse = prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_issuer_refresh_reuse_total", Help: "Refresh tokens presented after their grace window; each revoked its family."})
+	m.revoked = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_issuer_revocations_total", Help: "Revocations committed, by what was revoked."}, []string{"kind"})
+	m.introspectSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "tokenpipe_issuer_introspect_duration_seconds", Help: "Introspection time by where the answer came from.", Buckets: prometheus.ExponentialBuckets(0.00001, 2, 18)}, []string{"source"})
+	reg.MustRegister(m.issued, m.publishErrors, m.publishSeconds, m.syncRetries, m.requests, m.requestSeconds,
+		m.coalesced, m.refreshReuse, m.revoked, m.introspectSeconds)
 	return m
 }
 

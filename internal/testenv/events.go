@@ -9,6 +9,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
 // Token returns a TokenIssued event with a random token digest for the key
@@ -54,4 +55,16 @@ func PublishRaw(t testing.TB, js jetstream.JetStream, subject string, body []byt
 	ack, err := js.Publish(ctx, subject, body)
 	Must(t, err, "publish raw")
 	return ack.Sequence
+}
+
+// KeyText is the token signing key tests share, in TOKENPIPE_TOKEN_KEYS form.
+const KeyText = "746f6b656e706970652d746573742d6b65792d6e6f742d666f722d70726f6421"
+
+// Keys returns the keyring of KeyText.
+func Keys() *tokens.Keyring {
+	kr, err := tokens.ParseKeys(KeyText)
+	if err != nil {
+		panic(err)
+	}
+	return kr
 }

@@ -45,3 +45,6 @@ CREATE TABLE refresh_rotations (
     expires_at     timestamptz NOT NULL
 );
 CREATE INDEX refresh_rotations_expiry ON refresh_rotations (expires_at);
+
+-- "Which applications has this user authorized?" reads the user's live rows.
+CREATE INDEX tokens_active_subject ON tokens (subject) WHERE state = 'ACTIVE';

@@ -1,0 +1,141 @@
+package issuer
+
+import (
+	"crypto/subtle"
+	"errors"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/tokenpipe/tokenpipe/clients"
+	"github.com/tokenpipe/tokenpipe/grants"
+	"github.com/tokenpipe/tokenpipe/revoke"
+)
+
+// manageRoutes adds the management API.
+//
+// /account/... is for users, authenticated with their own username and
+// password (HTTP Basic): list the applications holding live tokens for them
+// and remove one, which revokes all its tokens for the user, queued ones
+// included. /admin/... is for other systems acting for users or operators,
+// with Authorization: Bearer TOKENPIPE_ADMIN_TOKEN; it is off when no admin
+// token is configured. No answer ever holds token plaintext.
+func (s *Server) manageRoutes(mux *http.ServeMux) {
+	mux.HandleFunc("GET /account/applications", s.asUser(func(w http.ResponseWriter, r *http.Request, user string) {
+		s.listApplications(w, r, user)
+	}))
+	mux.HandleFunc("DELETE /account/applications/{client_id}", s.asUser(func(w http.ResponseWriter, r *http.Request, user string) {
+		s.revokeGrant(w, r, r.PathValue("client_id"), user, revoke.ReasonUser)
+	}))
+	mux.HandleFunc("GET /admin/users/{user}/applications", s.asAdmin(func(w http.ResponseWriter, r *http.Request) {
+		s.listApplications(w, r, r.PathValue("user"))
+	}))
+	mux.HandleFunc("DELETE /admin/users/{user}/applications/{client_id}", s.asAdmin(func(w http.ResponseWriter, r *http.Request) {
+		s.revokeGrant(w, r, r.PathValue("client_id"), r.PathValue("user"), revoke.ReasonAdmin)
+	}))
+	mux.HandleFunc("GET /admin/clients/{client_id}/tokens", s.asAdmin(s.listClientTokens))
+	mux.HandleFunc("DELETE /admin/clients/{client_id}/tokens", s.asAdmin(func(w http.ResponseWriter, r *http.Request) {
+		// ?sub=U narrows the revocation to one user.
+		s.revokeGrant(w, r, r.PathValue("client_id"), r.URL.Query().Get("sub"), revoke.ReasonAdmin)
+	}))
+}
+
+func (s *Server) asUser(h func(http.ResponseWriter, *http.Request, string)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		user, pass, ok := r.BasicAuth()
+		if !ok || user == "" || pass == "" {
+			w.Header().Set("WWW-Authenticate", `Basic realm="tokenpipe account"`)
+			writeJSON(w, http.StatusUnauthorized, apiError("unauthorized", "sign in with your username and password (HTTP Basic)"))
+			return
+		}
+		err := s.registry.VerifyUser(r.Context(), user, pass)
+		if errors.Is(err, clients.ErrInvalidGrant) {
+			w.Header().Set("WWW-Authenticate", `Basic realm="tokenpipe account"`)
+			writeJSON(w, http.StatusUnauthorized, apiError("unauthorized", "the username or password is wrong"))
+			return
+		}
+		if err != nil {
+			s.writeError(w, err)
+			return
+		}
+		h(w, r, user)
+	}
+}
+
+func (s *Server) asAdmin(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if s.cfg.AdminToken == "" {
+			http.NotFound(w, r)
+			return
+		}
+		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(s.cfg.AdminToken)) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="tokenpipe admin"`)
+			writeJSON(w, http.StatusUnauthorized, apiError("unauthorized", "a valid admin bearer token is required"))
+			return
+		}
+		h(w, r)
+	}
+}
+
+func apiError(code, desc string) map[string]string {
+	return map[string]string{"error": code, "error_description": desc}
+}
+
+func (s *Server) listApplications(w http.ResponseWriter, r *http.Request, user string) {
+	apps, err := grants.Applications(r.Context(), s.db, user)
+	if err != nil {
+		s.writeError(w, err)
+		return
+	}
+	if apps == nil {
+		apps = []grants.Application{}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"sub": user, "applications": apps})
+}
+
+func (s *Server) listClientTokens(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	f := grants.Filter{Subject: q.Get("sub"), State: strings.ToUpper(q.Get("state"))}
+	switch f.State {
+	case "", "ACTIVE", "INACTIVE", "REVOKED", "EXPIRED":
+	default:
+		writeJSON(w, http.StatusBadRequest, apiError("invalid_request", "state must be ACTIVE, INACTIVE, REVOKED or EXPIRED"))
+		return
+	}
+	if l := q.Get("limit"); l != "" {
+		n, err := strconv.Atoi(l)
+		if err != nil || n < 1 || n > 10000 {
+			writeJSON(w, http.StatusBadRequest, apiError("invalid_request", "limit must be between 1 and 10000"))
+			return
+		}
+		f.Limit = n
+	}
+	toks, err := grants.ClientTokens(r.Context(), s.db, r.PathValue("client_id"), f)
+	if err != nil {
+		s.writeError(w, err)
+		return
+	}
+	if toks == nil {
+		toks = []grants.Token{}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"client_id": r.PathValue("client_id"), "tokens": toks})
+}
+
+// revokeGrant revokes a user's (or, with user "", every user's) tokens for
+// a client and answers with how many stored tokens changed.
+func (s *Server) revokeGrant(w http.ResponseWriter, r *http.Request, client, user, reason string) {
+	var js = s.js
+	if s.cfg.Mode == ModeSync {
+		js = nil
+	}
+	res, err := grants.Revoke(r.Context(), s.db, js, s.cfg.Topology.Stream, client, user, reason)
+	if err != nil {
+		s.writeError(w, err)
+		return
+	}
+	s.metrics.revoked.WithLabelValues("grant").Inc()
+	s.notify(res, nil, reason)
+	s.log.Info("grant revoked", "client_id", client, "sub", user, "reason", reason, "rows_revoked", len(res.Digests))
+	writeJSON(w, http.StatusOK, map[string]any{"client_id": client, "sub": user, "revoked_tokens": len(res.Digests), "revoked_families": res.Families})
+}

@@ -1,0 +1,147 @@
+package issuer
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/revoke"
+	"github.com/tokenpipe/tokenpipe/tokens"
+)
+
+// revoke answers POST /oauth2/revoke (RFC 7009). Revoking an access token
+// revokes that token; revoking a refresh token revokes its family: every
+// token rotated from the same authorization, as section 2.1 recommends.
+// The revocation is committed to Postgres before the answer, and wins over
+// a TokenIssued event still in the queue.
+func (s *Server) revoke(w http.ResponseWriter, r *http.Request) {
+	req, err := parseRequest(r, s.cfg.MaxBodyBytes, s.cfg.RequireTLS)
+	if err != nil {
+		s.writeError(w, err)
+		return
+	}
+	client, err := s.authenticate(r.Context(), req)
+	if err != nil {
+		s.writeError(w, err)
+		return
+	}
+	text := req.form.Get("token")
+	if text == "" {
+		s.writeError(w, badRequest("invalid_request", "token is required"))
+		return
+	}
+	c, err := s.cfg.Keys.Decode(text)
+	if err != nil || c.Expired(time.Now()) {
+		// Section 2.2: an invalid token is not an error; there is nothing
+		// left to revoke.
+		writeRevoked(w)
+		return
+	}
+	if c.ClientID != client.ID {
+		s.writeError(w, badRequest("unauthorized_client", "the token was not issued to this client"))
+		return
+	}
+	var res revoke.Result
+	var family *tokens.Family
+	if c.Kind == tokens.Refresh {
+		family = &c.Family
+		res, err = revoke.Family(r.Context(), s.db, c.Family, revoke.ReasonClient)
+	} else {
+		res, err = revoke.Token(r.Context(), s.db, events.DigestOf(text), c)
+	}
+	if err != nil {
+		s.writeError(w, fmt.Errorf("revoke %s: %w", c.Kind, err))
+		return
+	}
+	s.metrics.revoked.WithLabelValues(c.Kind.String()).Inc()
+	s.notify(res, family, revoke.ReasonClient)
+	writeRevoked(w)
+}
+
+func writeRevoked(w http.ResponseWriter) {
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(http.StatusOK)
+}
+
+// notify drops revoked tokens from this instance's introspection cache and
+// tells the other instances. Delivery to them is best effort (core NATS):
+// the revocation is already committed, and their positive answers expire
+// within the cache TTL in any case.
+func (s *Server) notify(res revoke.Result, family *tokens.Family, reason string) {
+	s.cache.invalidate(res.Digests)
+	if s.nc == nil {
+		return
+	}
+	n := revoke.Notice(res, reason)
+	n.Family = family
+	body, err := events.EncodeTokenRevoked(n)
+	if err == nil {
+		err = s.nc.Publish(s.cfg.Topology.RevokedSubject(), body)
+	}
+	if err != nil {
+		s.log.Warn("revocation notice not sent; other instances rely on their cache TTL", "err", err)
+	}
+}
+
+// WatchNotices subscribes to revocation and deactivation notices and drops
+// the tokens they name from the introspection cache, until stop is called.
+// ServeListener calls it; it needs a NATS connection (async mode).
+func (s *Server) WatchNotices() (stop func(), err error) {
+	if s.nc == nil {
+		return func() {}, nil
+	}
+	var subs []*nats.Subscription
+	stop = func() {
+		for _, sub := range subs {
+			_ = sub.Unsubscribe()
+		}
+	}
+	for _, subject := range []string{s.cfg.Topology.RevokedSubject(), s.cfg.Topology.DeactivatedSubject()} {
+		sub, err := s.nc.Subscribe(subject, s.onNotice)
+		if err != nil {
+			stop()
+			return nil, fmt.Errorf("subscribe %s: %w", subject, err)
+		}
+		subs = append(subs, sub)
+	}
+	return stop, nil
+}
+
+func (s *Server) onNotice(m *nats.Msg) {
+	if strings.HasSuffix(m.Subject, ".deactivated") {
+		if n, err := events.DecodeTokenDeactivated(m.Data); err == nil {
+			s.cache.invalidate([]events.Digest{n.TokenDigest})
+		}
+		return
+	}
+	if n, err := events.DecodeTokenRevoked(m.Data); err == nil {
+		s.cache.invalidate(n.Digests)
+	}
+}
+
+// metadata serves RFC 8414 authorization server metadata, so stock clients
+// can discover the endpoints. The issuer identifier is the URL the request
+// came to.
+func (s *Server) metadata(w http.ResponseWriter, r *http.Request) {
+	scheme := "http"
+	if r.TLS != nil || strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https") {
+		scheme = "https"
+	}
+	base := scheme + "://" + r.Host
+	auth := []string{"client_secret_basic", "client_secret_post"}
+	writeJSON(w, http.StatusOK, map[string]any{
+		"issuer":                                base,
+		"token_endpoint":                        base + "/oauth2/token",
+		"revocation_endpoint":                   base + "/oauth2/revoke",
+		"introspection_endpoint":                base + "/oauth2/introspect",
+		"grant_types_supported":                 []string{"client_credentials", "password", "refresh_token"},
+		"response_types_supported":              []string{},
+		"token_endpoint_auth_methods_supported": auth,
+		"revocation_endpoint_auth_methods_supported":    auth,
+		"introspection_endpoint_auth_methods_supported": auth,
+	})
+}

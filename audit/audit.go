@@ -6,9 +6,11 @@ package audit
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -89,6 +91,11 @@ func ReadDigests(r io.Reader) ([]events.Digest, error) {
 // Check audits the given digests (may be empty: then only the table-wide
 // checks run) and, if stream is not nil, the named consumers' backlog.
 func Check(ctx context.Context, pool *pgxpool.Pool, digests []events.Digest, stream jetstream.Stream, consumers ...string) (*Report, error) {
+	// A coalesced token is handed to several requests; it is still one
+	// token with one row.
+	digests = slices.Clone(digests)
+	slices.SortFunc(digests, func(a, b events.Digest) int { return bytes.Compare(a[:], b[:]) })
+	digests = slices.Compact(digests)
 	r := &Report{Tokens: len(digests), Pending: map[string]uint64{}}
 	const chunk = 10000
 	for lo := 0; lo < len(digests); lo += chunk {

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"log/slog"
 	"net"
@@ -22,6 +23,7 @@ import (
 	"github.com/tokenpipe/tokenpipe/persister"
 	"github.com/tokenpipe/tokenpipe/pgretry"
 	"github.com/tokenpipe/tokenpipe/recovery"
+	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
 // Pipeline is issuer, persister and recovery running in this process on a
@@ -47,7 +49,7 @@ type PipelineOptions struct {
 // StartPipeline starts the three roles and registers a client allowed
 // p0000..p<ScopePool-1>.
 func StartPipeline(ctx context.Context, pool *pgxpool.Pool, nc *nats.Conn, o PipelineOptions) (*Pipeline, error) {
-	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(4096))
+	js, err := issuer.NewJetStream(nc, issuer.Config{MaxInFlight: 4096, PublishTimeout: 2 * time.Second})
 	if err != nil {
 		return nil, err
 	}
@@ -69,10 +71,19 @@ func StartPipeline(ctx context.Context, pool *pgxpool.Pool, nc *nats.Conn, o Pip
 	addr := ln.Addr().String()
 	ln.Close()
 	p.URL = "http://" + addr + "/oauth2/token"
+	secret := make([]byte, tokens.KeyMinBytes)
+	if _, err := rand.Read(secret); err != nil {
+		return nil, err
+	}
+	keys, err := tokens.NewKeyring(secret)
+	if err != nil {
+		return nil, err
+	}
 	reg := prometheus.NewRegistry()
 	iss := issuer.New(issuer.Config{
 		Mode: o.Mode, TokenTTL: time.Hour, RefreshTTL: time.Hour, PublishTimeout: 2 * time.Second,
 		SyncConflictRetries: 5, Instance: "bench", MaxBodyBytes: 8192, Topology: o.Topology,
+		Keys: keys, CoalesceWindow: -1, // the matrix measures races, not their coalescing
 	}, clients.NewRegistry(pool, time.Minute), nc, js, pool, o.Log, issuer.NewMetrics(reg))
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	p.stop = cancel

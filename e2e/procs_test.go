@@ -57,6 +57,9 @@ func newDeployment(t *testing.T, dbURL string, topo events.Topology, extra ...st
 		"TOKENPIPE_LOG_FORMAT=text",
 		"TOKENPIPE_SHUTDOWN_TIMEOUT=10s",
 		"TOKENPIPE_LAG_INTERVAL=1s",
+		"TOKENPIPE_TOKEN_KEYS="+testenv.KeyText,
+		// The race tests send identical requests on purpose.
+		"TOKENPIPE_COALESCE_WINDOW=0s",
 	)
 	return &deployment{t: t, env: append(env, extra...), topo: topo}
 }

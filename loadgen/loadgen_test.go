@@ -105,7 +105,7 @@ func TestRunAgainstRealPipeline(t *testing.T) {
 	testenv.Must(t, err, "client")
 	log := testenv.Logger(t)
 	reg := prometheus.NewRegistry()
-	iss := issuer.New(issuer.Config{Mode: issuer.ModeAsync, TokenTTL: time.Hour, PublishTimeout: 2 * time.Second, Instance: "t", MaxBodyBytes: 4096, Topology: topo},
+	iss := issuer.New(issuer.Config{Mode: issuer.ModeAsync, TokenTTL: time.Hour, PublishTimeout: 2 * time.Second, Instance: "t", MaxBodyBytes: 4096, Topology: topo, Keys: testenv.Keys(), CoalesceWindow: -1},
 		clients.NewRegistry(pool, time.Minute), nc, js, pool, log, issuer.NewMetrics(reg))
 	srv := httptest.NewServer(iss.Handler())
 	defer srv.Close()

@@ -11,7 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenpipe/tokenpipe/audit"
@@ -47,6 +46,13 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	if _, ok := os.LookupEnv(envPrefix + "_HTTP_ADDR"); !ok {
 		os.Setenv(envPrefix+"_HTTP_ADDR", "127.0.0.1:8080")
+	}
+	// One process, so a key made up for this run is shared by every "issuer"
+	// there is. A real deployment gives all issuers the same configured key.
+	for _, name := range []string{"_TOKEN_KEYS", "_ADMIN_TOKEN"} {
+		if _, ok := os.LookupEnv(envPrefix + name); !ok {
+			os.Setenv(envPrefix+name, randomKey())
+		}
 	}
 	rest, err := loadConfig("demo", args, stderr, &cfg, demoUsage)
 	if err != nil {
@@ -88,11 +94,11 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	defer nc.Close()
-	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(cfg.PublishMaxInFlight))
+	topo := cfg.Topology()
+	js, err := issuer.NewJetStream(nc, cfg.issuerConfig(topo))
 	if err != nil {
 		return err
 	}
-	topo := cfg.Topology()
 	stream, err := events.Provision(ctx, js, topo)
 	if err != nil {
 		return err

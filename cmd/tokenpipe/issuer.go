@@ -13,6 +13,7 @@ import (
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/issuer"
 	"github.com/tokenpipe/tokenpipe/ops"
+	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
 // IssuerConfig configures the token endpoint.
@@ -21,7 +22,13 @@ type IssuerConfig struct {
 	HTTPAddr            string        `envconfig:"HTTP_ADDR" default:":8080" desc:"address of the OAuth2 token endpoint"`
 	Mode                string        `envconfig:"MODE" default:"async" desc:"async: answer after JetStream has the event; sync: write the row in the request (no NATS)"`
 	TokenTTL            time.Duration `envconfig:"TOKEN_TTL" default:"1h" desc:"access token lifetime"`
-	RefreshTTL          time.Duration `envconfig:"REFRESH_TTL" default:"720h" desc:"refresh token lifetime (not yet recorded: events carry no refresh expiry)"`
+	RefreshTTL          time.Duration `envconfig:"REFRESH_TTL" default:"720h" desc:"refresh token lifetime"`
+	TokenKeys           string        `envconfig:"TOKEN_KEYS" desc:"required: comma-separated token signing keys (hex or base64, 32+ bytes; the first signs, all verify); every issuer must share them; make one with 'tokenpipe keygen'"`
+	CoalesceWindow      time.Duration `envconfig:"COALESCE_WINDOW" default:"5s" desc:"identical token requests (client, user, scope, grant) within one window get the same token; 0 disables"`
+	RefreshGrace        time.Duration `envconfig:"REFRESH_GRACE" default:"5s" desc:"concurrent redemptions of one refresh token within this long get the same new pair; later ones are reuse and revoke the family; 0 for none"`
+	IntrospectCacheTTL  time.Duration `envconfig:"INTROSPECT_CACHE_TTL" default:"5s" desc:"longest reuse of a positive introspection answer (revocation notices end it sooner); 0 disables the cache"`
+	IntrospectCacheSize int           `envconfig:"INTROSPECT_CACHE_SIZE" default:"100000" desc:"most cached introspection answers"`
+	AdminToken          string        `envconfig:"ADMIN_TOKEN" desc:"bearer token for the /admin management API; empty disables it"`
 	PublishTimeout      time.Duration `envconfig:"PUBLISH_TIMEOUT" default:"2s" desc:"longest wait for JetStream's ack before answering 503"`
 	PublishMaxInFlight  int           `envconfig:"PUBLISH_MAX_INFLIGHT" default:"4096" desc:"most unacknowledged publishes shared by all requests"`
 	SyncConflictRetries int           `envconfig:"SYNC_CONFLICT_RETRIES" default:"5" desc:"sync mode: retries when a concurrent request wins the race for a key"`
@@ -54,15 +61,48 @@ func (c *IssuerConfig) validate() error {
 		return fmt.Errorf("%s_MAX_BODY_BYTES: must be at least 256", envPrefix)
 	case c.HTTPAddr == "":
 		return fmt.Errorf("%s_HTTP_ADDR: is empty", envPrefix)
+	case c.TokenKeys == "":
+		return fmt.Errorf("%s_TOKEN_KEYS: is empty; generate a key with 'tokenpipe keygen' and give every issuer the same one", envPrefix)
+	case c.CoalesceWindow < 0:
+		return fmt.Errorf("%s_COALESCE_WINDOW: must not be negative", envPrefix)
+	case c.Mode == issuer.ModeAsync && c.CoalesceWindow >= c.DuplicateWindow:
+		return fmt.Errorf("%s_COALESCE_WINDOW: %s must be shorter than %s_DUPLICATE_WINDOW (%s), which lets JetStream keep one event per coalesced token", envPrefix, c.CoalesceWindow, envPrefix, c.DuplicateWindow)
+	case c.RefreshGrace < 0 || c.RefreshGrace > 5*time.Minute:
+		return fmt.Errorf("%s_REFRESH_GRACE: must be between 0 and 5m", envPrefix)
+	case c.Mode == issuer.ModeAsync && c.RefreshGrace >= c.DuplicateWindow:
+		return fmt.Errorf("%s_REFRESH_GRACE: %s must be shorter than %s_DUPLICATE_WINDOW (%s)", envPrefix, c.RefreshGrace, envPrefix, c.DuplicateWindow)
+	case c.IntrospectCacheTTL < 0:
+		return fmt.Errorf("%s_INTROSPECT_CACHE_TTL: must not be negative", envPrefix)
+	case c.IntrospectCacheSize < 1:
+		return fmt.Errorf("%s_INTROSPECT_CACHE_SIZE: must be at least 1", envPrefix)
+	case c.AdminToken != "" && len(c.AdminToken) < 16:
+		return fmt.Errorf("%s_ADMIN_TOKEN: must be at least 16 characters", envPrefix)
+	}
+	if _, err := tokens.ParseKeys(c.TokenKeys); err != nil {
+		return fmt.Errorf("%s_TOKEN_KEYS: %v", envPrefix, err)
 	}
 	return nil
 }
 
+// offIfZero maps the command line's "0 disables" to issuer.Config's
+// negative-means-off (zero there means the default).
+func offIfZero(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
+}
+
+// issuerConfig assumes validate passed.
 func (c *IssuerConfig) issuerConfig(topo events.Topology) issuer.Config {
+	keys, _ := tokens.ParseKeys(c.TokenKeys)
 	return issuer.Config{
 		Mode: c.Mode, TokenTTL: c.TokenTTL, RefreshTTL: c.RefreshTTL, PublishTimeout: c.PublishTimeout,
 		MaxInFlight: c.PublishMaxInFlight, SyncConflictRetries: c.SyncConflictRetries, Instance: c.instance(),
 		MaxBodyBytes: c.MaxBodyBytes, RequireTLS: c.RequireTLS, Topology: topo,
+		Keys: keys, CoalesceWindow: offIfZero(c.CoalesceWindow), RefreshGrace: offIfZero(c.RefreshGrace),
+		IntrospectCacheTTL: offIfZero(c.IntrospectCacheTTL), IntrospectCacheSize: c.IntrospectCacheSize,
+		AdminToken: c.AdminToken,
 	}
 }
 
@@ -75,9 +115,15 @@ func (c *IssuerConfig) instance() string {
 
 const issuerUsage = `[-h]
 
-Serves POST /oauth2/token (RFC 6749: client_credentials and password grants,
-client authentication by HTTP Basic or client_secret_post) on
-TOKENPIPE_HTTP_ADDR, and /metrics, /healthz, /readyz on TOKENPIPE_OPS_ADDR.
+Serves on TOKENPIPE_HTTP_ADDR:
+  POST /oauth2/token       RFC 6749: client_credentials, password, refresh_token
+  POST /oauth2/revoke      RFC 7009
+  POST /oauth2/introspect  RFC 7662
+  GET  /.well-known/oauth-authorization-server  RFC 8414 metadata
+  /account/applications    users list and remove applications (HTTP Basic)
+  /admin/...               management API (Bearer TOKENPIPE_ADMIN_TOKEN)
+and /metrics, /healthz, /readyz on TOKENPIPE_OPS_ADDR. Clients authenticate
+by HTTP Basic or client_secret_post.
 
 In async mode a token is returned only after JetStream acknowledged its event;
 persister workers write the rows. In sync mode the row is written inside the

@@ -39,6 +39,8 @@ func commands() map[string]command {
 		"replay":    {"re-drive a range of the token stream through persistence", runReplay},
 		"dlq":       {"list, show, replay or purge dead letters", runDLQ},
 		"status":    {"show the stream, its consumers and row counts", runStatus},
+		"tokens":    {"list a user's applications or a client's tokens; revoke them (apps|list|revoke)", runTokens},
+		"keygen":    {"print a new token signing key for TOKENPIPE_TOKEN_KEYS", runKeygen},
 	}
 }
 

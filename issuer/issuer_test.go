@@ -160,7 +160,10 @@ func send(req *http.Request) (answer, error) {
 	if err != nil {
 		return answer{}, err
 	}
-	var body map[string]any
+	body := map[string]any{}
+	if len(raw) == 0 && resp.StatusCode == http.StatusOK {
+		return answer{status: resp.StatusCode, header: resp.Header, body: body}, nil // RFC 7009 success
+	}
 	if err := json.Unmarshal(raw, &body); err != nil {
 		return answer{}, fmt.Errorf("answer is not JSON (%d): %q", resp.StatusCode, raw)
 	}

@@ -142,7 +142,7 @@ func Grant(ctx context.Context, db Beginner, client, subject string, upToSeq uin
 		}
 		const match = `client_id = $1 AND ($2 = '' OR subject = $2) AND (stream_seq IS NULL OR stream_seq <= $3)`
 		tag, err := tx.Exec(ctx, `INSERT INTO revoked_families (family_id, reason)
-			SELECT DISTINCT family_id FROM tokens WHERE family_id IS NOT NULL AND `+match+`
+			SELECT DISTINCT family_id, $4::text FROM tokens WHERE family_id IS NOT NULL AND `+match+`
 			ON CONFLICT DO NOTHING`, client, subject, int64(upToSeq), reason)
 		if err != nil {
 			return fmt.Errorf("record families of grant: %w", err)

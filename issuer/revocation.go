@@ -134,13 +134,13 @@ func (s *Server) metadata(w http.ResponseWriter, r *http.Request) {
 	base := scheme + "://" + r.Host
 	auth := []string{"client_secret_basic", "client_secret_post"}
 	writeJSON(w, http.StatusOK, map[string]any{
-		"issuer":                                base,
-		"token_endpoint":                        base + "/oauth2/token",
-		"revocation_endpoint":                   base + "/oauth2/revoke",
-		"introspection_endpoint":                base + "/oauth2/introspect",
-		"grant_types_supported":                 []string{"client_credentials", "password", "refresh_token"},
-		"response_types_supported":              []string{},
-		"token_endpoint_auth_methods_supported": auth,
+		"issuer":                                        base,
+		"token_endpoint":                                base + "/oauth2/token",
+		"revocation_endpoint":                           base + "/oauth2/revoke",
+		"introspection_endpoint":                        base + "/oauth2/introspect",
+		"grant_types_supported":                         []string{"client_credentials", "password", "refresh_token"},
+		"response_types_supported":                      []string{},
+		"token_endpoint_auth_methods_supported":         auth,
 		"revocation_endpoint_auth_methods_supported":    auth,
 		"introspection_endpoint_auth_methods_supported": auth,
 	})

@@ -384,7 +384,9 @@ func parseRequest(r *http.Request, maxBody int64, requireTLS bool) (tokenRequest
 		if !ok {
 			return req, invalidClient("the Authorization header is not HTTP Basic credentials", true)
 		}
-		if form.Has("client_secret") {
+		// RFC 6749 3.2: a parameter sent without a value counts as omitted
+		// (some stock clients send an empty client_id next to Basic).
+		if form.Get("client_secret") != "" {
 			return req, badRequest("invalid_request", "use one client authentication method, not two")
 		}
 		var err1, err2 error
@@ -395,7 +397,7 @@ func parseRequest(r *http.Request, maxBody int64, requireTLS bool) (tokenRequest
 		}
 		// A client_id next to Basic credentials is harmless only if it names
 		// the same client.
-		if form.Has("client_id") && form.Get("client_id") != id {
+		if form.Get("client_id") != "" && form.Get("client_id") != id {
 			return req, badRequest("invalid_request", "client_id does not match the Basic credentials")
 		}
 		if id == "" || secret == "" {

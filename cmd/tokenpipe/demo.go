@@ -193,17 +193,29 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	say("summary")
 	say("  issued (HTTP 200)                    %d", out.OK)
 	say("  persisted rows                       %d (%d ACTIVE, %d INACTIVE)", active+inactive, active, inactive)
+	say("  distinct tokens                      %d (identical requests in one window share one)", report.Tokens)
 	say("  race losers made INACTIVE            %d", inactive)
 	say("  tokens without a row                 %d", len(report.Missing))
 	say("  keys with more than one ACTIVE row   %d", len(report.DoubleActive))
 	say("  ACTIVE rows that are not the newest  %d", len(report.ActiveNotNewest))
 	say("  queue drained in                     %s", time.Since(drainStart).Round(time.Millisecond))
-	say("")
-	say("try it by hand:")
-	say("  curl -s -u '%s:%s' -d grant_type=client_credentials -d scope='s01 s02' %s", clientID, secret, tokenURL)
 	if !report.Clean() {
 		return errViolations
 	}
+	say("")
+	say("OAuth lifecycle")
+	base := "http://" + addr
+	lines, err := lifecycleDemo(ctx, pool, base, say)
+	if err != nil {
+		return fmt.Errorf("lifecycle: %w", err)
+	}
+	say("")
+	say("try it by hand (AT and RT are the access and refresh token of an answer):")
+	say("  curl -s -u '%s:%s' -d grant_type=client_credentials -d scope='s01 s02' %s", clientID, secret, tokenURL)
+	for _, l := range lines {
+		say("  %s", l)
+	}
+	say("  curl -s -H 'Authorization: Bearer %s' %s/admin/clients/%s/tokens", cfg.AdminToken, base, clientID)
 	if *stay {
 		say("\nthe endpoint stays up until Ctrl-C")
 		<-ctx.Done()

@@ -227,6 +227,11 @@ func invalidClient(desc string, challenge bool) *oauthError {
 var errUnavailable = &oauthError{status: http.StatusServiceUnavailable, code: "temporarily_unavailable",
 	desc: "the token could not be recorded; retry shortly"}
 
+// errUnconfirmed is errUnavailable after a publish whose outcome is unknown
+// (ack timeout, client gone): JetStream may still store the event.
+var errUnconfirmed = &oauthError{status: http.StatusServiceUnavailable, code: "temporarily_unavailable",
+	desc: "the token could not be recorded; retry shortly"}
+
 type tokenResponse struct {
 	AccessToken  string `json:"access_token"`
 	TokenType    string `json:"token_type"`

@@ -450,3 +450,50 @@ func fmtAny(v any) string {
 	b, _ := json.Marshal(v)
 	return string(b)
 }
+
+// TestUnconfirmedTokenDoesNotDeactivateTheHeldOne: a publish whose ack does
+// not come in time answers 503, but JetStream may store the event anyway.
+// That token, which nobody holds, must not supersede the key's token the
+// client does hold.
+func TestUnconfirmedTokenDoesNotDeactivateTheHeldOne(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	var cfg issuer.Config
+	e, _ := lifecycleEnv(t, func(c *issuer.Config) { cfg = *c })
+	held := e.post(t, url.Values{"grant_type": {"client_credentials"}, "scope": {"read"}}, basic("app", e.secret)).token(t)
+	if _, err := persister.WriteBatch(ctx, e.pool, e.storedRows(t)); err != nil {
+		t.Fatal(err)
+	}
+	cfg.PublishTimeout = time.Nanosecond // every ack comes too late
+	impatient := e.second(t, cfg)
+	unavailable := 0
+	handed := map[events.Digest]bool{}
+	for range 20 {
+		a := e.to(t, impatient.URL, "/oauth2/token", url.Values{"grant_type": {"client_credentials"}, "scope": {"read"}}, basic("app", e.secret))
+		switch a.status {
+		case 503:
+			unavailable++
+		case 200: // the ack beat the timer: a real token, allowed to supersede
+			handed[events.DigestOf(a.token(t))] = true
+		}
+	}
+	testenv.Eventually(t, 10*time.Second, "the unconfirmed events reach the stream", func() (bool, error) {
+		return len(e.storedRows(t)) > 1+len(handed), nil
+	})
+	rows := e.storedRows(t)[1:]
+	if unavailable == 0 {
+		t.Fatal("the test needs 503s whose events were stored")
+	}
+	outcomes, err := persister.WriteBatch(ctx, e.pool, rows)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, o := range outcomes {
+		if d := rows[i].Event.TokenDigest; !handed[d] && o != persister.Existing {
+			t.Fatalf("unconfirmed token %d: outcome %v, want Existing (already recorded REVOKED)", i, o)
+		}
+	}
+	if s := e.state(t, held); len(handed) == 0 && s != "ACTIVE" {
+		t.Fatalf("the token the client holds is %s after unconfirmed tokens for its key", s)
+	}
+}

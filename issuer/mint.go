@@ -126,6 +126,9 @@ func (s *Server) mint(ctx context.Context, sp spec) (*tokenResponse, error) {
 		return nil, err
 	}
 	seen, err := s.record(ctx, m.event)
+	if errors.Is(err, errUnconfirmed) && !sp.derived {
+		s.abandon(m)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -145,6 +148,24 @@ func (s *Server) mint(ctx context.Context, sp spec) (*tokenResponse, error) {
 	}
 	s.metrics.issued.WithLabelValues(sp.grant).Inc()
 	return m.resp, nil
+}
+
+// abandon records a token nobody was given as REVOKED. Its event may still
+// be stored after an ack timeout; without this the token would get a row
+// and, being the newest of its key, deactivate the token the client really
+// holds. The REVOKED row takes the digest first, so the persister leaves it
+// alone. Best effort: it needs Postgres within a moment, and if the event is
+// persisted before it, the client's token may already be deactivated (it
+// then re-requests on 401). Derived tokens are never abandoned: another
+// request may hold the same token.
+func (s *Server) abandon(m *minted) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if _, err := revoke.Token(ctx, s.db, m.event.TokenDigest, m.access); err != nil {
+		s.log.Warn("could not record an unconfirmed token as revoked", "err", err, "token_digest", m.event.TokenDigest.String())
+		return
+	}
+	s.metrics.revoked.WithLabelValues("abandoned").Inc()
 }
 
 // record makes the event durable: published and acknowledged by JetStream,
@@ -189,20 +210,27 @@ func (s *Server) publish(ctx context.Context, ev *events.TokenIssued) (*jetstrea
 	timer := time.NewTimer(s.cfg.PublishTimeout - time.Since(start))
 	defer timer.Stop()
 	// After a timeout or a vanished client JetStream may still store the
-	// event: the token then has a row but no holder, which the one-ACTIVE
-	// rule treats like any newer token for the key.
+	// event: see abandon.
 	select {
 	case ack := <-f.Ok():
 		s.metrics.publishSeconds.Observe(time.Since(start).Seconds())
 		return ack, nil
 	case err := <-f.Err():
+		if errors.Is(err, jetstream.ErrAsyncPublishTimeout) {
+			// The handle gave up waiting (PublishTimeout), not the server.
+			s.metrics.publishErrors.WithLabelValues("timeout").Inc()
+			s.log.Warn("publish not acknowledged in time", "timeout", s.cfg.PublishTimeout, "token_digest", ev.TokenDigest.String())
+			return nil, errUnconfirmed
+		}
 		s.metrics.publishErrors.WithLabelValues("nack").Inc()
 		s.log.Warn("publish failed", "err", err, "token_digest", ev.TokenDigest.String())
 	case <-timer.C:
 		s.metrics.publishErrors.WithLabelValues("timeout").Inc()
 		s.log.Warn("publish not acknowledged in time", "timeout", s.cfg.PublishTimeout, "token_digest", ev.TokenDigest.String())
+		return nil, errUnconfirmed
 	case <-ctx.Done():
 		s.metrics.publishErrors.WithLabelValues("client_gone").Inc()
+		return nil, errUnconfirmed
 	}
 	return nil, errUnavailable
 }

@@ -25,17 +25,8 @@ type introspection struct {
 // introspect answers POST /oauth2/introspect (RFC 7662) for any
 // authenticated client: resource servers register as clients.
 func (s *Server) introspect(w http.ResponseWriter, r *http.Request) {
-	req, err := parseRequest(r, s.cfg.MaxBodyBytes, s.cfg.RequireTLS)
-	if err == nil {
-		_, err = s.authenticate(r.Context(), req)
-	}
-	if err != nil {
-		s.writeError(w, err)
-		return
-	}
-	text := req.form.Get("token")
-	if text == "" {
-		s.writeError(w, badRequest("invalid_request", "token is required"))
+	_, text, ok := s.tokenRequest(w, r)
+	if !ok {
 		return
 	}
 	start := time.Now()

@@ -67,6 +67,33 @@ func (e *env) to(t *testing.T, base, path string, form url.Values, mutate ...fun
 	return do(t, r)
 }
 
+// concurrently sends n copies of a token request at once, spread over the
+// given issuer base URLs in turn, as client "app".
+func (e *env) concurrently(t *testing.T, n int, bases []string, form url.Values) []answer {
+	t.Helper()
+	answers := make([]answer, n)
+	var wg sync.WaitGroup
+	for i := range answers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r, _ := http.NewRequest(http.MethodPost, bases[i%len(bases)]+"/oauth2/token", strings.NewReader(form.Encode()))
+			r.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+			basic("app", e.secret)(r)
+			a, err := send(r)
+			if err != nil {
+				t.Error(err)
+			}
+			answers[i] = a
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	return answers
+}
+
 func (e *env) password(t *testing.T, base string) answer {
 	t.Helper()
 	a := e.to(t, base, "/oauth2/token", url.Values{"grant_type": {"password"}, "username": {"alice"},
@@ -137,28 +164,8 @@ func TestConcurrentRefreshesShareOnePair(t *testing.T) {
 	first := e.password(t, e.srv.URL)
 	refresh := first.body["refresh_token"].(string)
 
-	answers := make([]answer, 10)
-	var wg sync.WaitGroup
-	for i := range answers {
-		base := e.srv.URL
-		if i%2 == 1 {
-			base = other.URL
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			r, _ := http.NewRequest(http.MethodPost, base+"/oauth2/token", strings.NewReader(url.Values{
-				"grant_type": {"refresh_token"}, "refresh_token": {refresh}}.Encode()))
-			r.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-			basic("app", e.secret)(r)
-			a, err := send(r)
-			if err != nil {
-				t.Error(err)
-			}
-			answers[i] = a
-		}()
-	}
-	wg.Wait()
+	answers := e.concurrently(t, 10, []string{e.srv.URL, other.URL}, url.Values{
+		"grant_type": {"refresh_token"}, "refresh_token": {refresh}})
 	for i, a := range answers {
 		if a.status != 200 {
 			t.Fatalf("refresh %d = %d %v", i, a.status, a.body)
@@ -350,30 +357,13 @@ func TestCoalescedRequestsShareOneToken(t *testing.T) {
 	e, _ := lifecycleEnv(t, func(c *issuer.Config) { c.CoalesceWindow = 10 * time.Minute; cfg = *c })
 	other := e.second(t, cfg)
 	tokensSeen := map[string]int{}
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	for i := range 8 {
-		base := e.srv.URL
-		if i%2 == 1 {
-			base = other.URL
+	for _, a := range e.concurrently(t, 8, []string{e.srv.URL, other.URL}, url.Values{
+		"grant_type": {"client_credentials"}, "scope": {"read"}}) {
+		if a.status != 200 {
+			t.Fatalf("request = %d %v", a.status, a.body)
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			r, _ := http.NewRequest(http.MethodPost, base+"/oauth2/token", strings.NewReader("grant_type=client_credentials&scope=read"))
-			r.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-			basic("app", e.secret)(r)
-			a, err := send(r)
-			if err != nil || a.status != 200 {
-				t.Errorf("request: %v %d %v", err, a.status, a.body)
-				return
-			}
-			mu.Lock()
-			tokensSeen[a.body["access_token"].(string)]++
-			mu.Unlock()
-		}()
+		tokensSeen[a.token(t)]++
 	}
-	wg.Wait()
 	// A window boundary inside the burst would split it in two; with a
 	// ten-minute window that is one chance in thousands.
 	if len(tokensSeen) != 1 {

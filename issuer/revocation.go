@@ -8,6 +8,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 
+	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/revoke"
 	"github.com/tokenpipe/tokenpipe/tokens"
@@ -19,19 +20,8 @@ import (
 // The revocation is committed to Postgres before the answer, and wins over
 // a TokenIssued event still in the queue.
 func (s *Server) revoke(w http.ResponseWriter, r *http.Request) {
-	req, err := parseRequest(r, s.cfg.MaxBodyBytes, s.cfg.RequireTLS)
-	if err != nil {
-		s.writeError(w, err)
-		return
-	}
-	client, err := s.authenticate(r.Context(), req)
-	if err != nil {
-		s.writeError(w, err)
-		return
-	}
-	text := req.form.Get("token")
-	if text == "" {
-		s.writeError(w, badRequest("invalid_request", "token is required"))
+	client, text, ok := s.tokenRequest(w, r)
+	if !ok {
 		return
 	}
 	c, err := s.cfg.Keys.Decode(text)
@@ -60,6 +50,25 @@ func (s *Server) revoke(w http.ResponseWriter, r *http.Request) {
 	s.metrics.revoked.WithLabelValues(c.Kind.String()).Inc()
 	s.notify(res, family, revoke.ReasonClient)
 	writeRevoked(w)
+}
+
+// tokenRequest reads a client-authenticated request about a token (RFC 7009,
+// RFC 7662): the same transport, form and authentication rules as the token
+// endpoint, and a required token parameter. On failure it has answered.
+func (s *Server) tokenRequest(w http.ResponseWriter, r *http.Request) (*clients.Client, string, bool) {
+	req, err := parseRequest(r, s.cfg.MaxBodyBytes, s.cfg.RequireTLS)
+	var client *clients.Client
+	if err == nil {
+		client, err = s.authenticate(r.Context(), req)
+	}
+	if err == nil && req.form.Get("token") == "" {
+		err = badRequest("invalid_request", "token is required")
+	}
+	if err != nil {
+		s.writeError(w, err)
+		return nil, "", false
+	}
+	return client, req.form.Get("token"), true
 }
 
 func writeRevoked(w http.ResponseWriter) {

@@ -10,16 +10,29 @@ import (
 // TestBadConfigIsOneLineNamingTheVariable: a role refuses to start on a bad
 // value, and says which variable in a single line.
 func TestBadConfigIsOneLineNamingTheVariable(t *testing.T) {
-	cases := []struct{ env, value, cmd string }{
-		{"TOKENPIPE_BATCH_SIZE", "lots", "persister"},
-		{"TOKENPIPE_BATCH_SIZE", "0", "persister"},
-		{"TOKENPIPE_ACK_WAIT", "10ms", "recovery"},
-		{"TOKENPIPE_LOG_LEVEL", "chatty", "persister"},
-		{"TOKENPIPE_STREAM_REPLICAS", "9", "recovery"},
-		{"TOKENPIPE_STREAM", "a.b", "persister"},
+	const key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+	cases := []struct {
+		env, value, cmd string
+		key             string // TOKENPIPE_TOKEN_KEYS, for issuer cases about another variable
+	}{
+		{"TOKENPIPE_BATCH_SIZE", "lots", "persister", ""},
+		{"TOKENPIPE_BATCH_SIZE", "0", "persister", ""},
+		{"TOKENPIPE_ACK_WAIT", "10ms", "recovery", ""},
+		{"TOKENPIPE_LOG_LEVEL", "chatty", "persister", ""},
+		{"TOKENPIPE_STREAM_REPLICAS", "9", "recovery", ""},
+		{"TOKENPIPE_STREAM", "a.b", "persister", ""},
+		{"TOKENPIPE_TOKEN_KEYS", "", "issuer", ""},
+		{"TOKENPIPE_TOKEN_KEYS", "c2hvcnQ", "issuer", ""},
+		{"TOKENPIPE_COALESCE_WINDOW", "3m", "issuer", key},
+		{"TOKENPIPE_REFRESH_GRACE", "10m", "issuer", key},
+		{"TOKENPIPE_ADMIN_TOKEN", "short", "issuer", key},
+		{"TOKENPIPE_INTROSPECT_CACHE_TTL", "-1s", "issuer", key},
 	}
 	for _, c := range cases {
 		t.Run(c.env+"="+c.value, func(t *testing.T) {
+			if c.env != "TOKENPIPE_TOKEN_KEYS" {
+				t.Setenv("TOKENPIPE_TOKEN_KEYS", c.key)
+			}
 			t.Setenv(c.env, c.value)
 			var stdout, stderr bytes.Buffer
 			code := run(context.Background(), []string{c.cmd}, &stdout, &stderr)

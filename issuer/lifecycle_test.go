@@ -20,6 +20,7 @@ import (
 	"github.com/tokenpipe/tokenpipe/issuer"
 	"github.com/tokenpipe/tokenpipe/persister"
 	"github.com/tokenpipe/tokenpipe/replay/pipetest"
+	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
 const adminToken = "test-admin-token-0123456789"
@@ -485,5 +486,32 @@ func TestUnconfirmedTokenDoesNotDeactivateTheHeldOne(t *testing.T) {
 	}
 	if s := e.state(t, held); len(handed) == 0 && s != "ACTIVE" {
 		t.Fatalf("the token the client holds is %s after unconfirmed tokens for its key", s)
+	}
+}
+
+// TestExpiredTokensAreInactiveAtOnce: expiry is read from the token itself,
+// whatever its row says, for access and refresh tokens alike.
+func TestExpiredTokensAreInactiveAtOnce(t *testing.T) {
+	t.Parallel()
+	e, _ := lifecycleEnv(t, nil)
+	past := time.Now().Add(-2 * time.Hour)
+	for _, kind := range []tokens.Kind{tokens.Access, tokens.Refresh} {
+		text, err := testenv.Keys().Encode(tokens.Claims{Kind: kind, Grant: "password", ClientID: "app", Subject: "alice",
+			Scope: "read", IssuedAt: past, ExpiresAt: past.Add(time.Hour)})
+		testenv.Must(t, err, "encode")
+		if a := e.introspect(t, text); len(a.body) != 1 || a.body["active"] != false {
+			t.Fatalf("expired %s introspects as %v", kind, a.body)
+		}
+		if kind == tokens.Refresh {
+			if a := e.refreshWith(t, e.srv.URL, text); a.status != 400 || a.body["error"] != "invalid_grant" {
+				t.Fatalf("expired refresh token redeemed: %d %v", a.status, a.body)
+			}
+		}
+	}
+	// The same claims, unexpired, are active: the test above is about expiry.
+	text, _ := testenv.Keys().Encode(tokens.Claims{Kind: tokens.Access, Grant: "password", ClientID: "app", Subject: "alice",
+		Scope: "read", IssuedAt: time.Now(), ExpiresAt: time.Now().Add(time.Hour)})
+	if a := e.introspect(t, text); a.body["active"] != true {
+		t.Fatalf("unexpired token introspects as %v", a.body)
 	}
 }

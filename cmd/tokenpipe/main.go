@@ -40,6 +40,7 @@ func commands() map[string]command {
 		"dlq":       {"list, show, replay or purge dead letters", runDLQ},
 		"status":    {"show the stream, its consumers and row counts", runStatus},
 		"tokens":    {"list a user's applications or a client's tokens; revoke them (apps|list|revoke)", runTokens},
+		"cleanup":   {"delete expired token rows, old rotations and revocations in bounded batches", runCleanup},
 		"keygen":    {"print a new token signing key for TOKENPIPE_TOKEN_KEYS", runKeygen},
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/tokenpipe/tokenpipe/cleanup"
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/ops"
@@ -150,8 +151,27 @@ func runPersister(ctx context.Context, args []string, _, stderr io.Writer) error
 	return p.Run(ctx)
 }
 
+// RecoveryConfig is the recovery role's: a worker pool plus the scheduled
+// cleanup, which runs here because recovery is the role with the fewest
+// replicas (and cleanup's batches skip locked rows, so replicas do not clash).
+type RecoveryConfig struct {
+	WorkerConfig
+	CleanupConfig
+	CleanupInterval time.Duration `envconfig:"CLEANUP_INTERVAL" default:"10m" desc:"run the expiry cleanup this often inside the recovery role; 0 disables (then run tokenpipe cleanup from a scheduler)"`
+}
+
+func (c *RecoveryConfig) validate() error {
+	if err := c.WorkerConfig.validate(); err != nil {
+		return err
+	}
+	if c.CleanupInterval < 0 {
+		return fmt.Errorf("%s_CLEANUP_INTERVAL: must not be negative", envPrefix)
+	}
+	return c.CleanupConfig.validate()
+}
+
 func runRecovery(ctx context.Context, args []string, _, stderr io.Writer) error {
-	var cfg WorkerConfig
+	var cfg RecoveryConfig
 	if _, err := loadConfig("recovery", args, stderr, &cfg, ""); err != nil {
 		return helpIsNil(err)
 	}
@@ -167,6 +187,15 @@ func runRecovery(ctx context.Context, args []string, _, stderr io.Writer) error 
 		Finish: cfg.ShutdownTimeout, NakDelay: cfg.NakDelay,
 	}, env.pool, env.js, env.log, recovery.NewMetrics(env.ops.Registry))
 	go func() { <-ctx.Done(); env.ops.SetDraining() }()
+	if cfg.CleanupInterval > 0 {
+		cleanCtx, stopClean := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			cleanup.Run(cleanCtx, env.pool, cfg.config(), cfg.CleanupInterval, env.log.With("job", "cleanup"), cleanup.NewMetrics(env.ops.Registry))
+		}()
+		defer func() { stopClean(); <-done }() // before stop closes the pool
+	}
 	return r.Run(ctx)
 }
 

@@ -88,45 +88,50 @@ func (s Stats) Total() int64 { return s.Tokens + s.Rotations + s.RevokedFamilies
 // expiry (so it does not step over the index entries it just deleted again)
 // and skips rows another transaction holds (a persister's or recovery's), so
 // cleanup never waits on them; a skipped row goes in a later pass.
+//
+// The rows are deleted by the ctid the sub-select locked (a TID scan, not a
+// primary key probe per row: half the work). A locked row cannot move, and
+// a row updated between the statement's snapshot and the lock is simply
+// not deleted by this batch.
 const tokensSQL = `
-DELETE FROM tokens WHERE token_digest IN (
-	SELECT token_digest FROM tokens
+DELETE FROM tokens WHERE ctid = ANY(ARRAY(
+	SELECT ctid FROM tokens
 	WHERE coalesce(refresh_expires_at, expires_at) < $1
 	  AND coalesce(refresh_expires_at, expires_at) >= $2
 	ORDER BY coalesce(refresh_expires_at, expires_at)
 	LIMIT $3
-	FOR UPDATE SKIP LOCKED)
+	FOR UPDATE SKIP LOCKED))
 RETURNING coalesce(refresh_expires_at, expires_at)`
 
 // A rotation is useless once its refresh token expired: presenting that
 // token fails on its exp claim before anyone looks for reuse.
 const rotationsSQL = `
-DELETE FROM refresh_rotations WHERE refresh_digest IN (
-	SELECT refresh_digest FROM refresh_rotations
+DELETE FROM refresh_rotations WHERE ctid = ANY(ARRAY(
+	SELECT ctid FROM refresh_rotations
 	WHERE expires_at < $1 AND expires_at >= $2
 	ORDER BY expires_at
 	LIMIT $3
-	FOR UPDATE SKIP LOCKED)
+	FOR UPDATE SKIP LOCKED))
 RETURNING expires_at`
 
 // The revocation tables are small (one row per revocation) and have no index
 // on revoked_at; a batch scans them.
 const familiesSQL = `
-DELETE FROM revoked_families WHERE family_id IN (
-	SELECT family_id FROM revoked_families
+DELETE FROM revoked_families WHERE ctid = ANY(ARRAY(
+	SELECT ctid FROM revoked_families
 	WHERE revoked_at < $1 AND revoked_at >= $2
 	ORDER BY revoked_at
 	LIMIT $3
-	FOR UPDATE SKIP LOCKED)
+	FOR UPDATE SKIP LOCKED))
 RETURNING revoked_at`
 
 const grantsSQL = `
-DELETE FROM revoked_grants WHERE (client_id, subject) IN (
-	SELECT client_id, subject FROM revoked_grants
+DELETE FROM revoked_grants WHERE ctid = ANY(ARRAY(
+	SELECT ctid FROM revoked_grants
 	WHERE revoked_at < $1 AND revoked_at >= $2
 	ORDER BY revoked_at
 	LIMIT $3
-	FOR UPDATE SKIP LOCKED)
+	FOR UPDATE SKIP LOCKED))
 RETURNING revoked_at`
 
 // Table labels, as in the metrics.

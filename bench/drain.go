@@ -24,6 +24,7 @@ import (
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/persister"
 	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
 // DrainOptions configures one drain benchmark.
@@ -122,11 +123,14 @@ func MakeEvents(n int) []*events.TokenIssued {
 	out := make([]*events.TokenIssued, n)
 	for i := range out {
 		var d events.Digest
+		var f tokens.Family
 		_, _ = rand.Read(d[:])
+		_, _ = rand.Read(f[:]) // issued tokens all carry a family, indexed
 		out[i] = &events.TokenIssued{
 			Version: events.Version, Type: events.TypeTokenIssued, TokenDigest: d,
 			ClientID: "bench-client", Subject: "user-" + strconv.Itoa(i), Scopes: []string{"read"},
 			GrantType: "client_credentials", IssuedAt: now, ExpiresAt: now.Add(time.Hour), Instance: "bench",
+			FamilyID: &f,
 		}
 	}
 	return out
@@ -175,7 +179,7 @@ func Fill(ctx context.Context, js jetstream.JetStream, topo events.Topology, evs
 }
 
 var copyColumns = []string{"token_digest", "refresh_digest", "client_id", "subject", "scope", "state",
-	"grant_type", "issued_at", "expires_at", "stream_seq", "instance"}
+	"grant_type", "issued_at", "expires_at", "stream_seq", "instance", "family_id"}
 
 // CopyCeiling COPYs evs into tokens with the given number of writers, each
 // COPY one transaction of batch rows, and returns rows per second.
@@ -197,7 +201,7 @@ func CopyCeiling(ctx context.Context, pool *pgxpool.Pool, evs []*events.TokenIss
 				rows := make([][]any, len(chunk))
 				for i, e := range chunk {
 					rows[i] = []any{e.TokenDigest[:], nil, e.ClientID, e.Subject, e.Scope(), "ACTIVE",
-						e.GrantType, e.IssuedAt, e.ExpiresAt, int64(lo + i + 1), e.Instance}
+						e.GrantType, e.IssuedAt, e.ExpiresAt, int64(lo + i + 1), e.Instance, e.FamilyID[:]}
 				}
 				if _, err := pool.CopyFrom(ctx, pgx.Identifier{"tokens"}, copyColumns, pgx.CopyFromRows(rows)); err != nil {
 					errs <- fmt.Errorf("copy: %w", err)

@@ -182,7 +182,8 @@ func tokensRevoke(ctx context.Context, cfg *Common, client, user string, noStrea
 	n := revoke.Notice(res, revoke.ReasonAdmin)
 	n.ClientID, n.Subject = client, user
 	if body, err := events.EncodeTokenRevoked(n); err == nil {
-		if err := nc.Publish(cfg.Topology().RevokedSubject(), body); err == nil {
+		err := nc.Publish(cfg.Topology().RevokedSubject(), body)
+		if err == nil {
 			err = nc.FlushTimeout(5 * time.Second)
 		}
 		if err != nil {

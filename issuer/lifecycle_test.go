@@ -515,3 +515,36 @@ func TestExpiredTokensAreInactiveAtOnce(t *testing.T) {
 		t.Fatalf("unexpired token introspects as %v", a.body)
 	}
 }
+
+// TestLifecycleInSyncMode: the same promises when rows are written inside
+// the request: concurrent refreshes share one pair (one row), revocation
+// and introspection agree, and a refresh after revocation is refused.
+func TestLifecycleInSyncMode(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, issuer.ModeSync)
+	pair := e.password(t, e.srv.URL)
+	answers := e.concurrently(t, 10, []string{e.srv.URL}, url.Values{
+		"grant_type": {"refresh_token"}, "refresh_token": {pair.body["refresh_token"].(string)}})
+	for i, a := range answers {
+		if a.status != 200 || a.body["access_token"] != answers[0].body["access_token"] {
+			t.Fatalf("sync refresh %d = %d %v, or another pair than refresh 0", i, a.status, a.body)
+		}
+	}
+	access, refresh := answers[0].token(t), answers[0].body["refresh_token"].(string)
+	if s := e.state(t, access); s != "ACTIVE" {
+		t.Fatalf("rotated token is %s", s)
+	}
+	if s := e.state(t, pair.token(t)); s != "INACTIVE" {
+		t.Fatalf("the pair it replaced is %s, want INACTIVE (same key)", s)
+	}
+	if a := e.introspect(t, access); a.body["active"] != true {
+		t.Fatalf("introspect = %v", a.body)
+	}
+	e.revokeToken(t, refresh)
+	if a := e.introspect(t, access); a.body["active"] != false {
+		t.Fatalf("after revoking its refresh token the access token introspects as %v", a.body)
+	}
+	if a := e.refreshWith(t, e.srv.URL, refresh); a.status != 400 || a.body["error"] != "invalid_grant" {
+		t.Fatalf("refresh after revocation = %d %v", a.status, a.body)
+	}
+}

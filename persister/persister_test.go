@@ -4,23 +4,21 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
-	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/pgretry"
-	"github.com/tokenpipe/tokenpipe/recovery"
+	"github.com/tokenpipe/tokenpipe/replay/pipetest"
 )
 
+// pipeline is the shared in-process pipeline with short field names for
+// these tests.
 type pipeline struct {
+	*pipetest.Pipeline
 	pool *pgxpool.Pool
 	js   jetstream.JetStream
 	topo events.Topology
@@ -28,30 +26,12 @@ type pipeline struct {
 
 func newPipeline(t *testing.T) *pipeline {
 	t.Helper()
-	_, pool := testenv.Database(t)
-	_, js, topo := testenv.JetStream(t)
-	return &pipeline{pool: pool, js: js, topo: topo}
+	pt := pipetest.New(t)
+	return &pipeline{Pipeline: pt, pool: pt.Pool, js: pt.JS, topo: pt.Topo}
 }
 
 // start runs a persister pool and a recovery consumer until the test ends.
-func (p *pipeline) start(t *testing.T, workers int) {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	pcfg := persister.Config{
-		Pool:  consume.Config{Workers: workers, BatchSize: 500, BatchWait: 20 * time.Millisecond},
-		Retry: pgretry.DefaultPolicy(), Topology: p.topo, Finish: 5 * time.Second, NakDelay: time.Second,
-	}
-	per := persister.New(pcfg, p.pool, p.js, testenv.Logger(t), persister.NewMetrics(prometheus.NewRegistry()))
-	rec := recovery.New(recovery.Config{
-		Pool:  consume.Config{Workers: 1, BatchSize: 200, BatchWait: 20 * time.Millisecond},
-		Retry: pgretry.DefaultPolicy(), Topology: p.topo, Finish: 5 * time.Second, NakDelay: time.Second,
-	}, p.pool, p.js, testenv.Logger(t), recovery.NewMetrics(prometheus.NewRegistry()))
-	wg.Add(2)
-	go func() { defer wg.Done(); _ = per.Run(ctx) }()
-	go func() { defer wg.Done(); _ = rec.Run(ctx) }()
-	t.Cleanup(func() { cancel(); wg.Wait() })
-}
+func (p *pipeline) start(t *testing.T, workers int) { p.Start(t, workers) }
 
 // states returns token digest -> state for every row.
 func (p *pipeline) states(t *testing.T) map[events.Digest]string {
@@ -78,25 +58,7 @@ func (p *pipeline) count(t *testing.T, sql string, args ...any) int {
 }
 
 // drained waits until both durable consumers have nothing pending.
-func (p *pipeline) drained(t *testing.T) {
-	t.Helper()
-	testenv.Eventually(t, 30*time.Second, "consumers drained", func() (bool, error) {
-		for _, name := range []string{p.topo.Persister, p.topo.Recovery} {
-			c, err := p.js.Consumer(context.Background(), p.topo.Stream, name)
-			if err != nil {
-				return false, err
-			}
-			info, err := c.Info(context.Background())
-			if err != nil {
-				return false, err
-			}
-			if info.NumPending+uint64(info.NumAckPending) > 0 {
-				return false, nil
-			}
-		}
-		return true, nil
-	})
-}
+func (p *pipeline) drained(t *testing.T) { p.Drained(t) }
 
 func TestPersistsEventsAndRacesResolveToNewest(t *testing.T) {
 	t.Parallel()

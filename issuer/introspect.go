@@ -25,12 +25,12 @@ type introspection struct {
 // introspect answers POST /oauth2/introspect (RFC 7662) for any
 // authenticated client: resource servers register as clients.
 func (s *Server) introspect(w http.ResponseWriter, r *http.Request) {
-	_, text, ok := s.tokenRequest(w, r)
+	caller, text, ok := s.tokenRequest(w, r)
 	if !ok {
 		return
 	}
 	start := time.Now()
-	ans, source, err := s.introspection(r.Context(), text, start)
+	ans, source, err := s.introspection(r.Context(), caller.ID, text, start)
 	if err != nil {
 		s.writeError(w, err)
 		return
@@ -39,10 +39,16 @@ func (s *Server) introspect(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, ans)
 }
 
-// introspection decides whether text is an active token. Expiry and
-// signature need no lookup; whether the token was revoked or deactivated
-// does, and is cached. source says where the answer came from, for metrics.
-func (s *Server) introspection(ctx context.Context, text string, now time.Time) (*introspection, string, error) {
+// introspection decides whether text is an active token, for the client
+// caller. Expiry and signature need no lookup; whether the token was revoked
+// or deactivated does, and is cached. source says where the answer came
+// from, for metrics.
+//
+// A refresh token is a credential for the authorization server only (RFC
+// 6749 section 10.4): it introspects as active only to its own client, and
+// always with token_type refresh_token, so no resource server can mistake
+// it for an access token.
+func (s *Server) introspection(ctx context.Context, caller, text string, now time.Time) (*introspection, string, error) {
 	inactive := &introspection{}
 	c, err := s.cfg.Keys.Decode(text)
 	if err != nil {
@@ -50,6 +56,9 @@ func (s *Server) introspection(ctx context.Context, text string, now time.Time) 
 	}
 	if c.Expired(now) {
 		return inactive, "expired", nil
+	}
+	if c.Kind == tokens.Refresh && c.ClientID != caller {
+		return inactive, "foreign_refresh", nil
 	}
 	d := events.DigestOf(text)
 	if live, ok := s.cache.get(d, now); ok {
@@ -61,7 +70,7 @@ func (s *Server) introspection(ctx context.Context, text string, now time.Time) 
 		if err != nil {
 			return nil, "", err
 		}
-		live := !st.revoked && (st.rotatedAt == nil || now.Sub(*st.rotatedAt) <= s.cfg.RefreshGrace)
+		live := !st.revoked && st.userExists && (st.answeredAt == nil || now.Sub(*st.answeredAt) <= s.cfg.RefreshGrace)
 		if !live {
 			s.cache.put(d, gen, false, c.ExpiresAt)
 		}
@@ -89,9 +98,9 @@ func answer(c tokens.Claims, live bool) *introspection {
 		return &introspection{}
 	}
 	a := &introspection{Active: true, ClientID: c.ClientID, Subject: c.Subject, Scope: c.Scope,
-		Exp: c.ExpiresAt.Unix(), Iat: c.IssuedAt.Unix()}
-	if c.Kind == tokens.Access {
-		a.TokenType = "Bearer"
+		Exp: c.ExpiresAt.Unix(), Iat: c.IssuedAt.Unix(), TokenType: "Bearer"}
+	if c.Kind == tokens.Refresh {
+		a.TokenType = tokens.Refresh.String()
 	}
 	if c.Grant == "password" || (c.Grant == "refresh_token" && c.Subject != c.ClientID) {
 		a.Username = c.Subject

@@ -160,6 +160,8 @@ type Server struct {
 	log      *slog.Logger
 	metrics  *Metrics
 	cache    *introCache
+	// now cuts coalescing windows; tests replace it to replay window edges.
+	now func() time.Time
 }
 
 // NewJetStream returns the JetStream handle async mode needs: at most
@@ -190,7 +192,7 @@ func New(cfg Config, registry *clients.Registry, nc *nats.Conn, js jetstream.Jet
 		panic("issuer: Config.Keys is required")
 	}
 	return &Server{cfg: cfg, registry: registry, nc: nc, js: js, db: db, log: log, metrics: m,
-		cache: newIntroCache(cfg.IntrospectCacheTTL, cfg.IntrospectCacheSize)}
+		cache: newIntroCache(cfg.IntrospectCacheTTL, cfg.IntrospectCacheSize), now: time.Now}
 }
 
 // Handler routes the OAuth endpoints and the management API.
@@ -329,11 +331,15 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
 	// Refresh tokens go with the password grant (RFC 6749 4.4.3: not with
 	// client_credentials), and only to clients allowed to redeem them.
 	withRefresh := grant == "password" && client.Allows("refresh_token")
-	sp, err := s.grantSpec(client.ID, subject, grant, scopes, withRefresh, time.Now())
-	if err != nil {
-		return nil, err
+	rq := request{clientID: client.ID, subject: subject, grant: grant, scopes: scopes, refresh: withRefresh}
+	if s.cfg.CoalesceWindow <= 0 {
+		sp, err := randomSpec(rq, time.Now())
+		if err != nil {
+			return nil, err
+		}
+		return s.mintFresh(r.Context(), sp)
 	}
-	return s.mint(r.Context(), sp)
+	return s.mintCoalesced(r.Context(), rq)
 }
 
 // requestedScopes canonicalises the scope parameter and checks it against

@@ -188,7 +188,7 @@ func TestConcurrentRefreshesShareOnePair(t *testing.T) {
 		t.Fatalf("rotated access token is %s, want ACTIVE", s)
 	}
 	// The new refresh token works (and its own rotation is fine).
-	if a := e.introspect(t, newRefresh); a.body["active"] != true {
+	if a := e.introspectAs(t, "app", e.secret, newRefresh); a.body["active"] != true {
 		t.Fatalf("new refresh token introspects as %v", a.body)
 	}
 

@@ -26,6 +26,17 @@ type spec struct {
 	family                   tokens.Family
 	accessNonce              [16]byte
 	refreshNonce             [16]byte
+	// refreshScope and refreshExpires describe the refresh token when they
+	// differ from the access token's: a rotated refresh token keeps the
+	// presented one's scope and expiry (RFC 6749 section 6; an absolute
+	// family lifetime), while its access token may be narrowed.
+	refreshScope   string
+	refreshExpires time.Time
+	refreshIssued  time.Time
+	// refreshRecorded: the refresh token is already recorded with an earlier
+	// event; it goes into the answer but not into this event (a refresh
+	// digest has one row).
+	refreshRecorded bool
 	// derived: the nonces were derived, not drawn, so another request (on
 	// any instance) may have minted the very same token before.
 	derived bool
@@ -47,28 +58,44 @@ func (sp *spec) randomize(newFamily bool) error {
 	return nil
 }
 
-// grantSpec is the spec for a client_credentials or password request. With a
-// coalescing window, identical requests (same client, subject, scope, grant)
-// inside one window derive the same token, so a multi-threaded client that
-// asks N times at once holds one token, not N of which N-1 are deactivated a
-// moment later. Instances agree without talking: the window is cut from the
-// clock and the token from the shared key.
-func (s *Server) grantSpec(clientID, subject, grant string, scopes []string, refresh bool, now time.Time) (spec, error) {
-	sp := spec{clientID: clientID, subject: subject, grant: grant, scopes: scopes, refresh: refresh}
+// request is what makes two token requests identical for coalescing.
+type request struct {
+	clientID, subject, grant string
+	scopes                   []string
+	refresh                  bool
+}
+
+// maxGenerations bounds how many distinct tokens identical requests can
+// derive in one coalescing window. A new generation is derived only when the
+// previous one was revoked, or superseded by a token that is not ours to
+// hand out again (a refresh, another grant); each takes an outside event, so
+// a handful is plenty.
+const maxGenerations = 8
+
+// coalescedSpec is the token every identical request in window derives:
+// instances agree without talking, because the window is cut from the clock
+// and the token from the shared key. Generation 0 uses the derivation of
+// earlier releases, so a rolling upgrade keeps coalescing.
+func (s *Server) coalescedSpec(rq request, window int64, gen int) spec {
 	w := s.cfg.CoalesceWindow.Milliseconds()
-	if w <= 0 {
-		sp.issuedAt = now.Truncate(time.Millisecond)
-		return sp, sp.randomize(true)
-	}
-	window := now.UnixMilli() / w
-	sp.issuedAt = time.UnixMilli(window * w).UTC()
-	parts := [][]byte{[]byte(clientID), []byte(subject), []byte(events.JoinScopes(scopes)), []byte(grant),
+	sp := spec{clientID: rq.clientID, subject: rq.subject, grant: rq.grant, scopes: rq.scopes, refresh: rq.refresh,
+		issuedAt: time.UnixMilli(window * w).UTC(), derived: true}
+	parts := [][]byte{[]byte(rq.clientID), []byte(rq.subject), []byte(events.JoinScopes(rq.scopes)), []byte(rq.grant),
 		binary.BigEndian.AppendUint64(nil, uint64(window))}
+	if gen > 0 {
+		parts = append(parts, []byte{byte(gen)})
+	}
 	sp.accessNonce = s.cfg.Keys.Derive("coalesce/access", parts...)
 	sp.refreshNonce = s.cfg.Keys.Derive("coalesce/refresh", parts...)
 	sp.family = s.cfg.Keys.Derive("coalesce/family", parts...)
-	sp.derived = true
-	return sp, nil
+	return sp
+}
+
+// randomSpec is a token nobody else can have minted.
+func randomSpec(rq request, now time.Time) (spec, error) {
+	sp := spec{clientID: rq.clientID, subject: rq.subject, grant: rq.grant, scopes: rq.scopes, refresh: rq.refresh,
+		issuedAt: now.Truncate(time.Millisecond)}
+	return sp, sp.randomize(true)
 }
 
 // minted is a spec turned into token texts, claims and the event.
@@ -97,12 +124,23 @@ func (s *Server) build(sp spec, now time.Time) (*minted, error) {
 	if sp.refresh {
 		rc := access
 		rc.Kind, rc.ExpiresAt, rc.Nonce = tokens.Refresh, sp.issuedAt.Add(s.cfg.RefreshTTL), sp.refreshNonce
+		if sp.refreshScope != "" {
+			rc.Scope = sp.refreshScope
+		}
+		if !sp.refreshExpires.IsZero() {
+			rc.ExpiresAt = sp.refreshExpires
+		}
+		if !sp.refreshIssued.IsZero() {
+			rc.IssuedAt = sp.refreshIssued
+		}
 		rt, err := s.cfg.Keys.Encode(rc)
 		if err != nil {
 			return nil, err
 		}
-		d := events.DigestOf(rt)
-		m.event.RefreshDigest, m.event.RefreshExpiresAt = &d, &rc.ExpiresAt
+		if !sp.refreshRecorded {
+			d := events.DigestOf(rt)
+			m.event.RefreshDigest, m.event.RefreshExpiresAt = &d, &rc.ExpiresAt
+		}
 		m.resp.RefreshToken, m.refresh = rt, rt
 	}
 	return m, nil
@@ -113,38 +151,136 @@ func expiresIn(exp, now time.Time) int64 {
 	return max(1, int64((exp.Sub(now)+time.Second/2)/time.Second))
 }
 
-// mint records the tokens of sp (publish, or write in sync mode) and
-// returns the answer for the client.
+// mintFresh records a token minted at random and returns the answer. A
+// token whose recording is unconfirmed is abandoned: nobody holds it.
+func (s *Server) mintFresh(ctx context.Context, sp spec) (*tokenResponse, error) {
+	m, err := s.build(sp, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	if _, _, err := s.record(ctx, m.event); err != nil {
+		if errors.Is(err, errUnconfirmed) {
+			s.abandon(m)
+		}
+		return nil, err
+	}
+	s.metrics.issued.WithLabelValues(sp.grant).Inc()
+	return m.resp, nil
+}
+
+// mintCoalesced answers a client_credentials or password request so that
+// identical requests share one token, and a shared token is live when it is
+// handed out.
 //
-// A derived token may have been handed out before. If it since was revoked
-// or deactivated it must never be handed out again: then, and whenever that
-// cannot be checked, the tokens are minted afresh with random values.
-func (s *Server) mint(ctx context.Context, sp spec) (*tokenResponse, error) {
-	now := time.Now()
-	m, err := s.build(sp, now)
-	if err != nil {
-		return nil, err
-	}
-	seen, err := s.record(ctx, m.event)
-	if errors.Is(err, errUnconfirmed) && !sp.derived {
-		s.abandon(m)
-	}
-	if err != nil {
-		return nil, err
-	}
-	if sp.derived && seen {
-		live, err := s.accessLive(ctx, m.event.TokenDigest, m.access)
+// Every identical request in a window derives the same token; JetStream's
+// deduplication tells a request whether the token was recorded before, and
+// only then is its state looked up. A token that is still live is shared.
+// One that a newer token of its key superseded is never handed out again:
+// the request shares the key's ACTIVE token instead when it is one of ours
+// (a coalesced token of the same request, which can be derived again), so a
+// request that outlived its window converges on the newer window's token
+// instead of minting one that would supersede it. Only when the key's newest
+// token cannot be shared (it was revoked, or minted by a refresh or another
+// grant) does the request derive the next generation, which later identical
+// requests derive too. So identical requests receive one token per window,
+// plus one per outside event, never a series that deactivates itself.
+//
+// When a state cannot be read (Postgres unreachable), a token is minted at
+// random: a revoked token must never be handed out again.
+func (s *Server) mintCoalesced(ctx context.Context, rq request) (*tokenResponse, error) {
+	w := s.cfg.CoalesceWindow.Milliseconds()
+	window := s.now().UnixMilli() / w
+	movedOn := false
+attempts:
+	for gen := 0; gen < maxGenerations; gen++ {
+		m, err := s.build(s.coalescedSpec(rq, window, gen), time.Now())
 		if err != nil {
-			s.log.Warn("cannot check a derived token; minting a fresh one", "err", err)
+			return nil, err
 		}
-		if err != nil || !live {
-			s.metrics.coalesced.WithLabelValues("refused").Inc()
-			if err := sp.randomize(sp.grant != "refresh_token"); err != nil {
-				return nil, err
+		// Derived tokens are never abandoned: another request may hold one.
+		seen, seq, err := s.record(ctx, m.event)
+		if err != nil {
+			return nil, err
+		}
+		if !seen {
+			s.metrics.issued.WithLabelValues(rq.grant).Inc()
+			return m.resp, nil
+		}
+		st, err := s.recordedState(ctx, m, seq, true)
+		if err != nil {
+			s.log.Warn("cannot check a coalesced token; minting a fresh one", "err", err)
+			break
+		}
+		current := s.now().UnixMilli() / w
+		switch st {
+		case stateLive:
+			if current > window && !movedOn {
+				// The request outlived its window: the next identical request
+				// supersedes this token, so converge on the current window's.
+				window, gen, movedOn = current, -1, true
+				continue
 			}
-			return s.mint(ctx, sp)
+			s.metrics.coalesced.WithLabelValues("shared").Inc()
+			s.metrics.issued.WithLabelValues(rq.grant).Inc()
+			return m.resp, nil
+		case stateSuperseded:
+			newer, err := s.shareActive(ctx, rq, time.Now())
+			if err != nil {
+				s.log.Warn("cannot read the key's active token; minting a fresh one", "err", err)
+				break attempts
+			}
+			if newer != nil {
+				s.metrics.coalesced.WithLabelValues("shared_newer").Inc()
+				s.metrics.issued.WithLabelValues(rq.grant).Inc()
+				return newer.resp, nil
+			}
+			if current > window && !movedOn {
+				window, gen, movedOn = current, -1, true
+				continue
+			}
 		}
-		s.metrics.coalesced.WithLabelValues("shared").Inc()
+		s.metrics.coalesced.WithLabelValues("next_generation").Inc()
+	}
+	s.metrics.coalesced.WithLabelValues("fresh").Inc()
+	sp, err := randomSpec(rq, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	return s.mintFresh(ctx, sp)
+}
+
+// mintRotation records a refresh token's successor pair, derived the same by
+// every redemption inside the grace window. When it was recorded before and
+// its access token has since been superseded, the answer carries a fresh
+// access token with the same successor refresh token, so one refresh token
+// never has two successors and no answer carries a dead access token.
+func (s *Server) mintRotation(ctx context.Context, sp spec) (*tokenResponse, error) {
+	m, err := s.build(sp, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	seen, seq, err := s.record(ctx, m.event)
+	if err != nil {
+		return nil, err
+	}
+	if seen {
+		st, err := s.recordedState(ctx, m, seq, false)
+		if err != nil {
+			return nil, err
+		}
+		switch st {
+		case stateDead:
+			return nil, badRequest("invalid_grant", "the refresh token was revoked")
+		case stateSuperseded:
+			s.metrics.coalesced.WithLabelValues("rotation_fresh_access").Inc()
+			fresh := sp
+			if _, err := rand.Read(fresh.accessNonce[:]); err != nil {
+				return nil, fmt.Errorf("generate token: %w", err)
+			}
+			fresh.refreshIssued = sp.issuedAt // the refresh token stays exactly the one recorded
+			fresh.issuedAt, fresh.refreshRecorded, fresh.derived = time.Now().Truncate(time.Millisecond), true, false
+			return s.mintFresh(ctx, fresh)
+		}
 	}
 	s.metrics.issued.WithLabelValues(sp.grant).Inc()
 	return m.resp, nil
@@ -170,16 +306,18 @@ func (s *Server) abandon(m *minted) {
 
 // record makes the event durable: published and acknowledged by JetStream,
 // or written in sync mode. seen reports that the same token was recorded
-// before (a JetStream duplicate, or an existing row).
-func (s *Server) record(ctx context.Context, ev *events.TokenIssued) (seen bool, err error) {
+// before (a JetStream duplicate, or an existing row); seq is the event's
+// stream sequence (the original's for a duplicate), 0 in sync mode.
+func (s *Server) record(ctx context.Context, ev *events.TokenIssued) (seen bool, seq uint64, err error) {
 	if s.cfg.Mode == ModeSync {
-		return s.persistSync(ctx, ev)
+		seen, err := s.persistSync(ctx, ev)
+		return seen, 0, err
 	}
 	ack, err := s.publish(ctx, ev)
 	if err != nil {
-		return false, err
+		return false, 0, err
 	}
-	return ack.Duplicate, nil
+	return ack.Duplicate, ack.Sequence, nil
 }
 
 // publish hands the event to JetStream and waits for its acknowledgement.

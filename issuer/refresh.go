@@ -19,16 +19,23 @@ import (
 
 // refresh redeems a refresh token (RFC 6749 section 6) with rotation: the
 // answer is a new access and refresh token, and the old refresh token stops
-// working once the grace window after its first redemption has passed.
+// working once the grace window after its first answered redemption has
+// passed.
 //
-// Redemptions inside the grace window all receive the same new pair, on any
-// instance, with no state shared but one row: the first redemption's time in
-// refresh_rotations. The new pair is derived from the presented refresh
-// token (which only its holder knows) and that time under the signing key,
-// so every instance computes the same pair; JetStream's deduplication then
-// keeps one event for it. A redemption after the window is reuse (a stolen
-// or replayed token, in the OAuth 2.0 security BCP's terms): it is refused
-// and the whole family is revoked.
+// A refresh token has exactly one successor pair. The first redemption
+// records its time and scope in refresh_rotations; every redemption derives
+// the pair from the presented refresh token (which only its holder knows),
+// that time and that scope under the signing key, so every instance computes
+// the same pair and JetStream's deduplication keeps one event for it. The
+// rotation counts as a use only once its pair was recorded and could be
+// handed out (answered_at): a redemption that ended in 503 can be retried.
+// A redemption more than the grace window after the first answer is reuse
+// (a stolen or replayed token, in the OAuth 2.0 security BCP's terms): it is
+// refused and the whole family is revoked.
+//
+// The new refresh token keeps the presented one's scope and expiry: a
+// narrowed scope applies to the access token only, and rotation never
+// extends a family's lifetime. The user must still exist.
 func (s *Server) refresh(ctx context.Context, client *clients.Client, form url.Values) (*tokenResponse, error) {
 	text := form.Get("refresh_token")
 	if text == "" {
@@ -56,11 +63,14 @@ func (s *Server) refresh(ctx context.Context, client *clients.Client, form url.V
 	if st.revoked {
 		return nil, badRequest("invalid_grant", "the refresh token was revoked")
 	}
-	rotatedAt, reuse, err := s.rotate(ctx, d, c)
+	if !st.userExists {
+		return nil, badRequest("invalid_grant", "the resource owner no longer exists")
+	}
+	rot, err := s.rotate(ctx, d, c, scopes)
 	if err != nil {
 		return nil, err
 	}
-	if reuse {
+	if rot.reuse {
 		s.metrics.refreshReuse.Inc()
 		res, err := revoke.Family(ctx, s.db, c.Family, revoke.ReasonReuse)
 		if err != nil {
@@ -71,17 +81,30 @@ func (s *Server) refresh(ctx context.Context, client *clients.Client, form url.V
 			"client_id", c.ClientID, "family", c.Family.String(), "rows_revoked", len(res.Digests))
 		return nil, badRequest("invalid_grant", "the refresh token was already used")
 	}
-	sp := spec{clientID: c.ClientID, subject: c.Subject, grant: "refresh_token", scopes: scopes,
-		refresh: true, issuedAt: rotatedAt, family: c.Family, derived: true}
-	parts := [][]byte{[]byte(text), []byte(events.JoinScopes(scopes))}
+	sp := spec{clientID: c.ClientID, subject: c.Subject, grant: "refresh_token", scopes: rot.scopes,
+		refresh: true, issuedAt: rot.at, family: c.Family, derived: true,
+		refreshScope: c.Scope, refreshExpires: c.ExpiresAt}
+	parts := [][]byte{[]byte(text), []byte(events.JoinScopes(rot.scopes))}
 	sp.accessNonce = s.cfg.Keys.Derive("refresh/access", parts...)
 	sp.refreshNonce = s.cfg.Keys.Derive("refresh/refresh", parts...)
-	return s.mint(ctx, sp)
+	resp, err := s.mintRotation(ctx, sp)
+	if err != nil {
+		return nil, err
+	}
+	if !rot.answered {
+		// If this fails the rotation is not counted as a use: a later
+		// redemption gets the same pair instead of being refused.
+		if _, err := s.db.Exec(ctx, `UPDATE refresh_rotations SET answered_at = clock_timestamp()
+			WHERE refresh_digest = $1 AND answered_at IS NULL`, d[:]); err != nil {
+			s.log.Warn("could not record a refresh rotation as answered", "err", err, "family", c.Family.String())
+		}
+	}
+	return resp, nil
 }
 
-// refreshScopes is the scope of the new pair: the original one, or a subset
-// of it the client asks for (RFC 6749 section 6), and in either case no more
-// than the client's registration allows today.
+// refreshScopes is the scope the client asks for: the original one, or a
+// subset of it (RFC 6749 section 6), and in either case no more than the
+// client's registration allows today.
 func refreshScopes(client *clients.Client, c tokens.Claims, raw string) ([]string, error) {
 	granted := events.CanonicalScopes(c.Scope)
 	scopes := granted
@@ -101,28 +124,43 @@ func refreshScopes(client *clients.Client, c tokens.Claims, raw string) ([]strin
 	return scopes, nil
 }
 
-// rotate records the first redemption of a refresh token, or reads it. It
-// reports reuse when the first redemption is older than the grace window.
-// The database's clock decides, so issuer clocks need not agree.
+// rotation is a refresh token's first redemption, as recorded.
+type rotation struct {
+	at       time.Time
+	scopes   []string // the new access token's scope: the first redemption's
+	answered bool     // the successor pair was recorded and could be handed out
+	reuse    bool     // answered longer ago than the grace window
+}
+
+// rotate records the first redemption of a refresh token, or reads it. The
+// database's clock decides, so issuer clocks need not agree.
 //
 // Two statements on purpose: the INSERT waits for a concurrent first
 // redemption to commit, and only a later statement's snapshot can see it.
-func (s *Server) rotate(ctx context.Context, d events.Digest, c tokens.Claims) (time.Time, bool, error) {
-	var at time.Time
-	err := s.db.QueryRow(ctx, `INSERT INTO refresh_rotations (refresh_digest, rotated_at, expires_at)
-		VALUES ($1, date_trunc('milliseconds', clock_timestamp()), $2)
-		ON CONFLICT DO NOTHING RETURNING rotated_at`, d[:], c.ExpiresAt).Scan(&at)
+func (s *Server) rotate(ctx context.Context, d events.Digest, c tokens.Claims, scopes []string) (rotation, error) {
+	rot := rotation{scopes: scopes}
+	err := s.db.QueryRow(ctx, `INSERT INTO refresh_rotations (refresh_digest, rotated_at, expires_at, scope)
+		VALUES ($1, date_trunc('milliseconds', clock_timestamp()), $2, $3)
+		ON CONFLICT DO NOTHING RETURNING rotated_at`, d[:], c.ExpiresAt, events.JoinScopes(scopes)).Scan(&rot.at)
 	if err == nil {
-		return at.UTC(), false, nil
+		rot.at = rot.at.UTC()
+		return rot, nil
 	}
 	if !errors.Is(err, pgx.ErrNoRows) {
-		return at, false, fmt.Errorf("record refresh rotation: %w", err)
+		return rot, fmt.Errorf("record refresh rotation: %w", err)
 	}
-	var reuse bool
-	err = s.db.QueryRow(ctx, `SELECT rotated_at, clock_timestamp() - rotated_at > $2
-		FROM refresh_rotations WHERE refresh_digest = $1`, d[:], s.cfg.RefreshGrace).Scan(&at, &reuse)
+	var scope *string
+	err = s.db.QueryRow(ctx, `SELECT rotated_at, scope, answered_at IS NOT NULL,
+			coalesce(clock_timestamp() - answered_at > $2, false)
+		FROM refresh_rotations WHERE refresh_digest = $1`, d[:], s.cfg.RefreshGrace).Scan(&rot.at, &scope, &rot.answered, &rot.reuse)
 	if err != nil {
-		return at, false, fmt.Errorf("read refresh rotation: %w", err)
+		return rot, fmt.Errorf("read refresh rotation: %w", err)
 	}
-	return at.UTC(), reuse, nil
+	rot.at = rot.at.UTC()
+	// Rows from before the scope was recorded derived the pair from the
+	// requested scope, as this redemption then does.
+	if scope != nil {
+		rot.scopes = events.CanonicalScopes(*scope)
+	}
+	return rot, nil
 }

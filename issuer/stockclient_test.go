@@ -78,6 +78,23 @@ func TestStockClientLibraries(t *testing.T) {
 		testenv.Must(t, err, "introspect")
 		return ans
 	}
+	// A refresh token introspects as active only to its own client (RFC
+	// 6749 10.4): the client app asks about its own refresh tokens.
+	own, err := rs.NewResourceServerClientCredentials(ctx, e.srv.URL, "app", e.secret,
+		rs.WithClient(e.srv.Client()), rs.WithStaticEndpoints(meta.TokenEndpoint, meta.IntrospectionEndpoint))
+	testenv.Must(t, err, "the client as its own introspector")
+	introspectRefresh := func(t *testing.T, token string) *oidc.IntrospectionResponse {
+		t.Helper()
+		ans, err := rs.Introspect[*oidc.IntrospectionResponse](ctx, own, token)
+		testenv.Must(t, err, "introspect refresh token")
+		if ans.Active && ans.TokenType != "refresh_token" {
+			t.Fatalf("active refresh token introspects with token_type %q", ans.TokenType)
+		}
+		if resAns := introspect(t, token); resAns.Active {
+			t.Fatalf("a resource server sees a refresh token as active: %+v", resAns)
+		}
+		return ans
+	}
 	passwordConfig := func(style oauth2.AuthStyle) *oauth2.Config {
 		return &oauth2.Config{ClientID: "app", ClientSecret: e.secret, Scopes: []string{"read", "write"},
 			Endpoint: oauth2.Endpoint{TokenURL: meta.TokenEndpoint, AuthStyle: style}}
@@ -215,7 +232,7 @@ func TestStockClientLibraries(t *testing.T) {
 		cfg := passwordConfig(oauth2.AuthStyleAutoDetect)
 		tok, err := cfg.PasswordCredentialsToken(ctx, "alice", userPassword)
 		testenv.Must(t, err, "password grant")
-		if ans := introspect(t, tok.RefreshToken); !ans.Active || ans.ClientID != "app" || ans.Subject != "alice" {
+		if ans := introspectRefresh(t, tok.RefreshToken); !ans.Active || ans.ClientID != "app" || ans.Subject != "alice" {
 			t.Fatalf("fresh refresh token introspection %+v", ans)
 		}
 
@@ -255,7 +272,7 @@ func TestStockClientLibraries(t *testing.T) {
 		if err := rp.RevokeToken(ctx, other, tok.RefreshToken, "refresh_token"); err == nil {
 			t.Fatal("a client revoked another client's refresh token")
 		}
-		if !introspect(t, tok.RefreshToken).Active {
+		if !introspectRefresh(t, tok.RefreshToken).Active {
 			t.Fatal("refresh token inactive after another client's failed revocation")
 		}
 	})

@@ -1,0 +1,267 @@
+package issuer_test
+
+import (
+	"context"
+	"net/http"
+	"net/url"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tokenpipe/tokenpipe/clients"
+	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/testenv"
+	"github.com/tokenpipe/tokenpipe/issuer"
+)
+
+// These tests hold the promise a client sees: a token handed out stays good
+// until its key gets a newer answer, it is revoked, or it expires; identical
+// requests do not churn tokens that deactivate one another; one refresh
+// token has one successor.
+
+var ccRead = url.Values{"grant_type": {"client_credentials"}, "scope": {"read"}}
+
+// fakeClock is a settable clock for coalescing windows.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *fakeClock) Set(t time.Time) { c.mu.Lock(); defer c.mu.Unlock(); c.now = t }
+
+// withClock installs a fake clock in the middle of the current minute-long
+// window, so the test owns every window edge.
+func withClock(e *env) (*fakeClock, time.Time) {
+	start := time.Now().Truncate(time.Minute).Add(30 * time.Second)
+	c := &fakeClock{now: start}
+	issuer.SetClock(e.iss, c.Now)
+	return c, start
+}
+
+// TestStaleWindowSharesTheNewerToken replays the window edge that started
+// the churn: window W's token is persisted and has deactivated window W-1's,
+// then a request that computed W-1 (it was slow) finds W-1's token INACTIVE.
+// It must hand out W's token, not mint a fresh one that supersedes it.
+func TestStaleWindowSharesTheNewerToken(t *testing.T) {
+	t.Parallel()
+	e, p := lifecycleEnv(t, func(c *issuer.Config) { c.CoalesceWindow = time.Minute })
+	clock, start := withClock(e)
+	older := e.post(t, ccRead, basic("app", e.secret)).token(t)
+	clock.Set(start.Add(time.Minute))
+	newer := e.post(t, ccRead, basic("app", e.secret)).token(t)
+	p.Start(t, 1)
+	p.Drained(t)
+	if s := e.state(t, older); s != "INACTIVE" {
+		t.Fatalf("window W-1's token is %s, want INACTIVE", s)
+	}
+
+	clock.Set(start) // a request that cut its window before the edge
+	stale := e.post(t, ccRead, basic("app", e.secret))
+	if stale.status != 200 {
+		t.Fatalf("stale request = %d %v", stale.status, stale.body)
+	}
+	if got := stale.token(t); got != newer {
+		t.Fatalf("the stale request got another token than window W's (older: %v)", got == older)
+	}
+	p.Drained(t)
+	if n := len(e.storedRows(t)); n != 2 {
+		t.Fatalf("stream holds %d events, want 2 (one per window)", n)
+	}
+	if s := e.state(t, newer); s != "ACTIVE" {
+		t.Fatalf("window W's token is %s after the stale request, want ACTIVE", s)
+	}
+}
+
+// TestRevokedCoalescedTokenIsReplacedOnce: after the window's token is
+// revoked, identical requests in the same window, sequential and
+// concurrent, over two instances, all get one new token, not one each.
+func TestRevokedCoalescedTokenIsReplacedOnce(t *testing.T) {
+	t.Parallel()
+	var cfg issuer.Config
+	e, p := lifecycleEnv(t, func(c *issuer.Config) { c.CoalesceWindow = time.Minute; cfg = *c })
+	clock, _ := withClock(e)
+	other := e.second(t, cfg)
+	first := e.post(t, ccRead, basic("app", e.secret)).token(t)
+	e.revokeToken(t, first)
+
+	got := map[string]int{}
+	for range 3 {
+		got[e.post(t, ccRead, basic("app", e.secret)).token(t)]++
+	}
+	// The second instance has the real clock: give it the same window.
+	_ = other
+	for _, a := range e.concurrently(t, 8, []string{e.srv.URL}, ccRead) {
+		if a.status != 200 {
+			t.Fatalf("request = %d %v", a.status, a.body)
+		}
+		got[a.token(t)]++
+	}
+	if len(got) != 1 {
+		t.Fatalf("11 identical requests after a revocation got %d tokens, want 1", len(got))
+	}
+	for tok := range got {
+		if tok == first {
+			t.Fatal("the revoked token was handed out again")
+		}
+		p.Start(t, 1)
+		p.Drained(t)
+		if s := e.state(t, tok); s != "ACTIVE" {
+			t.Fatalf("the replacement is %s", s)
+		}
+	}
+	if n := len(e.storedRows(t)); n != 2 {
+		t.Fatalf("stream holds %d events, want 2", n)
+	}
+	_ = clock
+}
+
+// TestCoalescedRequestAfterARefresh: a refresh supersedes the window's
+// password-grant token; the identical password requests that follow in the
+// same window get one new token between them, before and after it is
+// persisted.
+func TestCoalescedRequestAfterARefresh(t *testing.T) {
+	t.Parallel()
+	e, p := lifecycleEnv(t, func(c *issuer.Config) { c.CoalesceWindow = time.Minute })
+	withClock(e)
+	first := e.password(t, e.srv.URL)
+	if a := e.refreshWith(t, e.srv.URL, first.body["refresh_token"].(string)); a.status != 200 {
+		t.Fatalf("refresh = %d %v", a.status, a.body)
+	}
+	p.Start(t, 1)
+	p.Drained(t)
+	if s := e.state(t, first.token(t)); s != "INACTIVE" {
+		t.Fatalf("the password token is %s after the refresh, want INACTIVE", s)
+	}
+	again := e.password(t, e.srv.URL).token(t)
+	if again == first.token(t) {
+		t.Fatal("a superseded token was handed out again")
+	}
+	if s := e.password(t, e.srv.URL).token(t); s != again {
+		t.Fatal("the next identical request got yet another token (queued)")
+	}
+	p.Drained(t)
+	if s := e.password(t, e.srv.URL).token(t); s != again {
+		t.Fatal("the next identical request got yet another token (persisted)")
+	}
+	if s := e.state(t, again); s != "ACTIVE" {
+		t.Fatalf("the shared token is %s", s)
+	}
+}
+
+// TestRefreshAfterUnansweredRotationIsNotReuse: a refresh whose new pair
+// could not be recorded (the answer was 503) is not a use. The client's
+// retry after the grace window gets the pair, and only a redemption after
+// that answer's grace window is reuse.
+func TestRefreshAfterUnansweredRotationIsNotReuse(t *testing.T) {
+	t.Parallel()
+	var cfg issuer.Config
+	e, _ := lifecycleEnv(t, func(c *issuer.Config) { c.RefreshGrace = 300 * time.Millisecond; cfg = *c })
+	refresh := e.password(t, e.srv.URL).body["refresh_token"].(string)
+	cfg.PublishTimeout = time.Nanosecond // every ack comes too late
+	impatient := e.second(t, cfg)
+	if a := e.refreshWith(t, impatient.URL, refresh); a.status != 503 {
+		t.Fatalf("refresh through an issuer whose acks time out = %d %v, want 503", a.status, a.body)
+	}
+	time.Sleep(600 * time.Millisecond) // past the grace window of the failed attempt
+	retry := e.refreshWith(t, e.srv.URL, refresh)
+	if retry.status != 200 {
+		t.Fatalf("retry after a 503 = %d %v, want 200", retry.status, retry.body)
+	}
+	if a := e.introspectAs(t, "app", e.secret, retry.body["refresh_token"].(string)); a.body["active"] != true {
+		t.Fatalf("the new refresh token introspects as %v", a.body)
+	}
+	time.Sleep(600 * time.Millisecond)
+	if a := e.refreshWith(t, e.srv.URL, refresh); a.status != 400 || a.body["error"] != "invalid_grant" {
+		t.Fatalf("redemption after the answered rotation's grace window = %d %v, want invalid_grant", a.status, a.body)
+	}
+}
+
+// TestOneSuccessorPerRefreshToken: redemptions of one refresh token within
+// the grace window asking for different scopes get one pair; the new
+// refresh token keeps the presented one's scope (RFC 6749 section 6), so the
+// full scope can be asked for again, and its expiry: rotation does not
+// extend a family's lifetime.
+func TestOneSuccessorPerRefreshToken(t *testing.T) {
+	t.Parallel()
+	e, _ := lifecycleEnv(t, func(c *issuer.Config) { c.RefreshGrace = 2 * time.Second })
+	grant := e.to(t, e.srv.URL, "/oauth2/token", url.Values{"grant_type": {"password"}, "username": {"alice"},
+		"password": {userPassword}, "scope": {"read write"}}, basic("app", e.secret))
+	if grant.status != 200 {
+		t.Fatalf("password grant = %d %v", grant.status, grant.body)
+	}
+	rt1 := grant.body["refresh_token"].(string)
+	narrow := e.to(t, e.srv.URL, "/oauth2/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt1},
+		"scope": {"read"}}, basic("app", e.secret))
+	full := e.refreshWith(t, e.srv.URL, rt1)
+	if narrow.status != 200 || full.status != 200 {
+		t.Fatalf("redemptions = %d %v, %d %v", narrow.status, narrow.body, full.status, full.body)
+	}
+	if narrow.body["refresh_token"] != full.body["refresh_token"] || narrow.token(t) != full.token(t) {
+		t.Fatal("two redemptions of one refresh token in its grace window got different pairs")
+	}
+	if narrow.body["scope"] != "read" {
+		t.Fatalf("narrowed access token scope = %v, want read", narrow.body["scope"])
+	}
+	rt2 := narrow.body["refresh_token"].(string)
+	i1, i2 := e.introspectAs(t, "app", e.secret, rt1), e.introspectAs(t, "app", e.secret, rt2)
+	if i2.body["scope"] != "read write" {
+		t.Fatalf("the new refresh token's scope = %v, want the presented one's (read write)", i2.body["scope"])
+	}
+	if i1.body["exp"] != i2.body["exp"] {
+		t.Fatalf("rotation moved the refresh expiry from %v to %v", i1.body["exp"], i2.body["exp"])
+	}
+	if next := e.refreshWith(t, e.srv.URL, rt2); next.status != 200 || next.body["scope"] != "read write" {
+		t.Fatalf("redeeming the new refresh token for the full scope = %d %v", next.status, next.body)
+	}
+	if n := len(e.storedRows(t)); n != 3 {
+		t.Fatalf("stream holds %d token events, want 3 (grant, one rotation, the next)", n)
+	}
+}
+
+// TestRefreshTokensIntrospectOnlyForTheirClient: a refresh token is not an
+// access credential: to a resource server it is inactive; to its own client
+// it is active with token_type refresh_token.
+func TestRefreshTokensIntrospectOnlyForTheirClient(t *testing.T) {
+	t.Parallel()
+	e, _ := lifecycleEnv(t, nil)
+	a := e.password(t, e.srv.URL)
+	rt := a.body["refresh_token"].(string)
+	if got := e.introspectAs(t, "narrow", e.narrow, rt); len(got.body) != 1 || got.body["active"] != false {
+		t.Fatalf("a resource server introspecting a refresh token got %v, want only active=false", got.body)
+	}
+	own := e.introspectAs(t, "app", e.secret, rt)
+	if own.body["active"] != true || own.body["token_type"] != "refresh_token" {
+		t.Fatalf("the token's own client introspecting its refresh token got %v", own.body)
+	}
+	if got := e.introspectAs(t, "narrow", e.narrow, a.token(t)); got.body["active"] != true || got.body["token_type"] != "Bearer" {
+		t.Fatalf("access token introspects as %v", got.body)
+	}
+}
+
+// TestRemovedUserCannotRefresh: a removed user's refresh token is refused
+// and introspects inactive.
+func TestRemovedUserCannotRefresh(t *testing.T) {
+	t.Parallel()
+	e, _ := lifecycleEnv(t, nil)
+	rt := e.password(t, e.srv.URL).body["refresh_token"].(string)
+	testenv.Must(t, clients.RemoveUser(context.Background(), e.pool, "alice"), "remove user")
+	if a := e.refreshWith(t, e.srv.URL, rt); a.status != 400 || a.body["error"] != "invalid_grant" {
+		t.Fatalf("refresh of a removed user = %d %v, want invalid_grant", a.status, a.body)
+	}
+	if a := e.introspectAs(t, "app", e.secret, rt); a.body["active"] != false {
+		t.Fatalf("a removed user's refresh token introspects as %v", a.body)
+	}
+}
+
+func (e *env) introspectAs(t *testing.T, client, secret, token string) answer {
+	t.Helper()
+	a := e.to(t, e.srv.URL, "/oauth2/introspect", url.Values{"token": {token}}, basic(client, secret))
+	if a.status != 200 {
+		t.Fatalf("introspect = %d %v", a.status, a.body)
+	}
+	return a
+}
+
+var _ = http.MethodPost
+var _ = events.DigestOf

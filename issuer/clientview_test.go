@@ -265,3 +265,100 @@ func (e *env) introspectAs(t *testing.T, client, secret, token string) answer {
 
 var _ = http.MethodPost
 var _ = events.DigestOf
+
+// TestIdenticalRequestsConvergeUnderLoad: many connections send identical
+// requests for a few keys, three copies at once, over two instances, while
+// the persister and recovery run, with a short window so the run crosses
+// many window edges. The second instance's clock runs behind, so its
+// requests keep cutting the previous window after the first instance's
+// token for the new one was persisted: the situation of a request slower
+// than the persist-plus-recovery lag, at every edge. Each key gets at most
+// two tokens per window (one, plus one at an edge), and no token is handed
+// out after its row stopped being ACTIVE.
+func TestIdenticalRequestsConvergeUnderLoad(t *testing.T) {
+	t.Parallel()
+	const window = 250 * time.Millisecond
+	var cfg issuer.Config
+	e, p := lifecycleEnv(t, func(c *issuer.Config) { c.CoalesceWindow = window; cfg = *c })
+	behind, other := e.secondIssuer(t, cfg)
+	issuer.SetClock(behind, func() time.Time { return time.Now().Add(-window / 2) })
+	p.Start(t, 2)
+	scopes := []string{"read", "write", "admin", "read write"}
+	hosts := []string{hostOf(e.srv.URL), hostOf(other.URL)}
+
+	var mu sync.Mutex
+	lastSent := map[events.Digest]time.Time{} // the latest request that received each token
+	requests := 0
+	deadline := time.Now().Add(3 * time.Second)
+	var wg sync.WaitGroup
+	for c := range 32 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; time.Now().Before(deadline); i++ {
+				scope := scopes[(c+i)%len(scopes)]
+				var copies sync.WaitGroup
+				for k := range 3 { // the same request, three times at once
+					copies.Add(1)
+					go func() {
+						defer copies.Done()
+						sent := time.Now()
+						a, err := send(e.form(url.Values{"grant_type": {"client_credentials"}, "scope": {scope}}.Encode(),
+							basic("app", e.secret), func(r *http.Request) { r.URL.Host = hosts[(c+i+k)%2] }))
+						if err != nil || a.status != 200 {
+							t.Errorf("request = %v %d %v", err, a.status, a.body)
+							return
+						}
+						d := events.DigestOf(a.body["access_token"].(string))
+						mu.Lock()
+						defer mu.Unlock()
+						requests++
+						if sent.After(lastSent[d]) {
+							lastSent[d] = sent
+						}
+					}()
+				}
+				copies.Wait()
+			}
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		t.FailNow()
+	}
+	p.Drained(t)
+
+	var most int
+	var where string
+	err := e.pool.QueryRow(context.Background(), `
+		SELECT count(*), scope || ' @ ' || (extract(epoch FROM issued_at) * 1000)::bigint / $1
+		FROM tokens GROUP BY scope, (extract(epoch FROM issued_at) * 1000)::bigint / $1
+		ORDER BY 1 DESC LIMIT 1`, window.Milliseconds()).Scan(&most, &where)
+	testenv.Must(t, err, "tokens per key per window")
+	// A row's state_changed_at is its transaction's start; the margin covers
+	// a batch transaction that began before the request and committed after.
+	const margin = 500 * time.Millisecond
+	dead := 0
+	for d, sent := range lastSent {
+		var state string
+		var changed time.Time
+		err := e.pool.QueryRow(context.Background(), `SELECT state, state_changed_at FROM tokens WHERE token_digest = $1`, d[:]).Scan(&state, &changed)
+		testenv.Must(t, err, "token row")
+		if state != "ACTIVE" && changed.Before(sent.Add(-margin)) {
+			dead++
+		}
+	}
+	t.Logf("%d requests, %d distinct tokens; most per key per window: %d (%s); handed out dead: %d",
+		requests, len(lastSent), most, where, dead)
+	if most > 2 {
+		t.Errorf("a key got %d distinct tokens in one window (%s), want at most 2", most, where)
+	}
+	if dead > 0 {
+		t.Errorf("%d tokens were handed out after their row stopped being ACTIVE", dead)
+	}
+}
+
+func hostOf(base string) string {
+	u, _ := url.Parse(base)
+	return u.Host
+}

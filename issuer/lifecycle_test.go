@@ -49,13 +49,19 @@ func lifecycleEnv(t *testing.T, tune func(*issuer.Config)) (*env, *pipetest.Pipe
 // sharing nothing with the first but the configuration (and so the key).
 func (e *env) second(t *testing.T, cfg issuer.Config) *httptest.Server {
 	t.Helper()
+	_, srv := e.secondIssuer(t, cfg)
+	return srv
+}
+
+func (e *env) secondIssuer(t *testing.T, cfg issuer.Config) (*issuer.Server, *httptest.Server) {
+	t.Helper()
 	js, err := issuer.NewJetStream(e.js.Conn(), cfg)
 	testenv.Must(t, err, "jetstream")
 	iss := issuer.New(cfg, clients.NewRegistry(e.pool, time.Minute), e.js.Conn(), js, e.pool,
 		slog.New(slog.NewTextHandler(e.logs, nil)), issuer.NewMetrics(prometheus.NewRegistry()))
 	srv := httptest.NewServer(iss.Handler())
 	t.Cleanup(srv.Close)
-	return srv
+	return iss, srv
 }
 
 func (e *env) to(t *testing.T, base, path string, form url.Values, mutate ...func(*http.Request)) answer {

@@ -81,7 +81,8 @@ func TestRevokedCoalescedTokenIsReplacedOnce(t *testing.T) {
 	var cfg issuer.Config
 	e, p := lifecycleEnv(t, func(c *issuer.Config) { c.CoalesceWindow = time.Minute; cfg = *c })
 	clock, _ := withClock(e)
-	other := e.second(t, cfg)
+	second, other := e.secondIssuer(t, cfg)
+	issuer.SetClock(second, clock.Now)
 	first := e.post(t, ccRead, basic("app", e.secret)).token(t)
 	e.revokeToken(t, first)
 
@@ -89,9 +90,7 @@ func TestRevokedCoalescedTokenIsReplacedOnce(t *testing.T) {
 	for range 3 {
 		got[e.post(t, ccRead, basic("app", e.secret)).token(t)]++
 	}
-	// The second instance has the real clock: give it the same window.
-	_ = other
-	for _, a := range e.concurrently(t, 8, []string{e.srv.URL}, ccRead) {
+	for _, a := range e.concurrently(t, 8, []string{e.srv.URL, other.URL}, ccRead) {
 		if a.status != 200 {
 			t.Fatalf("request = %d %v", a.status, a.body)
 		}
@@ -113,7 +112,6 @@ func TestRevokedCoalescedTokenIsReplacedOnce(t *testing.T) {
 	if n := len(e.storedRows(t)); n != 2 {
 		t.Fatalf("stream holds %d events, want 2", n)
 	}
-	_ = clock
 }
 
 // TestCoalescedRequestAfterARefresh: a refresh supersedes the window's

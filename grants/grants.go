@@ -110,17 +110,58 @@ func ClientTokens(ctx context.Context, db *pgxpool.Pool, client string, f Filter
 // sequence, read first, is the watermark that reaches queued tokens. With a
 // nil js (sync mode) every token already has its row.
 func Revoke(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, stream, client, subject, reason string) (revoke.Result, error) {
-	var upTo uint64
-	if js != nil {
-		st, err := js.Stream(ctx, stream)
-		if err != nil {
-			return revoke.Result{}, fmt.Errorf("read stream %s: %w", stream, err)
-		}
-		info, err := st.Info(ctx)
-		if err != nil {
-			return revoke.Result{}, fmt.Errorf("read stream %s: %w", stream, err)
-		}
-		upTo = info.State.LastSeq
+	upTo, err := watermark(ctx, js, stream)
+	if err != nil {
+		return revoke.Result{}, err
 	}
 	return revoke.Grant(ctx, db, client, subject, upTo, reason)
+}
+
+// watermark is the stream's last sequence, read before a grant revocation:
+// every event up to it is covered, queued or stored. 0 without a stream
+// (sync mode), where every token already has its row.
+func watermark(ctx context.Context, js jetstream.JetStream, stream string) (uint64, error) {
+	if js == nil {
+		return 0, nil
+	}
+	st, err := js.Stream(ctx, stream)
+	if err != nil {
+		return 0, fmt.Errorf("read stream %s: %w", stream, err)
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("read stream %s: %w", stream, err)
+	}
+	return info.State.LastSeq, nil
+}
+
+// RevokeUser revokes every token of user at every registered client, stored
+// or queued, as Revoke does for one client: what a password reset or the
+// removal of a user calls for. One stream watermark covers all clients.
+func RevokeUser(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, stream, user, reason string) (revoke.Result, error) {
+	if user == "" {
+		return revoke.Result{}, fmt.Errorf("revoke user: a user is required")
+	}
+	upTo, err := watermark(ctx, js, stream)
+	if err != nil {
+		return revoke.Result{}, err
+	}
+	rows, err := db.Query(ctx, `SELECT client_id FROM clients ORDER BY client_id`)
+	if err != nil {
+		return revoke.Result{}, fmt.Errorf("list clients: %w", err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return revoke.Result{}, fmt.Errorf("list clients: %w", err)
+	}
+	var all revoke.Result
+	for _, id := range ids {
+		res, err := revoke.Grant(ctx, db, id, user, upTo, reason)
+		if err != nil {
+			return all, fmt.Errorf("revoke %s at %s: %w", user, id, err)
+		}
+		all.Digests = append(all.Digests, res.Digests...)
+		all.Families += res.Families
+	}
+	return all, nil
 }

@@ -13,6 +13,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/grants"
 	"github.com/tokenpipe/tokenpipe/revoke"
@@ -53,6 +55,8 @@ const tokensUsage = `apps|list|revoke ...
   revoke -client C [-user U]
                             revoke the client's tokens for user U, or for every
                             user without -user; tokens still queued included
+  revoke -user U            revoke user U's tokens at every client: after a
+                            password reset or when removing the user
 
 Tokens are shown by the first 16 hex digits of their SHA-256 digest: the
 plaintext is never stored. Output is a table, or JSON with -json.
@@ -65,7 +69,8 @@ Postgres.
 Examples:
   tokenpipe tokens apps -user alice
   tokenpipe tokens list -client mobile -state ACTIVE -limit 20
-  tokenpipe tokens revoke -client mobile -user alice`
+  tokenpipe tokens revoke -client mobile -user alice
+  tokenpipe tokens revoke -user alice`
 
 func runTokens(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg Common
@@ -145,8 +150,8 @@ func runTokens(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		}
 		return tw.Flush()
 	case "revoke":
-		if err := need("client", *client); err != nil {
-			return err
+		if *client == "" && *user == "" {
+			return need("client", *client)
 		}
 		return tokensRevoke(ctx, &cfg, *client, *user, *noStream, stdout, stderr)
 	}
@@ -160,8 +165,14 @@ func tokensRevoke(ctx context.Context, cfg *Common, client, user string, noStrea
 		return err
 	}
 	defer pool.Close()
+	revokeGrant := func(js jetstream.JetStream, stream string) (revoke.Result, error) {
+		if client == "" {
+			return grants.RevokeUser(ctx, pool, js, stream, user, revoke.ReasonAdmin)
+		}
+		return grants.Revoke(ctx, pool, js, stream, client, user, revoke.ReasonAdmin)
+	}
 	if noStream {
-		res, err := grants.Revoke(ctx, pool, nil, "", client, user, revoke.ReasonAdmin)
+		res, err := revokeGrant(nil, "")
 		if err != nil {
 			return err
 		}
@@ -173,7 +184,7 @@ func tokensRevoke(ctx context.Context, cfg *Common, client, user string, noStrea
 		return err
 	}
 	defer nc.Close()
-	res, err := grants.Revoke(ctx, pool, js, cfg.Stream, client, user, revoke.ReasonAdmin)
+	res, err := revokeGrant(js, cfg.Stream)
 	if err != nil {
 		return err
 	}
@@ -198,7 +209,11 @@ func reportRevoke(stdout io.Writer, client, user string, res revoke.Result) erro
 	if user != "" {
 		who = "user " + user
 	}
-	_, err := fmt.Fprintf(stdout, "revoked the tokens of client %s for %s: %d stored tokens changed, %d families revoked\n", client, who, len(res.Digests), res.Families)
+	where := "client " + client
+	if client == "" {
+		where = "every client"
+	}
+	_, err := fmt.Fprintf(stdout, "revoked the tokens of %s for %s: %d stored tokens changed, %d families revoked\n", where, who, len(res.Digests), res.Families)
 	return err
 }
 

@@ -143,7 +143,7 @@ func AddWith(ctx context.Context, db *pgxpool.Pool, id string, scopes, grants []
 	// scopes, as long as each token asks for few enough to fit in an event.
 	scopes = sortedSet(scopes)
 	if len(grants) == 0 && !opts.Introspect {
-		return "", errors.New("at least one grant is required (or -introspect for a resource server)")
+		return "", errors.New("at least one grant is required (a resource server with the introspect permission may have none)")
 	}
 	for _, g := range grants {
 		if !slices.Contains(knownGrants, g) {

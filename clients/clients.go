@@ -47,8 +47,11 @@ type Client struct {
 	SecretDigest [sha256.Size]byte
 	Scopes       []string // allowed scopes, sorted
 	Grants       []string // allowed grant types, sorted
-	CreatedAt    time.Time
-	scopeSet     map[string]bool
+	// Introspect: a resource server, which may introspect other clients'
+	// tokens. Every client may introspect its own.
+	Introspect bool
+	CreatedAt  time.Time
+	scopeSet   map[string]bool
 }
 
 // AllowsScope reports whether the client may request scope.
@@ -80,6 +83,20 @@ func validID(kind, id string) error {
 	return nil
 }
 
+// ValidClientID reports why id cannot be a client id, or nil. HTTP
+// handlers call it before any database work.
+func ValidClientID(id string) error { return validID("client id", id) }
+
+// ValidUsername reports why name cannot be a user name, or nil.
+func ValidUsername(name string) error { return validID("username", name) }
+
+// nameTaken reports whether err is the database refusing a name that the
+// other kind of principal already has (migration 0003).
+func nameTaken(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && pe.Code == "23505" && pe.ConstraintName == "principal_names"
+}
+
 // validScope accepts one RFC 6749 section 3.3 scope-token:
 // 1*( %x21 / %x23-5B / %x5D-7E ), printable ASCII other than space, double
 // quote and backslash.
@@ -101,6 +118,19 @@ func validScope(s string) error {
 // and every grant one of client_credentials, password, refresh_token;
 // duplicates are dropped and both sets are stored sorted.
 func Add(ctx context.Context, db *pgxpool.Pool, id string, scopes, grants []string) (string, error) {
+	return AddWith(ctx, db, id, scopes, grants, Options{})
+}
+
+// Options are the permissions of a client beyond its scopes and grants.
+type Options struct {
+	// Introspect registers a resource server: it may introspect every
+	// client's tokens. Without it a client introspects only its own.
+	Introspect bool
+}
+
+// AddWith is Add with options. A resource server (Introspect) may have no
+// grant at all: it then cannot obtain tokens, only check them.
+func AddWith(ctx context.Context, db *pgxpool.Pool, id string, scopes, grants []string, opts Options) (string, error) {
 	if err := validID("client id", id); err != nil {
 		return "", err
 	}
@@ -112,8 +142,8 @@ func Add(ctx context.Context, db *pgxpool.Pool, id string, scopes, grants []stri
 	// No bound on the whole set: a client may be allowed thousands of
 	// scopes, as long as each token asks for few enough to fit in an event.
 	scopes = sortedSet(scopes)
-	if len(grants) == 0 {
-		return "", errors.New("at least one grant is required")
+	if len(grants) == 0 && !opts.Introspect {
+		return "", errors.New("at least one grant is required (a resource server with the introspect permission may have none)")
 	}
 	for _, g := range grants {
 		if !slices.Contains(knownGrants, g) {
@@ -127,8 +157,11 @@ func Add(ctx context.Context, db *pgxpool.Pool, id string, scopes, grants []stri
 	}
 	secret := base64.RawURLEncoding.EncodeToString(raw)
 	digest := sha256.Sum256([]byte(secret))
-	_, err := db.Exec(ctx, `INSERT INTO clients (client_id, secret_digest, scopes, grants) VALUES ($1, $2, $3, $4)`,
-		id, digest[:], scopes, grants)
+	_, err := db.Exec(ctx, `INSERT INTO clients (client_id, secret_digest, scopes, grants, introspect) VALUES ($1, $2, $3, $4, $5)`,
+		id, digest[:], scopes, grants, opts.Introspect)
+	if nameTaken(err) {
+		return "", fmt.Errorf("client id %q is a user's name: users and clients share one subject namespace", id)
+	}
 	var pe *pgconn.PgError
 	if errors.As(err, &pe) && pe.Code == "23505" {
 		return "", fmt.Errorf("client %q already exists", id)
@@ -153,15 +186,28 @@ func sortedSet(s []string) []string {
 
 // List returns every client, without secrets.
 func List(ctx context.Context, db *pgxpool.Pool) ([]Client, error) {
-	rows, err := db.Query(ctx, `SELECT client_id, scopes, grants, created_at FROM clients ORDER BY client_id`)
+	rows, err := db.Query(ctx, `SELECT client_id, scopes, grants, introspect, created_at FROM clients ORDER BY client_id`)
 	if err != nil {
 		return nil, fmt.Errorf("list clients: %w", err)
 	}
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (Client, error) {
 		var c Client
-		err := r.Scan(&c.ID, &c.Scopes, &c.Grants, &c.CreatedAt)
+		err := r.Scan(&c.ID, &c.Scopes, &c.Grants, &c.Introspect, &c.CreatedAt)
 		return c, err
 	})
+}
+
+// SetIntrospect grants or withdraws a client's permission to introspect
+// other clients' tokens. Issuers apply it within their client cache TTL.
+func SetIntrospect(ctx context.Context, db *pgxpool.Pool, id string, allow bool) error {
+	tag, err := db.Exec(ctx, `UPDATE clients SET introspect = $2 WHERE client_id = $1`, id, allow)
+	if err != nil {
+		return fmt.Errorf("set introspect permission: %w", err)
+	}
+	if tag.RowsAffected() == 0 {
+		return fmt.Errorf("client %q: %w", id, ErrNotFound)
+	}
+	return nil
 }
 
 // Remove deletes a client. Issuers stop accepting it within their cache TTL.
@@ -192,6 +238,9 @@ func AddUser(ctx context.Context, db *pgxpool.Pool, username, password string, c
 	}
 	_, err = db.Exec(ctx, `INSERT INTO users (username, password_hash) VALUES ($1, $2)
 		ON CONFLICT (username) DO UPDATE SET password_hash = EXCLUDED.password_hash`, username, string(hash))
+	if nameTaken(err) {
+		return fmt.Errorf("username %q is a client's id: users and clients share one subject namespace", username)
+	}
 	if err != nil {
 		return fmt.Errorf("add user: %w", err)
 	}
@@ -293,8 +342,8 @@ func (r *Registry) client(ctx context.Context, id string) (*Client, error) {
 	}
 	var c Client
 	var digest []byte
-	err := r.db.QueryRow(ctx, `SELECT client_id, secret_digest, scopes, grants, created_at FROM clients WHERE client_id = $1`, id).
-		Scan(&c.ID, &digest, &c.Scopes, &c.Grants, &c.CreatedAt)
+	err := r.db.QueryRow(ctx, `SELECT client_id, secret_digest, scopes, grants, introspect, created_at FROM clients WHERE client_id = $1`, id).
+		Scan(&c.ID, &digest, &c.Scopes, &c.Grants, &c.Introspect, &c.CreatedAt)
 	var found *Client
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):

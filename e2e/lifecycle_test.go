@@ -30,6 +30,8 @@ func TestLifecycleAcrossIssuerProcesses(t *testing.T) {
 	secret, err := clients.Add(ctx, pool, "life-app", []string{"read"}, []string{"password", "refresh_token"})
 	testenv.Must(t, err, "add client")
 	testenv.Must(t, clients.AddUser(ctx, pool, "alice", "alice-pw", 4), "add user")
+	apiSecret, err := clients.AddWith(ctx, pool, "life-api", nil, nil, clients.Options{Introspect: true})
+	testenv.Must(t, err, "add resource server")
 	d := newDeployment(t, dbURL, topo, "TOKENPIPE_INTROSPECT_CACHE_TTL=1h", "TOKENPIPE_REFRESH_GRACE=3s")
 	d.start("persister", "persister")
 	d.start("recovery", "recovery")
@@ -37,10 +39,16 @@ func TestLifecycleAcrossIssuerProcesses(t *testing.T) {
 	_, url2 := d.issuer("issuer-2")
 	base1, base2 := strings.TrimSuffix(url1, "/oauth2/token"), strings.TrimSuffix(url2, "/oauth2/token")
 
+	// The application uses the token endpoints; the resource server
+	// life-api introspects.
 	call := func(base, path string, form url.Values) (int, map[string]any, error) {
 		req, _ := http.NewRequest(http.MethodPost, base+path, strings.NewReader(form.Encode()))
 		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-		req.SetBasicAuth("life-app", secret)
+		if path == "/oauth2/introspect" {
+			req.SetBasicAuth("life-api", apiSecret)
+		} else {
+			req.SetBasicAuth("life-app", secret)
+		}
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			return 0, nil, err

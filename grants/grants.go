@@ -7,6 +7,7 @@ package grants
 import (
 	"context"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -31,11 +32,14 @@ type Application struct {
 
 // Applications lists the clients with an ACTIVE token of subject whose access
 // or refresh token is unexpired. Tokens still queued are not listed yet.
+// A client's own tokens (client_credentials, whose subject is the client id)
+// are never a user's application, even if a user shares the client's name.
 func Applications(ctx context.Context, db *pgxpool.Pool, subject string) ([]Application, error) {
 	rows, err := db.Query(ctx, `
 		SELECT client_id, array_agg(DISTINCT scope), max(issued_at), max(expires_at), max(refresh_expires_at), count(*)
 		FROM tokens
 		WHERE subject = $1 AND state = 'ACTIVE' AND coalesce(refresh_expires_at, expires_at) > now()
+		  AND subject <> client_id AND grant_type <> 'client_credentials'
 		GROUP BY client_id ORDER BY client_id`, subject)
 	if err != nil {
 		return nil, fmt.Errorf("list applications: %w", err)
@@ -164,4 +168,38 @@ func RevokeUser(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, s
 		all.Families += res.Families
 	}
 	return all, nil
+}
+
+// ErrNoApplication: the client does not exist and the subject holds no
+// token of it, or a user named the client itself. Nothing was written.
+var ErrNoApplication = errors.New("no such application")
+
+// RevokeApplication revokes a user's tokens for a client, for the account
+// and admin user routes. A user's revocation never reaches the client's own
+// client_credentials tokens (subject = client id): those are the client's,
+// not a user's, even if a user shares its name.
+func RevokeApplication(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, stream, client, user, reason string) (revoke.Result, error) {
+	if user == "" || user == client {
+		return revoke.Result{}, ErrNoApplication
+	}
+	return RevokeKnown(ctx, db, js, stream, client, user, reason)
+}
+
+// RevokeKnown is Revoke for the management API: it writes a revocation only
+// for a client that exists or of which the subject (any subject, when "")
+// has stored tokens, so requests naming made-up clients cannot fill
+// revoked_grants. An existing client is enough, although the subject may
+// hold no row of it: its tokens may still be queued, and refusing would
+// leave them working.
+func RevokeKnown(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, stream, client, subject, reason string) (revoke.Result, error) {
+	var known bool
+	err := db.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM clients WHERE client_id = $1)
+		OR EXISTS (SELECT 1 FROM tokens WHERE client_id = $1 AND ($2 = '' OR subject = $2))`, client, subject).Scan(&known)
+	if err != nil {
+		return revoke.Result{}, fmt.Errorf("look up application %s: %w", client, err)
+	}
+	if !known {
+		return revoke.Result{}, ErrNoApplication
+	}
+	return Revoke(ctx, db, js, stream, client, subject, reason)
 }

@@ -225,14 +225,14 @@ func TestRefreshTokensIntrospectOnlyForTheirClient(t *testing.T) {
 	e, _ := lifecycleEnv(t, nil)
 	a := e.password(t, e.srv.URL)
 	rt := a.body["refresh_token"].(string)
-	if got := e.introspectAs(t, "narrow", e.narrow, rt); len(got.body) != 1 || got.body["active"] != false {
+	if got := e.introspectAs(t, "api", e.api, rt); len(got.body) != 1 || got.body["active"] != false {
 		t.Fatalf("a resource server introspecting a refresh token got %v, want only active=false", got.body)
 	}
 	own := e.introspectAs(t, "app", e.secret, rt)
 	if own.body["active"] != true || own.body["token_type"] != "refresh_token" {
 		t.Fatalf("the token's own client introspecting its refresh token got %v", own.body)
 	}
-	if got := e.introspectAs(t, "narrow", e.narrow, a.token(t)); got.body["active"] != true || got.body["token_type"] != "Bearer" {
+	if got := e.introspectAs(t, "api", e.api, a.token(t)); got.body["active"] != true || got.body["token_type"] != "Bearer" {
 		t.Fatalf("access token introspects as %v", got.body)
 	}
 }

@@ -22,14 +22,20 @@ type introspection struct {
 	Iat       int64  `json:"iat,omitempty"`
 }
 
-// introspect answers POST /oauth2/introspect (RFC 7662) for any
-// authenticated client: resource servers register as clients.
+// introspect answers POST /oauth2/introspect (RFC 7662) for an
+// authenticated client: about its own tokens, or any token for a resource
+// server (a client registered with the introspect permission).
 func (s *Server) introspect(w http.ResponseWriter, r *http.Request) {
 	caller, text, ok := s.tokenRequest(w, r)
 	if !ok {
 		return
 	}
 	start := time.Now()
+	if !s.mayIntrospect(caller, text) {
+		s.metrics.introspectSeconds.WithLabelValues("denied").Observe(time.Since(start).Seconds())
+		writeJSON(w, http.StatusOK, &introspection{})
+		return
+	}
 	ans, source, err := s.introspection(r.Context(), caller.ID, text, start)
 	if err != nil {
 		s.writeError(w, err)

@@ -92,7 +92,7 @@ func BenchmarkIntrospectUnderLoad(b *testing.B) {
 	}
 	loadSecret, err := clients.Add(ctx, e.pool, "load", loadScopes, []string{"client_credentials"})
 	testenv.Must(b, err, "add load client")
-	rsSecret, err := clients.Add(ctx, e.pool, "rs", []string{"read"}, []string{"client_credentials"})
+	rsSecret, err := clients.AddWith(ctx, e.pool, "rs", []string{"read"}, []string{"client_credentials"}, clients.Options{Introspect: true})
 	testenv.Must(b, err, "add resource server client")
 
 	// The working set: one token per scope, so every token is its own key

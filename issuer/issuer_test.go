@@ -45,6 +45,7 @@ type env struct {
 	secret string // "app": client_credentials and password, scopes admin read write
 	narrow string // "narrow": client_credentials only, scope read
 	plus   string // "svc+1%": an id that HTTP Basic must form-encode
+	api    string // "api": a resource server (may introspect every client's tokens), no grants
 }
 
 func config(topo events.Topology, mode string) issuer.Config {
@@ -81,6 +82,8 @@ func startEnv(t *testing.T, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetS
 	testenv.Must(t, err, "add narrow client")
 	e.plus, err = clients.Add(ctx, pool, "svc+1%", []string{"read"}, []string{"client_credentials"})
 	testenv.Must(t, err, "add svc+1% client")
+	e.api, err = clients.AddWith(ctx, pool, "api", nil, nil, clients.Options{Introspect: true})
+	testenv.Must(t, err, "add resource server")
 	testenv.Must(t, clients.AddUser(ctx, pool, "alice", userPassword, 4), "add user")
 	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	e.iss = issuer.New(cfg, clients.NewRegistry(pool, time.Minute), nc, js, pool, log, issuer.NewMetrics(e.reg))

@@ -118,7 +118,7 @@ func (e *env) refreshWith(t *testing.T, base, refresh string) answer {
 
 func (e *env) introspect(t *testing.T, token string) answer {
 	t.Helper()
-	a := e.to(t, e.srv.URL, "/oauth2/introspect", url.Values{"token": {token}}, basic("narrow", e.narrow))
+	a := e.to(t, e.srv.URL, "/oauth2/introspect", url.Values{"token": {token}}, basic("api", e.api))
 	if a.status != 200 {
 		t.Fatalf("introspect = %d %v", a.status, a.body)
 	}

@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/grants"
 	"github.com/tokenpipe/tokenpipe/revoke"
@@ -25,19 +27,50 @@ func (s *Server) manageRoutes(mux *http.ServeMux) {
 		s.listApplications(w, r, user)
 	}))
 	mux.HandleFunc("DELETE /account/applications/{client_id}", s.asUser(func(w http.ResponseWriter, r *http.Request, user string) {
-		s.revokeGrant(w, r, r.PathValue("client_id"), user, revoke.ReasonUser)
+		if validNames(w, r.PathValue("client_id"), "") {
+			s.revokeGrant(w, r, r.PathValue("client_id"), user, revoke.ReasonUser)
+		}
 	}))
 	mux.HandleFunc("GET /admin/users/{user}/applications", s.asAdmin(func(w http.ResponseWriter, r *http.Request) {
-		s.listApplications(w, r, r.PathValue("user"))
+		if validNames(w, "", r.PathValue("user")) {
+			s.listApplications(w, r, r.PathValue("user"))
+		}
 	}))
 	mux.HandleFunc("DELETE /admin/users/{user}/applications/{client_id}", s.asAdmin(func(w http.ResponseWriter, r *http.Request) {
-		s.revokeGrant(w, r, r.PathValue("client_id"), r.PathValue("user"), revoke.ReasonAdmin)
+		if validNames(w, r.PathValue("client_id"), r.PathValue("user")) {
+			s.revokeGrant(w, r, r.PathValue("client_id"), r.PathValue("user"), revoke.ReasonAdmin)
+		}
 	}))
-	mux.HandleFunc("GET /admin/clients/{client_id}/tokens", s.asAdmin(s.listClientTokens))
+	mux.HandleFunc("GET /admin/clients/{client_id}/tokens", s.asAdmin(func(w http.ResponseWriter, r *http.Request) {
+		if validNames(w, r.PathValue("client_id"), r.URL.Query().Get("sub")) {
+			s.listClientTokens(w, r)
+		}
+	}))
 	mux.HandleFunc("DELETE /admin/clients/{client_id}/tokens", s.asAdmin(func(w http.ResponseWriter, r *http.Request) {
 		// ?sub=U narrows the revocation to one user.
-		s.revokeGrant(w, r, r.PathValue("client_id"), r.URL.Query().Get("sub"), revoke.ReasonAdmin)
+		if validNames(w, r.PathValue("client_id"), r.URL.Query().Get("sub")) {
+			s.revokeClientTokens(w, r, r.PathValue("client_id"), r.URL.Query().Get("sub"))
+		}
 	}))
+}
+
+// validNames checks a client id and a subject taken from a URL (either may
+// be "" when the route has none) before any database work, and answers 400
+// if one could not be registered: such names would otherwise reach Postgres
+// at any length, and a revocation would store them.
+func validNames(w http.ResponseWriter, client, sub string) bool {
+	var err error
+	if client != "" {
+		err = clients.ValidClientID(client)
+	}
+	if err == nil && sub != "" {
+		err = clients.ValidUsername(sub)
+	}
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, apiError("invalid_request", err.Error()))
+		return false
+	}
+	return true
 }
 
 func (s *Server) asUser(h func(http.ResponseWriter, *http.Request, string)) http.HandlerFunc {
@@ -122,14 +155,34 @@ func (s *Server) listClientTokens(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"client_id": r.PathValue("client_id"), "tokens": toks})
 }
 
-// revokeGrant revokes a user's (or, with user "", every user's) tokens for
-// a client and answers with how many stored tokens changed.
+// revokeGrant revokes a user's tokens for a client and answers with how
+// many stored tokens changed, or 404 if the user has no such application.
 func (s *Server) revokeGrant(w http.ResponseWriter, r *http.Request, client, user, reason string) {
-	var js = s.js
+	res, err := grants.RevokeApplication(r.Context(), s.db, s.grantStream(), s.cfg.Topology.Stream, client, user, reason)
+	s.answerRevocation(w, res, err, client, user, reason)
+}
+
+// revokeClientTokens revokes a client's tokens of one subject (sub, which
+// may be the client itself) or, with sub "", of every subject.
+func (s *Server) revokeClientTokens(w http.ResponseWriter, r *http.Request, client, sub string) {
+	res, err := grants.RevokeKnown(r.Context(), s.db, s.grantStream(), s.cfg.Topology.Stream, client, sub, revoke.ReasonAdmin)
+	s.answerRevocation(w, res, err, client, sub, revoke.ReasonAdmin)
+}
+
+// grantStream is the stream whose last sequence bounds a grant revocation,
+// nil in sync mode, where every token already has its row.
+func (s *Server) grantStream() jetstream.JetStream {
 	if s.cfg.Mode == ModeSync {
-		js = nil
+		return nil
 	}
-	res, err := grants.Revoke(r.Context(), s.db, js, s.cfg.Topology.Stream, client, user, reason)
+	return s.js
+}
+
+func (s *Server) answerRevocation(w http.ResponseWriter, res revoke.Result, err error, client, user, reason string) {
+	if errors.Is(err, grants.ErrNoApplication) {
+		writeJSON(w, http.StatusNotFound, apiError("not_found", "no such application: the client is unknown, or its tokens are not this user's"))
+		return
+	}
 	if err != nil {
 		s.writeError(w, err)
 		return

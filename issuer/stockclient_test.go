@@ -60,9 +60,9 @@ func TestStockClientLibraries(t *testing.T) {
 		}
 	}
 
-	// The resource server is another registered client, as introspection
-	// requires; the relying party owns the tokens and revokes them.
-	resource, err := rs.NewResourceServerClientCredentials(ctx, e.srv.URL, "narrow", e.narrow,
+	// The resource server is another registered client with the introspect
+	// permission; the relying party owns the tokens and revokes them.
+	resource, err := rs.NewResourceServerClientCredentials(ctx, e.srv.URL, "api", e.api,
 		rs.WithClient(e.srv.Client()), rs.WithStaticEndpoints(meta.TokenEndpoint, meta.IntrospectionEndpoint))
 	testenv.Must(t, err, "resource server")
 	relying, err := rp.NewRelyingPartyOIDC(ctx, e.srv.URL, "app", e.secret, "", nil,

@@ -30,43 +30,64 @@ func (c *RegistryConfig) validate() error {
 	return nil
 }
 
-const clientUsage = `add|list|remove ...
+const clientUsage = `add|list|introspect|remove ...
 
-  add ID [-scopes "a b"] [-grants client_credentials,password]
-          register a client; prints its secret ONCE (only a digest is stored)
+  add ID [-scopes "a b"] [-grants client_credentials,password] [-introspect]
+          register a client; prints its secret ONCE (only a digest is stored);
+          -introspect registers a resource server
   list    list clients (never secrets)
+  introspect ID on|off
+          let a client introspect other clients' tokens (a resource server), or stop it
   remove ID
           delete a client; issuers stop accepting it within TOKENPIPE_CLIENT_CACHE_TTL
 
 Examples:
   tokenpipe client add billing -scopes "invoices:read invoices:write"
   tokenpipe client add mobile -scopes "profile" -grants password,refresh_token
+  tokenpipe client add api -grants "" -introspect
   tokenpipe client list
   tokenpipe client remove billing
   tokenpipe client add -h`
 
-const clientAddUsage = `usage: tokenpipe client add ID [-scopes "a b"] [-grants g1,g2]
+const clientAddUsage = `usage: tokenpipe client add ID [-scopes "a b"] [-grants g1,g2] [-introspect]
 
 Registers client ID and prints its secret. The secret is shown only this once:
 only its SHA-256 digest is stored, so a lost secret means removing and adding
 the client again. ID is 1 to 128 printable bytes without spaces or ':'.
 Scopes are RFC 6749 scope tokens; grants are client_credentials, password
 and refresh_token. A token request without a scope parameter gets all of the
-client's scopes.
+client's scopes. ID may not be a user's name: a token's subject is a user
+name or, for client_credentials, the client's id.
+
+-introspect registers a resource server: it may introspect every client's
+tokens at POST /oauth2/introspect. Any other client learns only about its own
+tokens (active=false for the rest). A resource server that only checks
+tokens needs no grant: -grants "".
 
 Examples:
   tokenpipe client add billing -scopes "invoices:read invoices:write"
   tokenpipe client add mobile --scopes "profile email" --grants client_credentials,password
+  tokenpipe client add api --grants "" --introspect
 
 Flags:`
 
 const clientListUsage = `usage: tokenpipe client list
 
-Prints every client with its grants, scopes and creation time. Secrets are
-never shown: only their digests are stored.
+Prints every client with its grants, whether it may introspect other
+clients' tokens, its scopes and creation time. Secrets are never shown: only
+their digests are stored.
 
 Example:
   tokenpipe client list`
+
+const clientIntrospectUsage = `usage: tokenpipe client introspect ID on|off
+
+Lets client ID introspect every client's tokens (on: a resource server), or
+only its own (off). Issuers apply the change within
+TOKENPIPE_CLIENT_CACHE_TTL.
+
+Example:
+  tokenpipe client introspect api on`
 
 const clientRemoveUsage = `usage: tokenpipe client remove ID
 
@@ -103,11 +124,37 @@ func runClient(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			return err
 		}
 		tw := tabwriter.NewWriter(stdout, 2, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "CLIENT\tGRANTS\tSCOPES\tCREATED")
+		fmt.Fprintln(tw, "CLIENT\tGRANTS\tINTROSPECT\tSCOPES\tCREATED")
 		for _, c := range list {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", c.ID, strings.Join(c.Grants, ","), strings.Join(c.Scopes, " "), c.CreatedAt.UTC().Format(time.RFC3339))
+			grants, introspect := strings.Join(c.Grants, ","), "own"
+			if grants == "" {
+				grants = "-"
+			}
+			if c.Introspect {
+				introspect = "all"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", c.ID, grants, introspect, strings.Join(c.Scopes, " "), c.CreatedAt.UTC().Format(time.RFC3339))
 		}
 		return tw.Flush()
+	case "introspect":
+		pos, err := positional(rest[1:], 2, clientIntrospectUsage, stderr)
+		if err != nil {
+			return helpIsNil(err)
+		}
+		if pos[1] != "on" && pos[1] != "off" {
+			fmt.Fprintln(stderr, clientIntrospectUsage)
+			return errUsage
+		}
+		pool, err := connectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
+		if err != nil {
+			return err
+		}
+		defer pool.Close()
+		if err := clients.SetIntrospect(ctx, pool, pos[0], pos[1] == "on"); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "client %s: introspect %s\n", pos[0], pos[1])
+		return nil
 	case "remove":
 		pos, err := positional(rest[1:], 1, clientRemoveUsage, stderr)
 		if err != nil {
@@ -137,6 +184,7 @@ func clientAdd(ctx context.Context, cfg *RegistryConfig, args []string, stdout, 
 	}
 	scopes := fs.String("scopes", "", "space-separated scopes the client may request")
 	grants := fs.String("grants", "client_credentials", "comma-separated grants: client_credentials, password, refresh_token")
+	introspect := fs.Bool("introspect", false, "a resource server: may introspect every client's tokens")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return helpIsNil(flagErr(err))
@@ -156,7 +204,7 @@ func clientAdd(ctx context.Context, cfg *RegistryConfig, args []string, stdout, 
 		return err
 	}
 	defer pool.Close()
-	secret, err := clients.Add(ctx, pool, pos[0], strings.Fields(*scopes), grantList)
+	secret, err := clients.AddWith(ctx, pool, pos[0], strings.Fields(*scopes), grantList, clients.Options{Introspect: *introspect})
 	if err != nil {
 		return err
 	}

@@ -16,8 +16,9 @@ import (
 )
 
 // lifecycleDemo walks one user through the OAuth lifecycle against the
-// running issuer: password grant, introspection, ten concurrent refreshes,
-// revocation, and the account API. It returns the curl lines to try by hand.
+// running issuer: password grant, introspection by a resource server, ten
+// concurrent refreshes, revocation, and the account API. It returns the curl
+// lines to try by hand.
 func lifecycleDemo(ctx context.Context, pool *pgxpool.Pool, base string, say func(string, ...any)) ([]string, error) {
 	clientID, user, password := "demo-app-"+randomID(), "demo-user-"+randomID(), randomKey()
 	secret, err := clients.Add(ctx, pool, clientID, []string{"profile", "email"}, []string{"password", "refresh_token"})
@@ -25,6 +26,18 @@ func lifecycleDemo(ctx context.Context, pool *pgxpool.Pool, base string, say fun
 		return nil, err
 	}
 	if err := clients.AddUser(ctx, pool, user, password, 4); err != nil {
+		return nil, err
+	}
+	// A resource server checks tokens and obtains none: no grant, only the
+	// permission to introspect every client's tokens.
+	apiID := "demo-api-" + randomID()
+	apiSecret, err := clients.AddWith(ctx, pool, apiID, nil, nil, clients.Options{Introspect: true})
+	if err != nil {
+		return nil, err
+	}
+	otherID := "demo-other-" + randomID()
+	otherSecret, err := clients.Add(ctx, pool, otherID, nil, []string{"client_credentials"})
+	if err != nil {
 		return nil, err
 	}
 	call := func(method, path string, form url.Values, auth func(*http.Request)) (int, map[string]any, error) {
@@ -49,6 +62,8 @@ func lifecycleDemo(ctx context.Context, pool *pgxpool.Pool, base string, say fun
 		return resp.StatusCode, body, nil
 	}
 	asClient := func(r *http.Request) { r.SetBasicAuth(clientID, secret) }
+	asAPI := func(r *http.Request) { r.SetBasicAuth(apiID, apiSecret) }
+	asOther := func(r *http.Request) { r.SetBasicAuth(otherID, otherSecret) }
 	asUser := func(r *http.Request) { r.SetBasicAuth(user, password) }
 	expect := func(what string, status int, body map[string]any, err error, want int) error {
 		if err != nil {
@@ -66,11 +81,19 @@ func lifecycleDemo(ctx context.Context, pool *pgxpool.Pool, base string, say fun
 	}
 	access, _ := pair["access_token"].(string)
 	refresh, _ := pair["refresh_token"].(string)
-	status, intro, err := call("POST", "/oauth2/introspect", url.Values{"token": {access}}, asClient)
+	status, intro, err := call("POST", "/oauth2/introspect", url.Values{"token": {access}}, asAPI)
 	if err := expect("introspect", status, intro, err, 200); err != nil {
 		return nil, err
 	}
-	say("  password grant for %s: access and refresh token; introspection right away: active=%v", user, intro["active"])
+	say("  password grant for %s: access and refresh token; resource server %s introspects it right away: active=%v", user, apiID, intro["active"])
+	status, foreign, err := call("POST", "/oauth2/introspect", url.Values{"token": {access}}, asOther)
+	if err := expect("introspect by another client", status, foreign, err, 200); err != nil {
+		return nil, err
+	}
+	say("  another client without the introspect permission learns nothing: %v", foreign)
+	if intro["active"] != true || len(foreign) != 1 || foreign["active"] != false {
+		return nil, fmt.Errorf("introspection permissions did not behave as documented")
+	}
 
 	results := make([]map[string]any, 10)
 	errs := make([]error, 10)
@@ -107,7 +130,7 @@ func lifecycleDemo(ctx context.Context, pool *pgxpool.Pool, base string, say fun
 	if err := expect("revoke", status, body, err, 200); err != nil {
 		return nil, err
 	}
-	_, intro, err = call("POST", "/oauth2/introspect", url.Values{"token": {newAccess}}, asClient)
+	_, intro, err = call("POST", "/oauth2/introspect", url.Values{"token": {newAccess}}, asAPI)
 	if err != nil {
 		return nil, err
 	}
@@ -122,7 +145,7 @@ func lifecycleDemo(ctx context.Context, pool *pgxpool.Pool, base string, say fun
 	return []string{
 		fmt.Sprintf("curl -s -u '%s:%s' -d grant_type=password -d username=%s -d password='%s' -d scope=profile %s/oauth2/token", clientID, secret, user, password, base),
 		fmt.Sprintf("curl -s -u '%s:%s' -d grant_type=refresh_token -d refresh_token=RT %s/oauth2/token", clientID, secret, base),
-		fmt.Sprintf("curl -s -u '%s:%s' -d token=AT %s/oauth2/introspect", clientID, secret, base),
+		fmt.Sprintf("curl -s -u '%s:%s' -d token=AT %s/oauth2/introspect", apiID, apiSecret, base),
 		fmt.Sprintf("curl -s -u '%s:%s' -d token=RT %s/oauth2/revoke", clientID, secret, base),
 		fmt.Sprintf("curl -s -u '%s:%s' %s/account/applications", user, password, base),
 		fmt.Sprintf("curl -s -u '%s:%s' -X DELETE %s/account/applications/%s", user, password, base, clientID),

@@ -30,7 +30,7 @@ func commands() map[string]command {
 		"persister": {"write token events to Postgres in batches", runPersister},
 		"recovery":  {"resolve one-ACTIVE-token conflicts", runRecovery},
 		"migrate":   {"apply or list database migrations (up|status)", runMigrate},
-		"client":    {"manage OAuth clients (add|list|remove)", runClient},
+		"client":    {"manage OAuth clients (add|list|introspect|remove)", runClient},
 		"user":      {"manage password-grant users (add|remove)", runUser},
 		"demo":      {"run the whole pipeline in one process and exercise it", runDemo},
 		"bench":     {"measure the pipeline against raw ceilings (drain)", runBench},

@@ -76,7 +76,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}
 		defer srv.Shutdown()
 		cfg.NATSURL = srv.URL()
-		say("started an embedded NATS server with JetStream at %s", cfg.NATSURL)
+		say("started an embedded NATS server with JetStream at %s", redactURL(cfg.NATSURL))
 	}
 	if err := ensureDatabase(ctx, cfg.DatabaseURL); err != nil {
 		return fmt.Errorf("%w\nno Postgres answered: start one, or point TOKENPIPE_DATABASE_URL at one (e.g. postgres://user@host:5432/tokenpipe)", err)

@@ -49,4 +49,3 @@ func redactErr(err error) error {
 	}
 	return err
 }
-

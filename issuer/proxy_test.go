@@ -36,3 +36,17 @@ func TestTrustedProxies(t *testing.T) {
 		}
 	}
 }
+
+func TestValidateIssuerURL(t *testing.T) {
+	for _, ok := range []string{"https://auth.example.com", "https://auth.example.com/tenant", "http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080"} {
+		if err := ValidateIssuerURL(ok); err != nil {
+			t.Errorf("%q: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", "auth.example.com", "http://auth.example.com", "https://auth.example.com/?a=b", "https://auth.example.com?",
+		"https://auth.example.com/#x", "https://u:p@auth.example.com", "ftp://auth.example.com", "https:///path", "http://127.0.0.1.example.com"} {
+		if err := ValidateIssuerURL(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}

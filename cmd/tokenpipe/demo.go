@@ -129,6 +129,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	runCtx, stopRoles := context.WithCancel(context.WithoutCancel(ctx))
 	var roles sync.WaitGroup
 	defer func() { stopRoles(); roles.Wait() }()
+	if cfg.IssuerURL == "" {
+		cfg.IssuerURL = "http://" + addr // the demo's own server, for its metadata document
+	}
 	iss := issuer.New(cfg.issuerConfig(topo), clients.NewRegistry(pool, cfg.ClientCacheTTL), nc, js, pool, log, issuer.NewMetrics(reg))
 	per := persister.New(persister.Config{
 		Pool: (&WorkerConfig{Workers: 2, BatchSize: 1000, BatchWait: 20 * time.Millisecond}).pool(), Retry: (&WorkerConfig{RetryMaxElapsed: time.Minute}).retry(),

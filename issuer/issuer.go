@@ -403,9 +403,10 @@ type tokenRequest struct {
 }
 
 // parseRequest validates everything about a token request that needs no
-// database (Handler has checked the transport): method, content type, size, form syntax, and the
-// client authentication method (RFC 6749 2.3.1: HTTP Basic with
-// form-urlencoded id and secret, or client_secret_post, not both).
+// database: method, content type, size, form syntax, and the client
+// authentication method (RFC 6749 2.3.1: HTTP Basic with form-urlencoded id
+// and secret, or client_secret_post, not both). Handler's guard has checked
+// the transport.
 func parseRequest(r *http.Request, maxBody int64) (tokenRequest, error) {
 	var req tokenRequest
 	if r.Method != http.MethodPost {

@@ -556,15 +556,17 @@ func (s *Server) ServeListener(ctx context.Context, ln net.Listener, grace time.
 		return fmt.Errorf("issuer: %w", err)
 	}
 	defer stopWatch()
+	// Read before Serve starts: Serve writes srv.TLSConfig (HTTP/2 set-up).
+	useTLS := srv.TLSConfig != nil
 	errc := make(chan error, 1)
 	go func() {
-		if srv.TLSConfig != nil {
+		if useTLS {
 			errc <- srv.ServeTLS(ln, "", "")
 			return
 		}
 		errc <- srv.Serve(ln)
 	}()
-	s.log.Info("issuer listening", "addr", ln.Addr().String(), "mode", s.cfg.Mode, "tls", srv.TLSConfig != nil,
+	s.log.Info("issuer listening", "addr", ln.Addr().String(), "mode", s.cfg.Mode, "tls", useTLS,
 		"require_tls", s.cfg.RequireTLS, "trusted_proxies", s.cfg.TrustedProxies.String(), "issuer_url", s.cfg.IssuerURL)
 	select {
 	case err := <-errc:

@@ -264,7 +264,7 @@ func TestClientCredentialsBothAuthMethods(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, issuer.ModeAsync)
 	answers := []answer{
-		e.post(t, url.Values{"grant_type": {"client_credentials"}, "scope": {"write  read read"}}, basic("app", e.secret)),
+		e.post(t, url.Values{"grant_type": {"client_credentials"}, "scope": {"write read read"}}, basic("app", e.secret)),
 		e.post(t, url.Values{"grant_type": {"client_credentials"}, "client_id": {"app"}, "client_secret": {e.secret}}),
 		e.post(t, url.Values{"grant_type": {"client_credentials"}}, basic("svc+1%", e.plus)),
 	}

@@ -53,7 +53,7 @@ func connectNATS(c *Common, name string, log *slog.Logger, m *connMetrics) (*nat
 			}
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
-			log.Info("nats reconnected", "url", nc.ConnectedUrlRedacted())
+			log.Info("nats reconnected", "url", redactURL(nc.ConnectedUrl()))
 			if m != nil {
 				m.natsReconnects.Inc()
 				m.natsConnected.Set(1)

@@ -32,6 +32,10 @@ FUZZTIME ?= 10s
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecodeTokenIssued -fuzztime $(FUZZTIME) ./events/
 	$(GO) test -run '^$$' -fuzz FuzzParseRequest -fuzztime $(FUZZTIME) ./issuer/
+	$(GO) test -run '^$$' -fuzz FuzzAccountHandler -fuzztime $(FUZZTIME) ./issuer/
+	$(GO) test -run '^$$' -fuzz FuzzAdminHandler -fuzztime $(FUZZTIME) ./issuer/
+	$(GO) test -run '^$$' -fuzz FuzzRevokeHandler -fuzztime $(FUZZTIME) ./issuer/
+	$(GO) test -run '^$$' -fuzz FuzzIntrospectHandler -fuzztime $(FUZZTIME) ./issuer/
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $(FUZZTIME) ./tokens/
 
 vet:

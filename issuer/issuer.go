@@ -6,6 +6,7 @@ package issuer
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -96,10 +97,24 @@ type Config struct {
 	Instance string
 	// MaxBodyBytes bounds the request body; larger bodies get 413.
 	MaxBodyBytes int64
-	// RequireTLS refuses requests that came neither over TLS nor through a
-	// TLS-terminating proxy that set X-Forwarded-Proto: https. Only enable
-	// it behind a proxy that overwrites that header.
+	// RequireTLS refuses every request that can carry a credential (all
+	// endpoints but the metadata document) unless it came over TLS: served
+	// here (TLSCertFile) or through one of TrustedProxies that set
+	// X-Forwarded-Proto: https.
 	RequireTLS bool
+	// TrustedProxies are the addresses whose X-Forwarded-Proto is believed.
+	// The zero value believes nobody.
+	TrustedProxies TrustedProxies
+	// TLSCertFile and TLSKeyFile, when set, make ServeListener serve HTTPS
+	// (TLS 1.2 and newer) with this PEM certificate chain and key. A change
+	// of either file is picked up without a restart.
+	TLSCertFile string
+	TLSKeyFile  string
+	// IssuerURL is the RFC 8414 issuer identifier (see ValidateIssuerURL);
+	// the metadata document lists the endpoints under it. Empty: the
+	// metadata endpoint answers 404, as the service cannot know its public
+	// URL and must not take it from the request.
+	IssuerURL string
 	// Topology names the stream and subject events are published to.
 	Topology events.Topology
 }
@@ -201,9 +216,9 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("/oauth2/token", s.token)
 	mux.HandleFunc("/oauth2/revoke", s.revoke)
 	mux.HandleFunc("/oauth2/introspect", s.introspect)
-	mux.HandleFunc("/.well-known/oauth-authorization-server", s.metadata)
+	mux.HandleFunc(metadataPath, s.metadata)
 	s.manageRoutes(mux)
-	return s.metrics.instrument(mux)
+	return s.metrics.instrument(s.guard(mux))
 }
 
 // oauthError is an RFC 6749 section 5.2 error.
@@ -211,9 +226,6 @@ type oauthError struct {
 	status int
 	code   string
 	desc   string
-	// challenge adds WWW-Authenticate to a 401: the client tried HTTP
-	// Basic, or sent no credentials at all (RFC 6749 5.2, RFC 9110 15.5.2).
-	challenge bool
 }
 
 func (e *oauthError) Error() string { return e.code + ": " + e.desc }
@@ -222,8 +234,10 @@ func badRequest(code, desc string) *oauthError {
 	return &oauthError{status: http.StatusBadRequest, code: code, desc: desc}
 }
 
-func invalidClient(desc string, challenge bool) *oauthError {
-	return &oauthError{status: http.StatusUnauthorized, code: "invalid_client", desc: desc, challenge: challenge}
+// invalidClient is a 401: writeError adds the WWW-Authenticate challenge
+// every 401 needs (RFC 9110 15.5.2), whichever way the client authenticated.
+func invalidClient(desc string) *oauthError {
+	return &oauthError{status: http.StatusUnauthorized, code: "invalid_client", desc: desc}
 }
 
 var errUnavailable = &oauthError{status: http.StatusServiceUnavailable, code: "temporarily_unavailable",
@@ -262,7 +276,7 @@ func (s *Server) writeError(w http.ResponseWriter, err error) {
 	switch {
 	case oe.status == http.StatusMethodNotAllowed:
 		w.Header().Set("Allow", http.MethodPost)
-	case oe.status == http.StatusUnauthorized && oe.challenge:
+	case oe.status == http.StatusUnauthorized:
 		w.Header().Set("WWW-Authenticate", `Basic realm="tokenpipe"`)
 	case oe.status == http.StatusServiceUnavailable:
 		w.Header().Set("Retry-After", "1")
@@ -281,7 +295,7 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // issue validates the request completely before minting anything, so bad
 // input never produces an event or a row.
 func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
-	req, err := parseRequest(r, s.cfg.MaxBodyBytes, s.cfg.RequireTLS)
+	req, err := parseRequest(r, s.cfg.MaxBodyBytes)
 	if err != nil {
 		return nil, err
 	}
@@ -343,12 +357,15 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
 }
 
 // requestedScopes canonicalises the scope parameter and checks it against
-// the client's registration. An absent or blank parameter means the client's
+// the client's registration. An absent or empty parameter means the client's
 // full allowed set (RFC 6749 3.3 lets the server pick a default); a present
 // one must be a subset of it.
 func requestedScopes(client *clients.Client, raw string) ([]string, error) {
 	scopes := client.Scopes
-	if strings.TrimSpace(raw) != "" {
+	if raw != "" {
+		if err := checkScopeSyntax(raw); err != nil {
+			return nil, err
+		}
 		scopes = events.CanonicalScopes(raw)
 		for _, sc := range scopes {
 			if !client.AllowsScope(sc) {
@@ -364,6 +381,24 @@ func requestedScopes(client *clients.Client, raw string) ([]string, error) {
 	return scopes, nil
 }
 
+// checkScopeSyntax holds a scope parameter to RFC 6749 3.3: scope tokens of
+// %x21 / %x23-5B / %x5D-7E separated by single spaces. The tokens are
+// checked here, at the HTTP edge, and not in events.CanonicalScopes, which
+// also reads stored events.
+func checkScopeSyntax(raw string) error {
+	for _, tok := range strings.Split(raw, " ") {
+		if tok == "" {
+			return badRequest("invalid_scope", "scope tokens must be separated by single spaces, with none before or after")
+		}
+		for i := 0; i < len(tok); i++ {
+			if c := tok[i]; c < 0x21 || c > 0x7e || c == '"' || c == '\\' {
+				return badRequest("invalid_scope", fmt.Sprintf("scope %q holds a character RFC 6749 section 3.3 does not allow", tok))
+			}
+		}
+	}
+	return nil
+}
+
 // tokenRequest is what the endpoint reads from an HTTP request before it
 // looks anything up: the form and the client's claimed credentials.
 type tokenRequest struct {
@@ -374,16 +409,14 @@ type tokenRequest struct {
 }
 
 // parseRequest validates everything about a token request that needs no
-// database: method, transport, content type, size, form syntax, and the
-// client authentication method (RFC 6749 2.3.1: HTTP Basic with
-// form-urlencoded id and secret, or client_secret_post, not both).
-func parseRequest(r *http.Request, maxBody int64, requireTLS bool) (tokenRequest, error) {
+// database: method, content type, size, form syntax, and the client
+// authentication method (RFC 6749 2.3.1: HTTP Basic with form-urlencoded id
+// and secret, or client_secret_post, not both). Handler's guard has checked
+// the transport.
+func parseRequest(r *http.Request, maxBody int64) (tokenRequest, error) {
 	var req tokenRequest
 	if r.Method != http.MethodPost {
 		return req, &oauthError{status: http.StatusMethodNotAllowed, code: "invalid_request", desc: "the token endpoint accepts POST only"}
-	}
-	if requireTLS && r.TLS == nil && !strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https") {
-		return req, badRequest("invalid_request", "the token endpoint requires TLS")
 	}
 	form, err := readForm(r, maxBody)
 	if err != nil {
@@ -393,7 +426,7 @@ func parseRequest(r *http.Request, maxBody int64, requireTLS bool) (tokenRequest
 	if r.Header.Get("Authorization") != "" {
 		id, secret, ok := r.BasicAuth()
 		if !ok {
-			return req, invalidClient("the Authorization header is not HTTP Basic credentials", true)
+			return req, invalidClient("the Authorization header is not HTTP Basic credentials")
 		}
 		// RFC 6749 3.2: a parameter sent without a value counts as omitted
 		// (some stock clients send an empty client_id next to Basic).
@@ -404,7 +437,7 @@ func parseRequest(r *http.Request, maxBody int64, requireTLS bool) (tokenRequest
 		id, err1 = url.QueryUnescape(id)
 		secret, err2 = url.QueryUnescape(secret)
 		if err1 != nil || err2 != nil {
-			return req, invalidClient("malformed Basic credentials", true)
+			return req, invalidClient("malformed Basic credentials")
 		}
 		// A client_id next to Basic credentials is harmless only if it names
 		// the same client.
@@ -412,14 +445,14 @@ func parseRequest(r *http.Request, maxBody int64, requireTLS bool) (tokenRequest
 			return req, badRequest("invalid_request", "client_id does not match the Basic credentials")
 		}
 		if id == "" || secret == "" {
-			return req, invalidClient("empty Basic credentials", true)
+			return req, invalidClient("empty Basic credentials")
 		}
 		req.clientID, req.clientSecret, req.basic = id, secret, true
 		return req, nil
 	}
 	id, secret := form.Get("client_id"), form.Get("client_secret")
 	if id == "" || secret == "" {
-		return req, invalidClient("client authentication is required", id == "" && secret == "")
+		return req, invalidClient("client authentication is required")
 	}
 	req.clientID, req.clientSecret = id, secret
 	return req, nil
@@ -456,7 +489,7 @@ func readForm(r *http.Request, maxBody int64) (url.Values, error) {
 func (s *Server) authenticate(ctx context.Context, req tokenRequest) (*clients.Client, error) {
 	c, err := s.registry.Authenticate(ctx, req.clientID, req.clientSecret)
 	if errors.Is(err, clients.ErrInvalidClient) {
-		return nil, invalidClient("client authentication failed", req.basic)
+		return nil, invalidClient("client authentication failed")
 	}
 	if err != nil {
 		return nil, fmt.Errorf("authenticate client: %w", err)
@@ -517,14 +550,30 @@ func (s *Server) ServeListener(ctx context.Context, ln net.Listener, grace time.
 		MaxHeaderBytes:    16 << 10,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
+	if s.cfg.TLSCertFile != "" || s.cfg.TLSKeyFile != "" {
+		certs, err := newCertReloader(s.cfg.TLSCertFile, s.cfg.TLSKeyFile, s.log, certCheckEvery)
+		if err != nil {
+			return fmt.Errorf("issuer: %w", err)
+		}
+		srv.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: certs.GetCertificate}
+	}
 	stopWatch, err := s.WatchNotices()
 	if err != nil {
 		return fmt.Errorf("issuer: %w", err)
 	}
 	defer stopWatch()
+	// Read before Serve starts: Serve writes srv.TLSConfig (HTTP/2 set-up).
+	useTLS := srv.TLSConfig != nil
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	s.log.Info("issuer listening", "addr", ln.Addr().String(), "mode", s.cfg.Mode)
+	go func() {
+		if useTLS {
+			errc <- srv.ServeTLS(ln, "", "")
+			return
+		}
+		errc <- srv.Serve(ln)
+	}()
+	s.log.Info("issuer listening", "addr", ln.Addr().String(), "mode", s.cfg.Mode, "tls", useTLS,
+		"require_tls", s.cfg.RequireTLS, "trusted_proxies", s.cfg.TrustedProxies.String(), "issuer_url", s.cfg.IssuerURL)
 	select {
 	case err := <-errc:
 		return fmt.Errorf("issuer: %w", err)

@@ -86,8 +86,14 @@ func startEnv(t *testing.T, pool *pgxpool.Pool, nc *nats.Conn, js jetstream.JetS
 	testenv.Must(t, err, "add resource server")
 	testenv.Must(t, clients.AddUser(ctx, pool, "alice", userPassword, 4), "add user")
 	log := slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	// The issuer URL is the test server's own, known once it listens.
+	e.srv = httptest.NewUnstartedServer(nil)
+	if cfg.IssuerURL == "" {
+		cfg.IssuerURL = "http://" + e.srv.Listener.Addr().String()
+	}
 	e.iss = issuer.New(cfg, clients.NewRegistry(pool, time.Minute), nc, js, pool, log, issuer.NewMetrics(e.reg))
-	e.srv = httptest.NewServer(e.iss.Handler())
+	e.srv.Config.Handler = e.iss.Handler()
+	e.srv.Start()
 	t.Cleanup(e.srv.Close)
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -261,7 +267,7 @@ func TestClientCredentialsBothAuthMethods(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, issuer.ModeAsync)
 	answers := []answer{
-		e.post(t, url.Values{"grant_type": {"client_credentials"}, "scope": {"write  read read"}}, basic("app", e.secret)),
+		e.post(t, url.Values{"grant_type": {"client_credentials"}, "scope": {"write read read"}}, basic("app", e.secret)),
 		e.post(t, url.Values{"grant_type": {"client_credentials"}, "client_id": {"app"}, "client_secret": {e.secret}}),
 		e.post(t, url.Values{"grant_type": {"client_credentials"}}, basic("svc+1%", e.plus)),
 	}
@@ -407,7 +413,7 @@ func testBadInput(t *testing.T, e *env, mode string) {
 		{"bad secret (Basic)", func() *http.Request { return e.form(ok, basic("app", "wrong")) }, 401, "invalid_client", true},
 		{"bad secret (post)", func() *http.Request {
 			return e.form(ok + "&client_id=app&client_secret=wrong")
-		}, 401, "invalid_client", false},
+		}, 401, "invalid_client", true},
 		{"unknown client", func() *http.Request { return e.form(ok, basic("nobody", e.secret)) }, 401, "invalid_client", true},
 		{"client id not UTF-8", func() *http.Request { return e.form(ok, basic("\xff\xfe", "x")) }, 401, "invalid_client", true},
 		{"no credentials", func() *http.Request { return e.form(ok) }, 401, "invalid_client", true},
@@ -490,11 +496,13 @@ func TestRequireTLSBehindProxy(t *testing.T) {
 			_, pool := testenv.Database(t)
 			cfg := config(testenv.Topology(), mode)
 			cfg.RequireTLS = true
+			var err error
+			cfg.TrustedProxies, err = issuer.ParseTrustedProxies([]string{"127.0.0.0/8", "::1"})
+			testenv.Must(t, err, "trusted proxies")
 			var nc *nats.Conn
 			var js jetstream.JetStream
 			if mode == issuer.ModeAsync {
 				nc, _, cfg.Topology = testenv.JetStream(t)
-				var err error
 				js, err = issuer.NewJetStream(nc, cfg)
 				testenv.Must(t, err, "jetstream")
 			}

@@ -101,7 +101,7 @@ func (s *Server) asAdmin(h http.HandlerFunc) http.HandlerFunc {
 			http.NotFound(w, r)
 			return
 		}
-		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		got, ok := bearerToken(r)
 		if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(s.cfg.AdminToken)) != 1 {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="tokenpipe admin"`)
 			writeJSON(w, http.StatusUnauthorized, apiError("unauthorized", "a valid admin bearer token is required"))
@@ -109,6 +109,18 @@ func (s *Server) asAdmin(h http.HandlerFunc) http.HandlerFunc {
 		}
 		h(w, r)
 	}
+}
+
+// bearerToken reads Authorization: Bearer TOKEN. The scheme name is
+// case-insensitive (RFC 9110 11.1) and may be followed by several spaces
+// (RFC 6750 2.1: 1*SP).
+func bearerToken(r *http.Request) (string, bool) {
+	scheme, token, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	token = strings.TrimLeft(token, " ")
+	return token, token != ""
 }
 
 func apiError(code, desc string) map[string]string {

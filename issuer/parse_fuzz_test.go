@@ -28,7 +28,7 @@ func FuzzParseRequest(f *testing.F) {
 		if auth != "" {
 			r.Header.Set("Authorization", auth)
 		}
-		req, err := parseRequest(r, 4096, false)
+		req, err := parseRequest(r, 4096)
 		if err != nil {
 			var oe *oauthError
 			if !errors.As(err, &oe) || oe.code == "" || oe.status < 400 || oe.status > 499 {

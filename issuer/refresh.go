@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/url"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -108,7 +107,10 @@ func (s *Server) refresh(ctx context.Context, client *clients.Client, form url.V
 func refreshScopes(client *clients.Client, c tokens.Claims, raw string) ([]string, error) {
 	granted := events.CanonicalScopes(c.Scope)
 	scopes := granted
-	if strings.TrimSpace(raw) != "" {
+	if raw != "" {
+		if err := checkScopeSyntax(raw); err != nil {
+			return nil, err
+		}
 		scopes = events.CanonicalScopes(raw)
 		for _, sc := range scopes {
 			if !slices.Contains(granted, sc) {

@@ -56,7 +56,7 @@ func (s *Server) revoke(w http.ResponseWriter, r *http.Request) {
 // RFC 7662): the same transport, form and authentication rules as the token
 // endpoint, and a required token parameter. On failure it has answered.
 func (s *Server) tokenRequest(w http.ResponseWriter, r *http.Request) (*clients.Client, string, bool) {
-	req, err := parseRequest(r, s.cfg.MaxBodyBytes, s.cfg.RequireTLS)
+	req, err := parseRequest(r, s.cfg.MaxBodyBytes)
 	var client *clients.Client
 	if err == nil {
 		client, err = s.authenticate(r.Context(), req)
@@ -133,17 +133,25 @@ func (s *Server) onNotice(m *nats.Msg) {
 }
 
 // metadata serves RFC 8414 authorization server metadata, so stock clients
-// can discover the endpoints. The issuer identifier is the URL the request
-// came to.
+// can discover the endpoints. The issuer identifier is configuration
+// (IssuerURL), never the Host or X-Forwarded-Proto of the request, which a
+// client controls. Only what is true is listed: there is no authorization
+// endpoint, so no response type is supported (the member is required, and
+// empty), and no JWKS, since tokens are opaque to clients.
 func (s *Server) metadata(w http.ResponseWriter, r *http.Request) {
-	scheme := "http"
-	if r.TLS != nil || strings.EqualFold(r.Header.Get("X-Forwarded-Proto"), "https") {
-		scheme = "https"
+	if s.cfg.IssuerURL == "" {
+		http.NotFound(w, r)
+		return
 	}
-	base := scheme + "://" + r.Host
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		writeJSON(w, http.StatusMethodNotAllowed, apiError("invalid_request", "the metadata document answers GET and HEAD only"))
+		return
+	}
+	base := strings.TrimSuffix(s.cfg.IssuerURL, "/")
 	auth := []string{"client_secret_basic", "client_secret_post"}
 	writeJSON(w, http.StatusOK, map[string]any{
-		"issuer":                                        base,
+		"issuer":                                        s.cfg.IssuerURL,
 		"token_endpoint":                                base + "/oauth2/token",
 		"revocation_endpoint":                           base + "/oauth2/revoke",
 		"introspection_endpoint":                        base + "/oauth2/introspect",

@@ -132,13 +132,13 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 func scratchDatabase(ctx context.Context, url string) (string, func(), error) {
 	cfg, err := pgx.ParseConfig(url)
 	if err != nil {
-		return "", nil, fmt.Errorf("%s_DATABASE_URL: %w", envPrefix, err)
+		return "", nil, fmt.Errorf("%s_DATABASE_URL: %w", envPrefix, redactErr(err))
 	}
 	admin := cfg.Copy()
 	admin.Database = "postgres"
 	conn, err := pgx.ConnectConfig(ctx, admin)
 	if err != nil {
-		return "", nil, fmt.Errorf("connect to Postgres at %s: %w", redactURL(url), err)
+		return "", nil, fmt.Errorf("connect to Postgres at %s: %w", redactURL(url), redactErr(err))
 	}
 	name := "tokenpipe_scratch_" + randomID()
 	if _, err := conn.Exec(ctx, "CREATE DATABASE "+name); err != nil {

@@ -53,7 +53,7 @@ func connectNATS(c *Common, name string, log *slog.Logger, m *connMetrics) (*nat
 			}
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
-			log.Info("nats reconnected", "url", nc.ConnectedUrlRedacted())
+			log.Info("nats reconnected", "url", redactURL(nc.ConnectedUrl()))
 			if m != nil {
 				m.natsReconnects.Inc()
 				m.natsConnected.Set(1)
@@ -81,7 +81,7 @@ func connectNATS(c *Common, name string, log *slog.Logger, m *connMetrics) (*nat
 	}
 	nc, err := nats.Connect(c.NATSURL, opts...)
 	if err != nil {
-		return nil, nil, fmt.Errorf("connect to NATS at %s: %w", c.NATSURL, err)
+		return nil, nil, fmt.Errorf("connect to NATS at %s: %w", redactURL(c.NATSURL), redactErr(err))
 	}
 	if m != nil {
 		m.natsConnected.Set(1)
@@ -100,18 +100,18 @@ func connectNATS(c *Common, name string, log *slog.Logger, m *connMetrics) (*nat
 func connectPostgres(ctx context.Context, c *Common) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(c.DatabaseURL)
 	if err != nil {
-		return nil, fmt.Errorf("%s_DATABASE_URL: %w", envPrefix, err)
+		return nil, fmt.Errorf("%s_DATABASE_URL: %w", envPrefix, redactErr(err))
 	}
 	cfg.MaxConns = c.DBMaxConns
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("open Postgres pool: %w", err)
+		return nil, fmt.Errorf("open Postgres pool: %w", redactErr(err))
 	}
 	pingCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if err := pool.Ping(pingCtx); err != nil {
 		pool.Close()
-		return nil, fmt.Errorf("connect to Postgres at %s: %w", redactURL(c.DatabaseURL), err)
+		return nil, fmt.Errorf("connect to Postgres at %s: %w", redactURL(c.DatabaseURL), redactErr(err))
 	}
 	return pool, nil
 }
@@ -120,15 +120,6 @@ func connectPostgres(ctx context.Context, c *Common) (*pgxpool.Pool, error) {
 func isMissingDatabase(err error) bool {
 	var pe *pgconn.PgError
 	return errors.As(err, &pe) && pe.Code == "3D000"
-}
-
-// redactURL hides a password in a connection URL before it is logged.
-func redactURL(u string) string {
-	cfg, err := pgxpool.ParseConfig(u)
-	if err != nil {
-		return "(unparseable URL)"
-	}
-	return fmt.Sprintf("%s@%s:%d/%s", cfg.ConnConfig.User, cfg.ConnConfig.Host, cfg.ConnConfig.Port, cfg.ConnConfig.Database)
 }
 
 // natsCheck and pgCheck are readiness checks.

@@ -76,7 +76,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}
 		defer srv.Shutdown()
 		cfg.NATSURL = srv.URL()
-		say("started an embedded NATS server with JetStream at %s", cfg.NATSURL)
+		say("started an embedded NATS server with JetStream at %s", redactURL(cfg.NATSURL))
 	}
 	if err := ensureDatabase(ctx, cfg.DatabaseURL); err != nil {
 		return fmt.Errorf("%w\nno Postgres answered: start one, or point TOKENPIPE_DATABASE_URL at one (e.g. postgres://user@host:5432/tokenpipe)", err)
@@ -129,6 +129,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	runCtx, stopRoles := context.WithCancel(context.WithoutCancel(ctx))
 	var roles sync.WaitGroup
 	defer func() { stopRoles(); roles.Wait() }()
+	if cfg.IssuerURL == "" {
+		cfg.IssuerURL = "http://" + addr // the demo's own server, for its metadata document
+	}
 	iss := issuer.New(cfg.issuerConfig(topo), clients.NewRegistry(pool, cfg.ClientCacheTTL), nc, js, pool, log, issuer.NewMetrics(reg))
 	per := persister.New(persister.Config{
 		Pool: (&WorkerConfig{Workers: 2, BatchSize: 1000, BatchWait: 20 * time.Millisecond}).pool(), Retry: (&WorkerConfig{RetryMaxElapsed: time.Minute}).retry(),

@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -35,7 +37,11 @@ type IssuerConfig struct {
 	ClientCacheTTL      time.Duration `envconfig:"CLIENT_CACHE_TTL" default:"30s" desc:"how long a client's registration is cached; a removed client works this long"`
 	Instance            string        `envconfig:"INSTANCE" desc:"name of this issuer in events and logs (default: hostname-pid)"`
 	MaxBodyBytes        int64         `envconfig:"MAX_BODY_BYTES" default:"8192" desc:"largest accepted request body"`
-	RequireTLS          bool          `envconfig:"REQUIRE_TLS" default:"false" desc:"refuse requests not over TLS (directly or X-Forwarded-Proto: https from a proxy)"`
+	RequireTLS          bool          `envconfig:"REQUIRE_TLS" default:"false" desc:"refuse requests not over TLS on every endpoint but the metadata: served here (TLS_CERT_FILE) or X-Forwarded-Proto: https from a TRUSTED_PROXIES address"`
+	TLSCertFile         string        `envconfig:"TLS_CERT_FILE" desc:"PEM certificate chain: serve HTTPS (TLS 1.2+) on HTTP_ADDR; a changed file is reloaded without restart"`
+	TLSKeyFile          string        `envconfig:"TLS_KEY_FILE" desc:"PEM private key of TLS_CERT_FILE"`
+	TrustedProxies      []string      `envconfig:"TRUSTED_PROXIES" desc:"comma-separated CIDRs or IPs of TLS-terminating proxies whose X-Forwarded-Proto is believed; empty trusts none"`
+	IssuerURL           string        `envconfig:"ISSUER_URL" desc:"RFC 8414 issuer identifier, the public https URL of this service (http only for a loopback host); empty: /.well-known/oauth-authorization-server answers 404"`
 }
 
 func (c *IssuerConfig) validate() error {
@@ -81,7 +87,30 @@ func (c *IssuerConfig) validate() error {
 	if _, err := tokens.ParseKeys(c.TokenKeys); err != nil {
 		return fmt.Errorf("%s_TOKEN_KEYS: %v", envPrefix, err)
 	}
+	if _, err := issuer.ParseTrustedProxies(c.TrustedProxies); err != nil {
+		return fmt.Errorf("%s_TRUSTED_PROXIES: %v", envPrefix, err)
+	}
+	if c.IssuerURL != "" {
+		if err := issuer.ValidateIssuerURL(c.IssuerURL); err != nil {
+			return fmt.Errorf("%s_ISSUER_URL: %q %v", envPrefix, c.IssuerURL, err)
+		}
+	}
+	switch {
+	case c.TLSCertFile == "" && c.TLSKeyFile != "":
+		return fmt.Errorf("%s_TLS_CERT_FILE: is empty but %s_TLS_KEY_FILE is set; give both or neither", envPrefix, envPrefix)
+	case c.TLSCertFile != "" && c.TLSKeyFile == "":
+		return fmt.Errorf("%s_TLS_KEY_FILE: is empty but %s_TLS_CERT_FILE is set; give both or neither", envPrefix, envPrefix)
+	case c.TLSCertFile != "":
+		if _, err := tls.LoadX509KeyPair(c.TLSCertFile, c.TLSKeyFile); err != nil {
+			return fmt.Errorf("%s_TLS_CERT_FILE: %v", envPrefix, oneLine(err))
+		}
+	}
 	return nil
+}
+
+// oneLine keeps a configuration error on a single line.
+func oneLine(err error) string {
+	return strings.Join(strings.Fields(err.Error()), " ")
 }
 
 // offIfZero maps the command line's "0 disables" to issuer.Config's
@@ -96,7 +125,9 @@ func offIfZero(d time.Duration) time.Duration {
 // issuerConfig assumes validate passed.
 func (c *IssuerConfig) issuerConfig(topo events.Topology) issuer.Config {
 	keys, _ := tokens.ParseKeys(c.TokenKeys)
+	proxies, _ := issuer.ParseTrustedProxies(c.TrustedProxies)
 	return issuer.Config{
+		TrustedProxies: proxies, TLSCertFile: c.TLSCertFile, TLSKeyFile: c.TLSKeyFile, IssuerURL: c.IssuerURL,
 		Mode: c.Mode, TokenTTL: c.TokenTTL, RefreshTTL: c.RefreshTTL, PublishTimeout: c.PublishTimeout,
 		MaxInFlight: c.PublishMaxInFlight, SyncConflictRetries: c.SyncConflictRetries, Instance: c.instance(),
 		MaxBodyBytes: c.MaxBodyBytes, RequireTLS: c.RequireTLS, Topology: topo,
@@ -119,7 +150,8 @@ Serves on TOKENPIPE_HTTP_ADDR:
   POST /oauth2/token       RFC 6749: client_credentials, password, refresh_token
   POST /oauth2/revoke      RFC 7009
   POST /oauth2/introspect  RFC 7662
-  GET  /.well-known/oauth-authorization-server  RFC 8414 metadata
+  GET  /.well-known/oauth-authorization-server  RFC 8414 metadata (needs
+                           TOKENPIPE_ISSUER_URL; 404 without it)
   /account/applications    users list and remove applications (HTTP Basic)
   /admin/...               management API (Bearer TOKENPIPE_ADMIN_TOKEN)
 and /metrics, /healthz, /readyz on TOKENPIPE_OPS_ADDR. Clients authenticate
@@ -131,7 +163,10 @@ request and NATS is not used.
 
 Examples:
   tokenpipe issuer
-  TOKENPIPE_MODE=sync TOKENPIPE_HTTP_ADDR=:8443 TOKENPIPE_REQUIRE_TLS=true tokenpipe issuer`
+  TOKENPIPE_MODE=sync TOKENPIPE_HTTP_ADDR=:8443 TOKENPIPE_REQUIRE_TLS=true \
+    TOKENPIPE_TLS_CERT_FILE=tls.crt TOKENPIPE_TLS_KEY_FILE=tls.key \
+    TOKENPIPE_ISSUER_URL=https://auth.example.com tokenpipe issuer
+  TOKENPIPE_REQUIRE_TLS=true TOKENPIPE_TRUSTED_PROXIES=10.0.0.0/8 tokenpipe issuer`
 
 func runIssuer(ctx context.Context, args []string, _, stderr io.Writer) error {
 	var cfg IssuerConfig

@@ -27,6 +27,11 @@ func TestBadConfigIsOneLineNamingTheVariable(t *testing.T) {
 		{"TOKENPIPE_REFRESH_GRACE", "10m", "issuer", key},
 		{"TOKENPIPE_ADMIN_TOKEN", "short", "issuer", key},
 		{"TOKENPIPE_INTROSPECT_CACHE_TTL", "-1s", "issuer", key},
+		{"TOKENPIPE_ISSUER_URL", "http://auth.example.com", "issuer", key},
+		{"TOKENPIPE_ISSUER_URL", "https://auth.example.com/?tenant=a", "issuer", key},
+		{"TOKENPIPE_ISSUER_URL", "auth.example.com", "issuer", key},
+		{"TOKENPIPE_TRUSTED_PROXIES", "10.0.0.0/8,10.0.0.0/33", "issuer", key},
+		{"TOKENPIPE_TLS_CERT_FILE", "no-such-file.pem", "issuer", key},
 	}
 	for _, c := range cases {
 		t.Run(c.env+"="+c.value, func(t *testing.T) {

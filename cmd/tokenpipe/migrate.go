@@ -83,14 +83,14 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 func ensureDatabase(ctx context.Context, url string) error {
 	cfg, err := pgx.ParseConfig(url)
 	if err != nil {
-		return fmt.Errorf("%s_DATABASE_URL: %w", envPrefix, err)
+		return fmt.Errorf("%s_DATABASE_URL: %w", envPrefix, redactErr(err))
 	}
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err == nil {
 		return conn.Close(ctx)
 	}
 	if !isMissingDatabase(err) {
-		return fmt.Errorf("connect to Postgres at %s: %w", redactURL(url), err)
+		return fmt.Errorf("connect to Postgres at %s: %w", redactURL(url), redactErr(err))
 	}
 	name := cfg.Database
 	cfg.Database = "postgres"

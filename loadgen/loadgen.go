@@ -47,11 +47,14 @@ type Step struct {
 	Concurrency int // most requests in flight; beyond it a request is dropped, not delayed
 }
 
-// Token is one token handed out, with the moment its answer arrived.
+// Token is one token handed out, with the moment its request was sent and
+// the moment its answer arrived.
 type Token struct {
 	Digest   events.Digest
+	Sent     time.Time
 	Received time.Time
 	Kind     string
+	Key      string // the scope pair asked for
 }
 
 // Second is one second of a run, for the time series.
@@ -202,6 +205,7 @@ func (g *Generator) Run(ctx context.Context, step Step, progress func(*StepResul
 			go func() {
 				defer inflight.Done()
 				defer func() { <-slots }()
+				sent := time.Now()
 				token, errKind := g.request(ctx, key)
 				now := time.Now()
 				mu.Lock()
@@ -217,7 +221,7 @@ func (g *Generator) Run(ctx context.Context, step Step, progress func(*StepResul
 				_ = s.hist.RecordValue(lat)
 				s.achieved++
 				res.OK++
-				res.Tokens = append(res.Tokens, Token{Digest: events.Digest(sha256.Sum256([]byte(token))), Received: now, Kind: kind})
+				res.Tokens = append(res.Tokens, Token{Digest: events.Digest(sha256.Sum256([]byte(token))), Sent: sent, Received: now, Kind: kind, Key: key})
 			}()
 		}
 		if progress != nil && time.Since(lastProgress) >= 250*time.Millisecond {

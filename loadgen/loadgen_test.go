@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -12,8 +13,10 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/tokenpipe/tokenpipe/audit"
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/consume"
+	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/issuer"
 	"github.com/tokenpipe/tokenpipe/loadgen"
@@ -86,6 +89,49 @@ func TestSamplerSeesPending(t *testing.T) {
 	}
 }
 
+func TestLastSentKeepsTheLatestRequest(t *testing.T) {
+	t0 := time.Now()
+	a, b := events.DigestOf("a"), events.DigestOf("b")
+	got := loadgen.LastSent([]loadgen.Token{
+		{Digest: a, Sent: t0.Add(2 * time.Second)}, {Digest: a, Sent: t0}, {Digest: b, Sent: t0.Add(time.Second)},
+	})
+	if len(got) != 2 || !got[a].Equal(t0.Add(2*time.Second)) || !got[b].Equal(t0.Add(time.Second)) {
+		t.Fatalf("last sent = %v", got)
+	}
+}
+
+// TestSummaryShowsClientVisibleVerdict: a clean audit with a key over the
+// window bound, or a token handed out dead, is a failed run.
+func TestSummaryShowsClientVisibleVerdict(t *testing.T) {
+	rep := &loadgen.Report{Audit: &audit.Report{}, ClientVisible: &audit.ClientReport{
+		HandedOut: 10, DeadMargin: time.Second, Window: 5 * time.Second, Bound: 2,
+		MaxPerWindow: audit.WindowCount{Key: "c/c/p0000 p0001", Window: time.UnixMilli(1_700_000_000_000), Tokens: 7}, OverBound: 1,
+		MaxReceived:  &audit.WindowCount{Key: "c/c/p0000 p0001", Window: time.UnixMilli(1_700_000_000_000), Tokens: 6},
+	}}
+	if rep.Clean() {
+		t.Fatal("a key with 7 tokens in one window passed")
+	}
+	var out strings.Builder
+	rep.WriteSummary(&out)
+	for _, want := range []string{"result: clean", "handed out already dead:   0", "most tokens per key per 5s window: 7 (bound 2; 1 key-windows over) (key c/c/p0000 p0001",
+		"most received per key per 5s of receive time: 6", "client-visible result: VIOLATIONS"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("summary lacks %q:\n%s", want, out.String())
+		}
+	}
+	rep.ClientVisible.MaxPerWindow.Tokens, rep.ClientVisible.OverBound, rep.ClientVisible.DeadCount = 2, 0, 1
+	if rep.Clean() {
+		t.Fatal("a token handed out dead passed")
+	}
+	var js strings.Builder
+	testenv.Must(t, rep.WriteJSON(&js), "json")
+	for _, want := range []string{`"handed_out_dead_count": 1`, `"max_tokens_per_key_window": {`, `"max_received_per_key_window": {`} {
+		if !strings.Contains(js.String(), want) {
+			t.Errorf("JSON lacks %s:\n%s", want, js.String())
+		}
+	}
+}
+
 // TestRunAgainstRealPipeline drives an in-process issuer, persister and
 // recovery on the real services with a conflict-heavy mix and checks the
 // post-run verification and lag measurement.
@@ -130,9 +176,13 @@ func TestRunAgainstRealPipeline(t *testing.T) {
 		Mix:    loadgen.Mix{Reissue: 0.2, Duplicate: 0.05, DupWidth: 3},
 		Rate:   300, Duration: 2 * time.Second, Concurrency: 64, LagEvery: 1,
 		Pool: pool, JS: js, Stream: topo.Stream, Consumers: []string{topo.Persister, topo.Recovery},
-		DrainTimeout: 30 * time.Second,
+		DeadMargin: audit.DefaultDeadMargin, DrainTimeout: 30 * time.Second,
 	})
 	testenv.Must(t, err, "run")
+	// Without coalescing every request gets its own token, none of them dead.
+	if cv := rep.ClientVisible; cv == nil || cv.HandedOut != rep.Steps[0].OK || cv.DeadCount != 0 || cv.MaxReceived != nil || !rep.Clean() {
+		t.Fatalf("client visible = %+v", rep.ClientVisible)
+	}
 	s := rep.Steps[0]
 	failed := 0
 	for _, n := range s.Errors {

@@ -106,7 +106,7 @@ func TestSummaryShowsClientVisibleVerdict(t *testing.T) {
 	rep := &loadgen.Report{Audit: &audit.Report{}, ClientVisible: &audit.ClientReport{
 		HandedOut: 10, DeadMargin: time.Second, Window: 5 * time.Second, Bound: 2,
 		MaxPerWindow: audit.WindowCount{Key: "c/c/p0000 p0001", Window: time.UnixMilli(1_700_000_000_000), Tokens: 7}, OverBound: 1,
-		MaxReceived:  &audit.WindowCount{Key: "c/c/p0000 p0001", Window: time.UnixMilli(1_700_000_000_000), Tokens: 6},
+		MaxReceived: &audit.WindowCount{Key: "c/c/p0000 p0001", Window: time.UnixMilli(1_700_000_000_000), Tokens: 6},
 	}}
 	if rep.Clean() {
 		t.Fatal("a key with 7 tokens in one window passed")

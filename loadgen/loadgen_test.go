@@ -203,3 +203,65 @@ func TestRunAgainstRealPipeline(t *testing.T) {
 		t.Fatalf("time series missing: %d queue samples, %d seconds", len(rep.Queue), len(rep.Seconds))
 	}
 }
+
+// TestFixedKeysRoundRobin: with Mix.Keys the run asks for that many keys
+// over and over, and requests are spread over every target.
+func TestFixedKeysRoundRobin(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	scopes := map[string]int{}
+	perServer := map[int]int{}
+	server := func(i int) *httptest.Server {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			_ = r.ParseForm()
+			mu.Lock()
+			scopes[r.Form.Get("scope")]++
+			perServer[i]++
+			mu.Unlock()
+			fmt.Fprintf(w, `{"access_token":%q,"token_type":"Bearer"}`, r.Form.Get("scope"))
+		}))
+		t.Cleanup(srv.Close)
+		return srv
+	}
+	a, b := server(0), server(1)
+	g := loadgen.New(loadgen.Target{URL: a.URL, URLs: []string{b.URL}, ClientID: "c", Secret: "s", ScopePool: 100},
+		loadgen.Mix{Duplicate: 1, DupWidth: 3, Keys: 4}, 64)
+	defer g.Close()
+	res := g.Run(context.Background(), loadgen.Step{Rate: 100, Duration: 500 * time.Millisecond, Concurrency: 64}, nil)
+	mu.Lock()
+	defer mu.Unlock()
+	if res.OK < 120 || len(scopes) != 4 || perServer[0] < res.OK/3 || perServer[1] < res.OK/3 {
+		t.Fatalf("ok=%d scopes=%v per server=%v; want 4 keys over both servers", res.OK, scopes, perServer)
+	}
+	for _, tk := range res.Tokens {
+		if tk.Sent.IsZero() || tk.Received.Before(tk.Sent) || scopes[tk.Key] == 0 {
+			t.Fatalf("token %+v: send time, receive time or key wrong", tk)
+		}
+	}
+}
+
+// TestPersistLagCountsATokenOnce: a coalesced token handed to many requests
+// is one token with one row, not many unpersisted ones.
+func TestPersistLagCountsATokenOnce(t *testing.T) {
+	t.Parallel()
+	_, pool := testenv.Database(t)
+	ctx := context.Background()
+	stored, queued := events.DigestOf("stored"), events.DigestOf("queued")
+	_, err := pool.Exec(ctx, `INSERT INTO tokens (token_digest, client_id, subject, scope, state, grant_type, issued_at, expires_at, stream_seq, persisted_at)
+		VALUES ($1, 'c', 'c', 'p0000 p0001', 'ACTIVE', 'client_credentials', now(), now() + interval '1 hour', 1, now())`, stored[:])
+	testenv.Must(t, err, "insert")
+	now := time.Now()
+	var tokens []loadgen.Token
+	for i := range 10 {
+		tokens = append(tokens, loadgen.Token{Digest: stored, Received: now.Add(-time.Duration(i) * time.Second)})
+	}
+	tokens = append(tokens, loadgen.Token{Digest: queued, Received: now}, loadgen.Token{Digest: queued, Received: now})
+	lag, err := loadgen.PersistLag(ctx, pool, tokens, 1)
+	testenv.Must(t, err, "persist lag")
+	if lag.Measured != 1 || lag.Unpersisted != 1 {
+		t.Fatalf("lag = %+v, want 1 measured and 1 unpersisted", lag)
+	}
+	if lag.Max < 8*time.Second { // from the first answer, 9 s before now
+		t.Fatalf("lag max %s, want it from the earliest answer", lag.Max)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/tokenpipe/tokenpipe/audit"
@@ -31,12 +32,13 @@ Keys are client_credentials scope pairs "pNNNN pMMMM" of one client. Without
 Examples:
   tokenpipe loadtest -rate 2000 -duration 30s
   tokenpipe loadtest -rate 5000 -reissue 0.3 -dup 0.05 -html run.html -json run.json
+  tokenpipe loadtest -rate 700 -dup 1 -dup-width 3 -keys 4 -target http://a:8080/oauth2/token,http://b:8080/oauth2/token
   tokenpipe loadtest -ramp -ramp-start 2000 -ramp-step 2000 -ramp-max 30000 -lag-bound 250ms`
 
 func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg Common
 	fs := flag.NewFlagSet("loadtest", flag.ContinueOnError)
-	target := fs.String("target", "http://127.0.0.1:8080/oauth2/token", "token endpoint URL")
+	target := fs.String("target", "http://127.0.0.1:8080/oauth2/token", "token endpoint URL; several, comma-separated, are used round-robin")
 	clientID := fs.String("client", os.Getenv(envPrefix+"_LOADTEST_CLIENT_ID"), "client id (default: create one; env TOKENPIPE_LOADTEST_CLIENT_ID)")
 	secret := fs.String("secret", os.Getenv(envPrefix+"_LOADTEST_CLIENT_SECRET"), "client secret (env TOKENPIPE_LOADTEST_CLIENT_SECRET)")
 	pool := fs.Int("scope-pool", 1000, "scopes p0000.. the client is allowed; keys are pairs of them")
@@ -46,6 +48,7 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	reissue := fs.Float64("reissue", 0, "share of operations re-requesting a key issued earlier")
 	dup := fs.Float64("dup", 0, "share of operations sending simultaneous identical requests")
 	dupWidth := fs.Int("dup-width", 2, "identical requests per duplicate operation")
+	keys := fs.Int("keys", 0, "use only this many keys, asking for them in turn (identical requests); 0: a fresh key per operation")
 	ramp := fs.Bool("ramp", false, "step the rate up until a bound is passed; report the highest rate that held")
 	rampStart := fs.Float64("ramp-start", 1000, "ramp: first rate")
 	rampStep := fs.Float64("ramp-step", 1000, "ramp: increase per step")
@@ -65,8 +68,8 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if _, err := loadConfig("loadtest", args, stderr, &cfg, loadUsage, fs); err != nil {
 		return helpIsNil(err)
 	}
-	if *reissue < 0 || *dup < 0 || *reissue+*dup > 1 || *rate <= 0 || *conc < 1 || *pool < 2 {
-		fmt.Fprintln(stderr, "loadtest: -reissue and -dup must be shares summing to at most 1; -rate, -concurrency and -scope-pool must be positive")
+	if *reissue < 0 || *dup < 0 || *reissue+*dup > 1 || *rate <= 0 || *conc < 1 || *pool < 2 || *keys < 0 {
+		fmt.Fprintln(stderr, "loadtest: -reissue and -dup must be shares summing to at most 1; -rate, -concurrency and -scope-pool must be positive, -keys not negative")
 		return errUsage
 	}
 	windowSet := false
@@ -104,9 +107,10 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		}
 		fmt.Fprintf(stderr, "created client %s with %d scopes\n", *clientID, *pool)
 	}
+	urls := strings.Split(*target, ",")
 	opts := loadgen.Options{
-		Target: loadgen.Target{URL: *target, ClientID: *clientID, Secret: *secret, ScopePool: *pool},
-		Mix:    loadgen.Mix{Reissue: *reissue, Duplicate: *dup, DupWidth: *dupWidth},
+		Target: loadgen.Target{URL: urls[0], URLs: urls[1:], ClientID: *clientID, Secret: *secret, ScopePool: *pool},
+		Mix:    loadgen.Mix{Reissue: *reissue, Duplicate: *dup, DupWidth: *dupWidth, Keys: *keys},
 		Rate:   *rate, Duration: *duration, Concurrency: *conc, LagEvery: *lagEvery, Warmup: *warmup,
 		Pool: db, JS: js, Stream: cfg.Stream, Consumers: []string{cfg.PersisterName, cfg.RecoveryName},
 		CoalesceWindow: *window, WindowBound: *bound, DeadMargin: *deadMargin,

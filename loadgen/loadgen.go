@@ -17,6 +17,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/HdrHistogram/hdrhistogram-go"
@@ -29,12 +30,19 @@ type Mix struct {
 	Reissue   float64 // re-request a key issued earlier in the run
 	Duplicate float64 // fire DupWidth identical requests at the same instant
 	DupWidth  int
+	// Keys, if set, is the number of keys of the run: once that many were
+	// used, every "fresh" operation asks for one of them again, in turn, as
+	// a client holding a few tokens does.
+	Keys int
 }
 
 // Target is the endpoint and the credentials of a client allowed the scopes
 // p0000 .. p<ScopePool-1>; a key is a pair of them.
 type Target struct {
-	URL       string
+	URL string
+	// URLs are further endpoints of the same deployment (other issuers):
+	// requests go round-robin over URL and URLs.
+	URLs      []string
 	ClientID  string
 	Secret    string
 	ScopePool int
@@ -47,11 +55,14 @@ type Step struct {
 	Concurrency int // most requests in flight; beyond it a request is dropped, not delayed
 }
 
-// Token is one token handed out, with the moment its answer arrived.
+// Token is one token handed out, with the moment its request was sent and
+// the moment its answer arrived.
 type Token struct {
 	Digest   events.Digest
+	Sent     time.Time
 	Received time.Time
 	Kind     string
+	Key      string // the scope pair asked for
 }
 
 // Second is one second of a run, for the time series.
@@ -97,6 +108,7 @@ type Generator struct {
 	mu     sync.Mutex
 	keys   []string
 	next   int // fresh key counter
+	rr     atomic.Uint64
 }
 
 // New returns a generator for target.
@@ -116,8 +128,14 @@ func New(target Target, mix Mix, maxConns int) *Generator {
 // Close releases idle connections.
 func (g *Generator) Close() { g.client.CloseIdleConnections() }
 
-// freshKey returns a scope pair never used before in this run.
+// freshKey returns a scope pair never used before in this run, or with
+// Mix.Keys, the next of the run's keys once they are all in use.
 func (g *Generator) freshKey() string {
+	if g.mix.Keys > 0 && len(g.keys) >= g.mix.Keys {
+		k := g.keys[g.next%g.mix.Keys]
+		g.next++
+		return k
+	}
 	n := g.target.ScopePool
 	i := g.next
 	g.next++
@@ -202,6 +220,7 @@ func (g *Generator) Run(ctx context.Context, step Step, progress func(*StepResul
 			go func() {
 				defer inflight.Done()
 				defer func() { <-slots }()
+				sent := time.Now()
 				token, errKind := g.request(ctx, key)
 				now := time.Now()
 				mu.Lock()
@@ -217,7 +236,7 @@ func (g *Generator) Run(ctx context.Context, step Step, progress func(*StepResul
 				_ = s.hist.RecordValue(lat)
 				s.achieved++
 				res.OK++
-				res.Tokens = append(res.Tokens, Token{Digest: events.Digest(sha256.Sum256([]byte(token))), Received: now, Kind: kind})
+				res.Tokens = append(res.Tokens, Token{Digest: events.Digest(sha256.Sum256([]byte(token))), Sent: sent, Received: now, Kind: kind, Key: key})
 			}()
 		}
 		if progress != nil && time.Since(lastProgress) >= 250*time.Millisecond {
@@ -258,7 +277,13 @@ func newHist() *hdrhistogram.Histogram { return hdrhistogram.New(1, 60_000_000, 
 // request performs one client_credentials request for the scope pair key.
 func (g *Generator) request(ctx context.Context, key string) (token, errKind string) {
 	form := url.Values{"grant_type": {"client_credentials"}, "scope": {key}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, g.target.URL, strings.NewReader(form.Encode()))
+	target := g.target.URL
+	if n := uint64(len(g.target.URLs)); n > 0 {
+		if i := g.rr.Add(1) % (n + 1); i > 0 {
+			target = g.target.URLs[i-1]
+		}
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target, strings.NewReader(form.Encode()))
 	if err != nil {
 		return "", "request"
 	}

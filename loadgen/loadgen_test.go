@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -12,8 +13,10 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/tokenpipe/tokenpipe/audit"
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/consume"
+	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/issuer"
 	"github.com/tokenpipe/tokenpipe/loadgen"
@@ -86,6 +89,49 @@ func TestSamplerSeesPending(t *testing.T) {
 	}
 }
 
+func TestLastSentKeepsTheLatestRequest(t *testing.T) {
+	t0 := time.Now()
+	a, b := events.DigestOf("a"), events.DigestOf("b")
+	got := loadgen.LastSent([]loadgen.Token{
+		{Digest: a, Sent: t0.Add(2 * time.Second)}, {Digest: a, Sent: t0}, {Digest: b, Sent: t0.Add(time.Second)},
+	})
+	if len(got) != 2 || !got[a].Equal(t0.Add(2*time.Second)) || !got[b].Equal(t0.Add(time.Second)) {
+		t.Fatalf("last sent = %v", got)
+	}
+}
+
+// TestSummaryShowsClientVisibleVerdict: a clean audit with a key over the
+// window bound, or a token handed out dead, is a failed run.
+func TestSummaryShowsClientVisibleVerdict(t *testing.T) {
+	rep := &loadgen.Report{Audit: &audit.Report{}, ClientVisible: &audit.ClientReport{
+		HandedOut: 10, DeadMargin: time.Second, Window: 5 * time.Second, Bound: 2,
+		MaxPerWindow: audit.WindowCount{Key: "c/c/p0000 p0001", Window: time.UnixMilli(1_700_000_000_000), Tokens: 7}, OverBound: 1,
+		MaxReceived: &audit.WindowCount{Key: "c/c/p0000 p0001", Window: time.UnixMilli(1_700_000_000_000), Tokens: 6},
+	}}
+	if rep.Clean() {
+		t.Fatal("a key with 7 tokens in one window passed")
+	}
+	var out strings.Builder
+	rep.WriteSummary(&out)
+	for _, want := range []string{"result: clean", "handed out already dead:   0", "most tokens per key per 5s window: 7 (bound 2; 1 key-windows over) (key c/c/p0000 p0001",
+		"most received per key per 5s of receive time: 6", "client-visible result: VIOLATIONS"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("summary lacks %q:\n%s", want, out.String())
+		}
+	}
+	rep.ClientVisible.MaxPerWindow.Tokens, rep.ClientVisible.OverBound, rep.ClientVisible.DeadCount = 2, 0, 1
+	if rep.Clean() {
+		t.Fatal("a token handed out dead passed")
+	}
+	var js strings.Builder
+	testenv.Must(t, rep.WriteJSON(&js), "json")
+	for _, want := range []string{`"handed_out_dead_count": 1`, `"max_tokens_per_key_window": {`, `"max_received_per_key_window": {`} {
+		if !strings.Contains(js.String(), want) {
+			t.Errorf("JSON lacks %s:\n%s", want, js.String())
+		}
+	}
+}
+
 // TestRunAgainstRealPipeline drives an in-process issuer, persister and
 // recovery on the real services with a conflict-heavy mix and checks the
 // post-run verification and lag measurement.
@@ -130,9 +176,13 @@ func TestRunAgainstRealPipeline(t *testing.T) {
 		Mix:    loadgen.Mix{Reissue: 0.2, Duplicate: 0.05, DupWidth: 3},
 		Rate:   300, Duration: 2 * time.Second, Concurrency: 64, LagEvery: 1,
 		Pool: pool, JS: js, Stream: topo.Stream, Consumers: []string{topo.Persister, topo.Recovery},
-		DrainTimeout: 30 * time.Second,
+		DeadMargin: audit.DefaultDeadMargin, DrainTimeout: 30 * time.Second,
 	})
 	testenv.Must(t, err, "run")
+	// Without coalescing every request gets its own token, none of them dead.
+	if cv := rep.ClientVisible; cv == nil || cv.HandedOut != rep.Steps[0].OK || cv.DeadCount != 0 || cv.MaxReceived != nil || !rep.Clean() {
+		t.Fatalf("client visible = %+v", rep.ClientVisible)
+	}
 	s := rep.Steps[0]
 	failed := 0
 	for _, n := range s.Errors {
@@ -151,5 +201,67 @@ func TestRunAgainstRealPipeline(t *testing.T) {
 	}
 	if len(rep.Queue) == 0 || len(rep.Seconds) < 2 {
 		t.Fatalf("time series missing: %d queue samples, %d seconds", len(rep.Queue), len(rep.Seconds))
+	}
+}
+
+// TestFixedKeysRoundRobin: with Mix.Keys the run asks for that many keys
+// over and over, and requests are spread over every target.
+func TestFixedKeysRoundRobin(t *testing.T) {
+	t.Parallel()
+	var mu sync.Mutex
+	scopes := map[string]int{}
+	perServer := map[int]int{}
+	server := func(i int) *httptest.Server {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			_ = r.ParseForm()
+			mu.Lock()
+			scopes[r.Form.Get("scope")]++
+			perServer[i]++
+			mu.Unlock()
+			fmt.Fprintf(w, `{"access_token":%q,"token_type":"Bearer"}`, r.Form.Get("scope"))
+		}))
+		t.Cleanup(srv.Close)
+		return srv
+	}
+	a, b := server(0), server(1)
+	g := loadgen.New(loadgen.Target{URL: a.URL, URLs: []string{b.URL}, ClientID: "c", Secret: "s", ScopePool: 100},
+		loadgen.Mix{Duplicate: 1, DupWidth: 3, Keys: 4}, 64)
+	defer g.Close()
+	res := g.Run(context.Background(), loadgen.Step{Rate: 100, Duration: 500 * time.Millisecond, Concurrency: 64}, nil)
+	mu.Lock()
+	defer mu.Unlock()
+	if res.OK < 120 || len(scopes) != 4 || perServer[0] < res.OK/3 || perServer[1] < res.OK/3 {
+		t.Fatalf("ok=%d scopes=%v per server=%v; want 4 keys over both servers", res.OK, scopes, perServer)
+	}
+	for _, tk := range res.Tokens {
+		if tk.Sent.IsZero() || tk.Received.Before(tk.Sent) || scopes[tk.Key] == 0 {
+			t.Fatalf("token %+v: send time, receive time or key wrong", tk)
+		}
+	}
+}
+
+// TestPersistLagCountsATokenOnce: a coalesced token handed to many requests
+// is one token with one row, not many unpersisted ones.
+func TestPersistLagCountsATokenOnce(t *testing.T) {
+	t.Parallel()
+	_, pool := testenv.Database(t)
+	ctx := context.Background()
+	stored, queued := events.DigestOf("stored"), events.DigestOf("queued")
+	_, err := pool.Exec(ctx, `INSERT INTO tokens (token_digest, client_id, subject, scope, state, grant_type, issued_at, expires_at, stream_seq, persisted_at)
+		VALUES ($1, 'c', 'c', 'p0000 p0001', 'ACTIVE', 'client_credentials', now(), now() + interval '1 hour', 1, now())`, stored[:])
+	testenv.Must(t, err, "insert")
+	now := time.Now()
+	var tokens []loadgen.Token
+	for i := range 10 {
+		tokens = append(tokens, loadgen.Token{Digest: stored, Received: now.Add(-time.Duration(i) * time.Second)})
+	}
+	tokens = append(tokens, loadgen.Token{Digest: queued, Received: now}, loadgen.Token{Digest: queued, Received: now})
+	lag, err := loadgen.PersistLag(ctx, pool, tokens, 1)
+	testenv.Must(t, err, "persist lag")
+	if lag.Measured != 1 || lag.Unpersisted != 1 {
+		t.Fatalf("lag = %+v, want 1 measured and 1 unpersisted", lag)
+	}
+	if lag.Max < 8*time.Second { // from the first answer, 9 s before now
+		t.Fatalf("lag max %s, want it from the earliest answer", lag.Max)
 	}
 }

@@ -9,6 +9,8 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/tokenpipe/tokenpipe/events"
 )
 
 // QueueSample is the backlog of the durable consumers at one moment.
@@ -106,14 +108,26 @@ type LagResult struct {
 
 // PersistLag measures, for every n-th token, the time from the answer
 // reaching the client to the row's persisted_at (clock_timestamp() at insert,
-// on the same machine's clock). Tokens without a row are counted apart.
+// on the same machine's clock). Tokens without a row are counted apart. A
+// token handed to several requests counts once.
 func PersistLag(ctx context.Context, pool *pgxpool.Pool, tokens []Token, every int) (LagResult, error) {
 	if every < 1 {
 		every = 1
 	}
+	// A coalesced token reaches many requests: measure it once, from the
+	// first answer that carried it.
+	first := make(map[events.Digest]int, len(tokens))
 	var sample []Token
 	for i := 0; i < len(tokens); i += every {
-		sample = append(sample, tokens[i])
+		t := tokens[i]
+		if j, ok := first[t.Digest]; ok {
+			if t.Received.Before(sample[j].Received) {
+				sample[j] = t
+			}
+			continue
+		}
+		first[t.Digest] = len(sample)
+		sample = append(sample, t)
 	}
 	received := make(map[string]time.Time, len(sample))
 	var lags []time.Duration

@@ -45,6 +45,10 @@ func (r *Report) WriteSummary(w io.Writer) {
 		fmt.Fprintln(w, "verification:")
 		r.Audit.Write(w)
 	}
+	if r.ClientVisible != nil {
+		fmt.Fprintln(w, "what clients saw:")
+		r.ClientVisible.Write(w)
+	}
 }
 
 // WriteJSON writes the whole report.

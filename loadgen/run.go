@@ -39,6 +39,14 @@ type Options struct {
 	Stream    string
 	Consumers []string
 
+	// CoalesceWindow is the issuers' TOKENPIPE_COALESCE_WINDOW: the most
+	// distinct tokens a key got per window is judged against WindowBound;
+	// 0 skips that (without coalescing every request gets its own token).
+	CoalesceWindow time.Duration
+	WindowBound    int
+	// DeadMargin: see audit.DefaultDeadMargin.
+	DeadMargin time.Duration
+
 	DrainTimeout time.Duration
 	Progress     io.Writer // live progress; nil for none
 	Terminal     bool      // rewrite one line in place instead of printing lines
@@ -71,6 +79,14 @@ type Report struct {
 	DrainTime        time.Duration `json:"drain_time"`
 	Audit            *audit.Report `json:"audit"`
 	Inactive         int           `json:"rows_made_inactive"`
+	// ClientVisible is what clients saw: tokens handed out already dead and
+	// the most distinct tokens per key per coalescing window.
+	ClientVisible *audit.ClientReport `json:"client_visible"`
+}
+
+// Clean reports whether the audit and the client-visible checks passed.
+func (r *Report) Clean() bool {
+	return (r.Audit == nil || r.Audit.Clean()) && (r.ClientVisible == nil || r.ClientVisible.Clean())
 }
 
 func percentiles(r *StepResult) Percentiles {
@@ -169,8 +185,50 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	if err := o.Pool.QueryRow(ctx, `SELECT count(*) FROM tokens WHERE state = 'INACTIVE' AND client_id = $1`, o.Target.ClientID).Scan(&rep.Inactive); err != nil {
 		return nil, fmt.Errorf("count inactive: %w", err)
 	}
+	if rep.ClientVisible, err = clientVisible(ctx, o, all, rep.Started); err != nil {
+		return nil, err
+	}
 	rep.Queue = sampler.Samples()
 	return rep, nil
+}
+
+// clientVisible judges what the run's client received, once the rows are
+// written: tokens handed out after their row was dead, and distinct tokens
+// per key per coalescing window, from the rows and from receive times.
+func clientVisible(ctx context.Context, o Options, all []Token, started time.Time) (*audit.ClientReport, error) {
+	lastSent := LastSent(all)
+	co := audit.ClientOptions{DeadMargin: o.DeadMargin, Window: o.CoalesceWindow, Bound: o.WindowBound, ClientID: o.Target.ClientID}
+	if o.CoalesceWindow > 0 {
+		// A coalesced token's issued_at is its window's start, which may
+		// precede the run; rows of earlier runs of a reused client may not.
+		co.Since = audit.WindowStart(started, o.CoalesceWindow)
+	}
+	r, err := audit.ClientVisible(ctx, o.Pool, lastSent, co)
+	if err != nil {
+		return nil, err
+	}
+	if o.CoalesceWindow > 0 {
+		prefix := o.Target.ClientID + "/" + o.Target.ClientID + "/" // client_credentials: the subject is the client
+		issues := make([]audit.Issue, len(all))
+		for i, t := range all {
+			issues[i] = audit.Issue{Key: prefix + t.Key, Digest: t.Digest, At: t.Received}
+		}
+		mx, _ := audit.MaxPerWindow(issues, o.CoalesceWindow, o.WindowBound)
+		r.MaxReceived = &mx
+	}
+	return r, nil
+}
+
+// LastSent maps each token handed out to the send time of the last request
+// that received it.
+func LastSent(tokens []Token) map[events.Digest]time.Time {
+	out := make(map[events.Digest]time.Time, len(tokens))
+	for _, t := range tokens {
+		if cur, ok := out[t.Digest]; !ok || t.Sent.After(cur) {
+			out[t.Digest] = t.Sent
+		}
+	}
+	return out
 }
 
 // waitPersisted waits until every token of the set has a row, or limit.

@@ -27,8 +27,9 @@ const demoUsage = `[-requests N] [-races N] [-stay]
 
 Runs issuer, persister and recovery in one process, sends real HTTP token
 requests (distinct keys, then bursts of identical requests racing for one
-key), waits until both consumers are drained, audits the table and prints a
-summary. Uses an embedded NATS server unless TOKENPIPE_NATS_URL is set, and
+key, which coalescing turns into one token each), makes two different tokens
+of one key race through recovery, waits until both consumers are drained,
+audits the table and prints a summary. Uses an embedded NATS server unless TOKENPIPE_NATS_URL is set, and
 Postgres at TOKENPIPE_DATABASE_URL (the database is created if missing).
 
 Examples:
@@ -132,7 +133,8 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if cfg.IssuerURL == "" {
 		cfg.IssuerURL = "http://" + addr // the demo's own server, for its metadata document
 	}
-	iss := issuer.New(cfg.issuerConfig(topo), clients.NewRegistry(pool, cfg.ClientCacheTTL), nc, js, pool, log, issuer.NewMetrics(reg))
+	registry := clients.NewRegistry(pool, cfg.ClientCacheTTL)
+	iss := issuer.New(cfg.issuerConfig(topo), registry, nc, js, pool, log, issuer.NewMetrics(reg))
 	per := persister.New(persister.Config{
 		Pool: (&WorkerConfig{Workers: 2, BatchSize: 1000, BatchWait: 20 * time.Millisecond}).pool(), Retry: (&WorkerConfig{RetryMaxElapsed: time.Minute}).retry(),
 		Topology: topo, Finish: cfg.ShutdownTimeout, NakDelay: time.Second,
@@ -167,6 +169,12 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	say("sent %d requests in %s: %d tokens issued, %d failed %v", out.OK+out.Failed, out.Elapsed.Round(time.Millisecond), out.OK, out.Failed, out.Errors)
+	raced, err := raceDemo(ctx, cfg.issuerConfig(topo), registry, nc, js, pool, log, tokenURL, clientID, secret, say)
+	if err != nil {
+		return fmt.Errorf("race step: %w", err)
+	}
+	out.OK += len(raced)
+	out.Digests = append(out.Digests, raced...)
 
 	drainStart := time.Now()
 	var report *audit.Report
@@ -204,6 +212,11 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	say("  queue drained in                     %s", time.Since(drainStart).Round(time.Millisecond))
 	if !report.Clean() {
 		return errViolations
+	}
+	say("")
+	say("the two tokens of the race step, the older made INACTIVE by recovery:")
+	if err := raceRows(ctx, pool, raced, say); err != nil {
+		return err
 	}
 	say("")
 	say("OAuth lifecycle")

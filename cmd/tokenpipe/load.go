@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"time"
 
+	"github.com/tokenpipe/tokenpipe/audit"
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/loadgen"
 )
@@ -18,7 +20,11 @@ Drives a running issuer over real HTTP at a fixed arrival rate (open loop:
 requests go out on schedule whether or not earlier ones answered, and latency
 counts from the scheduled time), samples both consumers' backlog every 250 ms,
 measures issue-to-persisted lag, and at the end verifies that every token that
-got a 200 has exactly one row and no key has two ACTIVE rows (exit 1 if not).
+got a 200 has exactly one row and no key has two ACTIVE rows, that no token
+was handed out after its row was already INACTIVE or REVOKED, and that no key
+got more than -window-bound distinct tokens in one coalescing window (exit 1
+if not). Set -coalesce-window to the issuers' TOKENPIPE_COALESCE_WINDOW (0
+when they do not coalesce: then the per-window count is not judged).
 
 Keys are client_credentials scope pairs "pNNNN pMMMM" of one client. Without
 -client, a client allowed p0000..p<scope-pool-1> is created in the database.
@@ -26,12 +32,13 @@ Keys are client_credentials scope pairs "pNNNN pMMMM" of one client. Without
 Examples:
   tokenpipe loadtest -rate 2000 -duration 30s
   tokenpipe loadtest -rate 5000 -reissue 0.3 -dup 0.05 -html run.html -json run.json
+  tokenpipe loadtest -rate 700 -dup 1 -dup-width 3 -keys 4 -target http://a:8080/oauth2/token,http://b:8080/oauth2/token
   tokenpipe loadtest -ramp -ramp-start 2000 -ramp-step 2000 -ramp-max 30000 -lag-bound 250ms`
 
 func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg Common
 	fs := flag.NewFlagSet("loadtest", flag.ContinueOnError)
-	target := fs.String("target", "http://127.0.0.1:8080/oauth2/token", "token endpoint URL")
+	target := fs.String("target", "http://127.0.0.1:8080/oauth2/token", "token endpoint URL; several, comma-separated, are used round-robin")
 	clientID := fs.String("client", os.Getenv(envPrefix+"_LOADTEST_CLIENT_ID"), "client id (default: create one; env TOKENPIPE_LOADTEST_CLIENT_ID)")
 	secret := fs.String("secret", os.Getenv(envPrefix+"_LOADTEST_CLIENT_SECRET"), "client secret (env TOKENPIPE_LOADTEST_CLIENT_SECRET)")
 	pool := fs.Int("scope-pool", 1000, "scopes p0000.. the client is allowed; keys are pairs of them")
@@ -41,6 +48,7 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	reissue := fs.Float64("reissue", 0, "share of operations re-requesting a key issued earlier")
 	dup := fs.Float64("dup", 0, "share of operations sending simultaneous identical requests")
 	dupWidth := fs.Int("dup-width", 2, "identical requests per duplicate operation")
+	keys := fs.Int("keys", 0, "use only this many keys, asking for them in turn (identical requests); 0: a fresh key per operation")
 	ramp := fs.Bool("ramp", false, "step the rate up until a bound is passed; report the highest rate that held")
 	rampStart := fs.Float64("ramp-start", 1000, "ramp: first rate")
 	rampStep := fs.Float64("ramp-step", 1000, "ramp: increase per step")
@@ -50,6 +58,9 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	errBound := fs.Float64("error-bound", 0.01, "ramp: share of failed requests a step may not exceed")
 	lagEvery := fs.Int("lag-every", 1, "measure persist lag for every n-th token")
 	warmup := fs.Duration("warmup", 0, "send at the rate this long first, unmeasured (tokens still verified)")
+	window := fs.Duration("coalesce-window", 0, "the issuers' coalescing window; 0 skips the per-window bound (default: TOKENPIPE_COALESCE_WINDOW, else 5s)")
+	bound := fs.Int("window-bound", audit.DefaultWindowBound, "most distinct tokens one key may get per coalescing window")
+	deadMargin := fs.Duration("dead-margin", audit.DefaultDeadMargin, "a token counts as handed out dead if its row changed state this much before the request (writers stamp the change at transaction start)")
 	drain := fs.Duration("drain-timeout", 2*time.Minute, "longest wait for the queues to drain before verifying")
 	jsonOut := fs.String("json", "", "write the full report as JSON to `file`")
 	csvOut := fs.String("csv", "", "write the per-second series as CSV to `file`")
@@ -57,8 +68,21 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if _, err := loadConfig("loadtest", args, stderr, &cfg, loadUsage, fs); err != nil {
 		return helpIsNil(err)
 	}
-	if *reissue < 0 || *dup < 0 || *reissue+*dup > 1 || *rate <= 0 || *conc < 1 || *pool < 2 {
-		fmt.Fprintln(stderr, "loadtest: -reissue and -dup must be shares summing to at most 1; -rate, -concurrency and -scope-pool must be positive")
+	if *reissue < 0 || *dup < 0 || *reissue+*dup > 1 || *rate <= 0 || *conc < 1 || *pool < 2 || *keys < 0 {
+		fmt.Fprintln(stderr, "loadtest: -reissue and -dup must be shares summing to at most 1; -rate, -concurrency and -scope-pool must be positive, -keys not negative")
+		return errUsage
+	}
+	windowSet := false
+	fs.Visit(func(f *flag.Flag) { windowSet = windowSet || f.Name == "coalesce-window" })
+	if !windowSet {
+		var err error
+		if *window, err = coalesceWindowFromEnv(); err != nil {
+			fmt.Fprintln(stderr, err)
+			return errUsage
+		}
+	}
+	if *window < 0 || *window%time.Millisecond != 0 || *bound < 1 || *deadMargin < 0 {
+		fmt.Fprintln(stderr, "loadtest: -coalesce-window must be whole milliseconds and not negative, -window-bound at least 1, -dead-margin not negative")
 		return errUsage
 	}
 
@@ -83,11 +107,13 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		}
 		fmt.Fprintf(stderr, "created client %s with %d scopes\n", *clientID, *pool)
 	}
+	urls := strings.Split(*target, ",")
 	opts := loadgen.Options{
-		Target: loadgen.Target{URL: *target, ClientID: *clientID, Secret: *secret, ScopePool: *pool},
-		Mix:    loadgen.Mix{Reissue: *reissue, Duplicate: *dup, DupWidth: *dupWidth},
+		Target: loadgen.Target{URL: urls[0], URLs: urls[1:], ClientID: *clientID, Secret: *secret, ScopePool: *pool},
+		Mix:    loadgen.Mix{Reissue: *reissue, Duplicate: *dup, DupWidth: *dupWidth, Keys: *keys},
 		Rate:   *rate, Duration: *duration, Concurrency: *conc, LagEvery: *lagEvery, Warmup: *warmup,
 		Pool: db, JS: js, Stream: cfg.Stream, Consumers: []string{cfg.PersisterName, cfg.RecoveryName},
+		CoalesceWindow: *window, WindowBound: *bound, DeadMargin: *deadMargin,
 		DrainTimeout: *drain, Progress: stderr, Terminal: isTerminal(stderr),
 	}
 	if *ramp {
@@ -118,7 +144,7 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		}
 		fmt.Fprintf(stderr, "wrote %s\n", out.path)
 	}
-	if rep.Audit != nil && !rep.Audit.Clean() {
+	if !rep.Clean() {
 		return errViolations
 	}
 	return nil

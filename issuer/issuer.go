@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -25,6 +26,8 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/proxy"
+	"github.com/tokenpipe/tokenpipe/internal/throttle"
 	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
@@ -46,6 +49,7 @@ const (
 	DefaultRefreshGrace        = 5 * time.Second
 	DefaultIntrospectCacheTTL  = 5 * time.Second
 	DefaultIntrospectCacheSize = 100_000
+	DefaultPasswordCheckWait   = 500 * time.Millisecond
 )
 
 // maxClockSkew bounds how far issuer clocks may disagree with the database's.
@@ -102,6 +106,20 @@ type Config struct {
 	RequireTLS bool
 	// Topology names the stream and subject events are published to.
 	Topology events.Topology
+	// Login throttles password sign-ins, by the password grant and the
+	// account API alike, per (user, source), user and source. Zero fields
+	// take the throttle package's defaults.
+	Login throttle.Config
+	// PasswordChecks bounds the bcrypt password checks running at once;
+	// zero means half the CPUs, rounded up. The client_credentials and
+	// refresh_token grants never wait for one.
+	PasswordChecks int
+	// PasswordCheckWait bounds a request's wait for a free password check;
+	// past it the answer is 503. Zero means the default; negative, no wait.
+	PasswordCheckWait time.Duration
+	// TrustedProxies are the reverse proxies whose X-Forwarded-For names a
+	// sign-in's source address; the zero value trusts none.
+	TrustedProxies proxy.Trusted
 }
 
 func (c Config) withDefaults() Config {
@@ -135,6 +153,7 @@ func (c Config) withDefaults() Config {
 	if c.IntrospectCacheSize <= 0 {
 		c.IntrospectCacheSize = DefaultIntrospectCacheSize
 	}
+	c.PasswordCheckWait = orDefault(c.PasswordCheckWait, DefaultPasswordCheckWait)
 	return c
 }
 
@@ -160,6 +179,8 @@ type Server struct {
 	log      *slog.Logger
 	metrics  *Metrics
 	cache    *introCache
+	logins   *throttle.Limiter
+	hashers  *throttle.Pool
 }
 
 // NewJetStream returns the JetStream handle async mode needs: at most
@@ -190,7 +211,9 @@ func New(cfg Config, registry *clients.Registry, nc *nats.Conn, js jetstream.Jet
 		panic("issuer: Config.Keys is required")
 	}
 	return &Server{cfg: cfg, registry: registry, nc: nc, js: js, db: db, log: log, metrics: m,
-		cache: newIntroCache(cfg.IntrospectCacheTTL, cfg.IntrospectCacheSize)}
+		cache:   newIntroCache(cfg.IntrospectCacheTTL, cfg.IntrospectCacheSize),
+		logins:  throttle.New(cfg.Login),
+		hashers: throttle.NewPool(cfg.PasswordChecks, cfg.PasswordCheckWait)}
 }
 
 // Handler routes the OAuth endpoints and the management API.
@@ -212,6 +235,8 @@ type oauthError struct {
 	// challenge adds WWW-Authenticate to a 401: the client tried HTTP
 	// Basic, or sent no credentials at all (RFC 6749 5.2, RFC 9110 15.5.2).
 	challenge bool
+	// retryAfter, if set, is sent as Retry-After (whole seconds, rounded up).
+	retryAfter time.Duration
 }
 
 func (e *oauthError) Error() string { return e.code + ": " + e.desc }
@@ -258,6 +283,8 @@ func (s *Server) writeError(w http.ResponseWriter, err error) {
 		oe = errUnavailable
 	}
 	switch {
+	case oe.retryAfter > 0:
+		w.Header().Set("Retry-After", strconv.FormatInt(int64((oe.retryAfter+time.Second-1)/time.Second), 10))
 	case oe.status == http.StatusMethodNotAllowed:
 		w.Header().Set("Allow", http.MethodPost)
 	case oe.status == http.StatusUnauthorized && oe.challenge:
@@ -312,7 +339,7 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
 		if user == "" || pass == "" {
 			return nil, badRequest("invalid_request", "username and password are required")
 		}
-		if err := s.registry.VerifyUser(r.Context(), user, pass); err != nil {
+		if err := s.checkPassword(r, "token", user, pass); err != nil {
 			if errors.Is(err, clients.ErrInvalidGrant) {
 				return nil, badRequest("invalid_grant", "the resource owner credentials are invalid")
 			}

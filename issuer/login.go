@@ -36,17 +36,15 @@ func (s *Server) checkPassword(r *http.Request, endpoint, user, pass string) err
 		return &oauthError{status: http.StatusTooManyRequests, code: "slow_down",
 			desc: "too many failed sign-ins; retry after the time in Retry-After", retryAfter: refusal.RetryAfter}
 	}
-	release, err := s.hashers.Acquire(r.Context())
-	if err != nil {
+	var err error
+	if busy := s.hashers.Do(r.Context(), func() { err = s.registry.VerifyUser(r.Context(), user, pass) }); busy != nil {
 		attempt.Abandon()
-		if errors.Is(err, throttle.ErrBusy) {
+		if errors.Is(busy, throttle.ErrBusy) {
 			s.metrics.passwordCheckRejected.WithLabelValues(endpoint).Inc()
 			return errPasswordChecksBusy
 		}
-		return fmt.Errorf("wait for a password check: %w", err)
+		return fmt.Errorf("wait for a password check: %w", busy)
 	}
-	err = s.registry.VerifyUser(r.Context(), user, pass)
-	release()
 	switch {
 	case err == nil:
 		attempt.Succeeded()

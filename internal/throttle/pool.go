@@ -59,3 +59,17 @@ func (p *Pool) Acquire(ctx context.Context) (release func(), err error) {
 		return nil, ctx.Err()
 	}
 }
+
+// Do runs f in a slot (see Acquire) on a thread of lower priority, where
+// the operating system has one for a thread, so that password hashing gets
+// the CPU only after everything else on the machine. It returns ErrBusy or
+// ctx's error if no slot was had, and f was not run.
+func (p *Pool) Do(ctx context.Context, f func()) error {
+	release, err := p.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer release()
+	runNiced(f)
+	return nil
+}

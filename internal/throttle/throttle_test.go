@@ -245,3 +245,27 @@ func TestPoolRejectsAfterTheWait(t *testing.T) {
 		t.Fatal("default pool size")
 	}
 }
+
+func TestPoolDoRunsOnALowerPriorityThread(t *testing.T) {
+	p := NewPool(1, 0)
+	ran := false
+	if err := p.Do(context.Background(), func() { ran = true }); err != nil || !ran {
+		t.Fatalf("Do: ran=%v err=%v", ran, err)
+	}
+	hold, _ := p.Acquire(context.Background())
+	if err := p.Do(context.Background(), func() { t.Error("ran without a slot") }); !errors.Is(err, ErrBusy) {
+		t.Fatalf("Do on a full pool: %v", err)
+	}
+	hold()
+	defer func() {
+		if r := recover(); r != "boom" {
+			t.Fatalf("recovered %v, want the panic of f", r)
+		}
+		if release, err := p.Acquire(context.Background()); err != nil {
+			t.Fatal("a panicking f kept its slot")
+		} else {
+			release()
+		}
+	}()
+	_ = p.Do(context.Background(), func() { panic("boom") })
+}

@@ -267,10 +267,10 @@ const DefaultCacheTTL = 30 * time.Second
 // ids cannot grow it without limit.
 const MaxCachedClients = 10000
 
-// dummyCost is the bcrypt cost of the hash compared when a user is unknown.
-// It matches the default of "tokenpipe user add" (TOKENPIPE_BCRYPT_COST), so
-// an unknown user costs as long as a known one.
-const dummyCost = bcrypt.DefaultCost
+// dummyRefresh is how often the cost of the dummy hash is read again from
+// the stored users, so it follows "tokenpipe user add" runs with another
+// TOKENPIPE_BCRYPT_COST.
+const dummyRefresh = 5 * time.Minute
 
 // Registry authenticates clients and users for the token endpoint. It is safe
 // for concurrent use.
@@ -285,8 +285,12 @@ type Registry struct {
 	db  *pgxpool.Pool
 	ttl time.Duration
 
-	dummyOnce sync.Once
-	dummy     []byte // bcrypt hash compared when the user is unknown
+	// The bcrypt hash compared when the user is unknown, of the highest
+	// cost users are stored with; dummyAt is when that cost was read.
+	dummyMu   sync.Mutex
+	dummy     []byte
+	dummyCost int
+	dummyAt   time.Time
 
 	mu    sync.Mutex
 	cache map[string]cached
@@ -387,13 +391,79 @@ func (r *Registry) evict(now time.Time) {
 	}
 }
 
-// dummyHash is computed on first need: an issuer that never sees the
-// password grant never pays for it.
-func (r *Registry) dummyHash() []byte {
-	r.dummyOnce.Do(func() {
-		r.dummy, _ = bcrypt.GenerateFromPassword([]byte("tokenpipe: no such user"), dummyCost)
-	})
-	return r.dummy
+// dummyHash returns the hash compared when a user is unknown. It has the
+// highest cost any stored hash has, so an unknown user costs as long as a
+// known one with a wrong password: with one cost for all users (the usual
+// case) exactly; after TOKENPIPE_BCRYPT_COST was raised, as long as the users
+// hashed since, and never less, so unknown names are no cheaper to send than
+// real ones. Reading the cost from the hashes, rather than from a setting
+// the issuer would need too, cannot disagree with what "tokenpipe user add"
+// stored. It is made on first need (an issuer that never sees the password
+// grant never pays for it) and the cost is read again every dummyRefresh.
+func (r *Registry) dummyHash(ctx context.Context) ([]byte, error) {
+	r.dummyMu.Lock()
+	defer r.dummyMu.Unlock()
+	if r.dummy != nil && time.Since(r.dummyAt) < dummyRefresh {
+		return r.dummy, nil
+	}
+	cost, err := r.storedCost(ctx)
+	if err != nil {
+		if r.dummy != nil {
+			return r.dummy, nil // the last known cost, through an outage
+		}
+		return nil, err
+	}
+	r.dummyAt = time.Now()
+	if r.dummy == nil || cost != r.dummyCost {
+		hash, err := bcrypt.GenerateFromPassword([]byte("tokenpipe: no such user"), cost)
+		if err != nil {
+			return nil, fmt.Errorf("dummy password hash: %w", err)
+		}
+		r.dummy, r.dummyCost = hash, cost
+	}
+	return r.dummy, nil
+}
+
+// storedCost is the highest bcrypt cost of the stored users, or bcrypt's
+// default if there are none. The cost is the two digits after the version
+// ("$2a$12$..."); it is one scan of the users table every dummyRefresh.
+func (r *Registry) storedCost(ctx context.Context) (int, error) {
+	var cost *int
+	err := r.db.QueryRow(ctx, `SELECT max(substring(password_hash FROM '^\$2[abxy]?\$([0-9]{2})\$')::int) FROM users`).Scan(&cost)
+	if err != nil {
+		return 0, fmt.Errorf("read the users' bcrypt cost: %w", err)
+	}
+	if cost == nil || *cost < bcrypt.MinCost || *cost > bcrypt.MaxCost {
+		return bcrypt.DefaultCost, nil
+	}
+	return *cost, nil
+}
+
+// sawCost notes the cost of a known user's hash: a higher one than the
+// dummy's means users were added at a higher cost since it was read, so the
+// next unknown user reads it again rather than answering faster until the
+// next refresh.
+func (r *Registry) sawCost(hash string) {
+	cost, err := bcrypt.Cost([]byte(hash))
+	if err != nil {
+		return
+	}
+	r.dummyMu.Lock()
+	defer r.dummyMu.Unlock()
+	if r.dummy != nil && cost > r.dummyCost {
+		r.dummyAt = time.Time{}
+	}
+}
+
+// compareDummy spends the time of a password check for a user that does not
+// exist.
+func (r *Registry) compareDummy(ctx context.Context, password string) error {
+	dummy, err := r.dummyHash(ctx)
+	if err != nil {
+		return err
+	}
+	_ = bcrypt.CompareHashAndPassword(dummy, []byte(password))
+	return ErrInvalidGrant
 }
 
 // VerifyUser checks a resource owner's password: nil if it is right,
@@ -402,18 +472,17 @@ func (r *Registry) dummyHash() []byte {
 // read.
 func (r *Registry) VerifyUser(ctx context.Context, username, password string) error {
 	if validID("username", username) != nil {
-		_ = bcrypt.CompareHashAndPassword(r.dummyHash(), []byte(password))
-		return ErrInvalidGrant
+		return r.compareDummy(ctx, password)
 	}
 	var hash string
 	err := r.db.QueryRow(ctx, `SELECT password_hash FROM users WHERE username = $1`, username).Scan(&hash)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
-		_ = bcrypt.CompareHashAndPassword(r.dummyHash(), []byte(password))
-		return ErrInvalidGrant
+		return r.compareDummy(ctx, password)
 	case err != nil:
 		return fmt.Errorf("look up user: %w", err)
 	}
+	r.sawCost(hash)
 	if bcrypt.CompareHashAndPassword([]byte(hash), []byte(password)) != nil {
 		return ErrInvalidGrant
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenpipe/tokenpipe/clients"
+	"github.com/tokenpipe/tokenpipe/internal/proxy"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/tokens"
 )
@@ -38,7 +39,7 @@ func fuzzServer(f *testing.F) *Server {
 		f.Fatal(err)
 	}
 	f.Cleanup(pool.Close)
-	proxies, err := ParseTrustedProxies([]string{"10.0.0.0/8"})
+	proxies, err := proxy.Parse("10.0.0.0/8")
 	if err != nil {
 		f.Fatal(err)
 	}

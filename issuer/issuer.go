@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -26,6 +27,8 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/proxy"
+	"github.com/tokenpipe/tokenpipe/internal/throttle"
 	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
@@ -47,6 +50,7 @@ const (
 	DefaultRefreshGrace        = 5 * time.Second
 	DefaultIntrospectCacheTTL  = 5 * time.Second
 	DefaultIntrospectCacheSize = 100_000
+	DefaultPasswordCheckWait   = 500 * time.Millisecond
 )
 
 // maxClockSkew bounds how far issuer clocks may disagree with the database's.
@@ -102,9 +106,6 @@ type Config struct {
 	// here (TLSCertFile) or through one of TrustedProxies that set
 	// X-Forwarded-Proto: https.
 	RequireTLS bool
-	// TrustedProxies are the addresses whose X-Forwarded-Proto is believed.
-	// The zero value believes nobody.
-	TrustedProxies TrustedProxies
 	// TLSCertFile and TLSKeyFile, when set, make ServeListener serve HTTPS
 	// (TLS 1.2 and newer) with this PEM certificate chain and key. A change
 	// of either file is picked up without a restart.
@@ -117,6 +118,21 @@ type Config struct {
 	IssuerURL string
 	// Topology names the stream and subject events are published to.
 	Topology events.Topology
+	// Login throttles password sign-ins, by the password grant and the
+	// account API alike, per (user, source), user and source. Zero fields
+	// take the throttle package's defaults.
+	Login throttle.Config
+	// PasswordChecks bounds the bcrypt password checks running at once;
+	// zero means half the CPUs, rounded up. The client_credentials and
+	// refresh_token grants never wait for one.
+	PasswordChecks int
+	// PasswordCheckWait bounds a request's wait for a free password check;
+	// past it the answer is 503. Zero means the default; negative, no wait.
+	PasswordCheckWait time.Duration
+	// TrustedProxies are the reverse proxies whose forwarding headers are
+	// believed: X-Forwarded-Proto for RequireTLS, X-Forwarded-For for a
+	// sign-in's source address. The zero value trusts none.
+	TrustedProxies proxy.Trusted
 }
 
 func (c Config) withDefaults() Config {
@@ -150,6 +166,7 @@ func (c Config) withDefaults() Config {
 	if c.IntrospectCacheSize <= 0 {
 		c.IntrospectCacheSize = DefaultIntrospectCacheSize
 	}
+	c.PasswordCheckWait = orDefault(c.PasswordCheckWait, DefaultPasswordCheckWait)
 	return c
 }
 
@@ -176,7 +193,9 @@ type Server struct {
 	metrics  *Metrics
 	cache    *introCache
 	// now cuts coalescing windows; tests replace it to replay window edges.
-	now func() time.Time
+	now     func() time.Time
+	logins  *throttle.Limiter
+	hashers *throttle.Pool
 }
 
 // NewJetStream returns the JetStream handle async mode needs: at most
@@ -207,7 +226,10 @@ func New(cfg Config, registry *clients.Registry, nc *nats.Conn, js jetstream.Jet
 		panic("issuer: Config.Keys is required")
 	}
 	return &Server{cfg: cfg, registry: registry, nc: nc, js: js, db: db, log: log, metrics: m,
-		cache: newIntroCache(cfg.IntrospectCacheTTL, cfg.IntrospectCacheSize), now: time.Now}
+		cache:   newIntroCache(cfg.IntrospectCacheTTL, cfg.IntrospectCacheSize),
+		logins:  throttle.New(cfg.Login),
+		hashers: throttle.NewPool(cfg.PasswordChecks, cfg.PasswordCheckWait),
+		now:     time.Now}
 }
 
 // Handler routes the OAuth endpoints and the management API.
@@ -226,6 +248,8 @@ type oauthError struct {
 	status int
 	code   string
 	desc   string
+	// retryAfter, if set, is sent as Retry-After (whole seconds, rounded up).
+	retryAfter time.Duration
 }
 
 func (e *oauthError) Error() string { return e.code + ": " + e.desc }
@@ -274,6 +298,8 @@ func (s *Server) writeError(w http.ResponseWriter, err error) {
 		oe = errUnavailable
 	}
 	switch {
+	case oe.retryAfter > 0:
+		w.Header().Set("Retry-After", strconv.FormatInt(int64((oe.retryAfter+time.Second-1)/time.Second), 10))
 	case oe.status == http.StatusMethodNotAllowed:
 		w.Header().Set("Allow", http.MethodPost)
 	case oe.status == http.StatusUnauthorized:
@@ -328,7 +354,7 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
 		if user == "" || pass == "" {
 			return nil, badRequest("invalid_request", "username and password are required")
 		}
-		if err := s.registry.VerifyUser(r.Context(), user, pass); err != nil {
+		if err := s.checkPassword(r, "token", user, pass); err != nil {
 			if errors.Is(err, clients.ErrInvalidGrant) {
 				return nil, badRequest("invalid_grant", "the resource owner credentials are invalid")
 			}

@@ -27,6 +27,7 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/proxy"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/issuer"
 	"github.com/tokenpipe/tokenpipe/tokens"
@@ -497,7 +498,7 @@ func TestRequireTLSBehindProxy(t *testing.T) {
 			cfg := config(testenv.Topology(), mode)
 			cfg.RequireTLS = true
 			var err error
-			cfg.TrustedProxies, err = issuer.ParseTrustedProxies([]string{"127.0.0.0/8", "::1"})
+			cfg.TrustedProxies, err = proxy.Parse("127.0.0.0/8, ::1")
 			testenv.Must(t, err, "trusted proxies")
 			var nc *nats.Conn
 			var js jetstream.JetStream

@@ -81,7 +81,7 @@ func (s *Server) asUser(h func(http.ResponseWriter, *http.Request, string)) http
 			writeJSON(w, http.StatusUnauthorized, apiError("unauthorized", "sign in with your username and password (HTTP Basic)"))
 			return
 		}
-		err := s.registry.VerifyUser(r.Context(), user, pass)
+		err := s.checkPassword(r, "account", user, pass)
 		if errors.Is(err, clients.ErrInvalidGrant) {
 			w.Header().Set("WWW-Authenticate", `Basic realm="tokenpipe account"`)
 			writeJSON(w, http.StatusUnauthorized, apiError("unauthorized", "the username or password is wrong"))

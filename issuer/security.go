@@ -24,7 +24,7 @@ func (s *Server) secure(r *http.Request) bool {
 	if r.TLS != nil {
 		return true
 	}
-	return s.cfg.TrustedProxies.Trusted(r.RemoteAddr) &&
+	return s.cfg.TrustedProxies.FromProxy(r) &&
 		strings.EqualFold(strings.TrimSpace(r.Header.Get("X-Forwarded-Proto")), "https")
 }
 

@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenpipe/tokenpipe/clients"
+	"github.com/tokenpipe/tokenpipe/internal/proxy"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/issuer"
 )
@@ -233,7 +234,7 @@ func TestForwardedProtoFromTrustedProxy(t *testing.T) {
 	e := syncEnv(t, func(c *issuer.Config) {
 		c.RequireTLS = true
 		var err error
-		c.TrustedProxies, err = issuer.ParseTrustedProxies([]string{"127.0.0.0/8", "::1/128"})
+		c.TrustedProxies, err = proxy.Parse("127.0.0.0/8, ::1/128")
 		testenv.Must(t, err, "trusted proxies")
 	})
 	https := forwardedProto("https")

@@ -13,6 +13,8 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/proxy"
+	"github.com/tokenpipe/tokenpipe/internal/throttle"
 	"github.com/tokenpipe/tokenpipe/issuer"
 	"github.com/tokenpipe/tokenpipe/ops"
 	"github.com/tokenpipe/tokenpipe/tokens"
@@ -40,8 +42,18 @@ type IssuerConfig struct {
 	RequireTLS          bool          `envconfig:"REQUIRE_TLS" default:"false" desc:"refuse requests not over TLS on every endpoint but the metadata: served here (TLS_CERT_FILE) or X-Forwarded-Proto: https from a TRUSTED_PROXIES address"`
 	TLSCertFile         string        `envconfig:"TLS_CERT_FILE" desc:"PEM certificate chain: serve HTTPS (TLS 1.2+) on HTTP_ADDR; a changed file is reloaded without restart"`
 	TLSKeyFile          string        `envconfig:"TLS_KEY_FILE" desc:"PEM private key of TLS_CERT_FILE"`
-	TrustedProxies      []string      `envconfig:"TRUSTED_PROXIES" desc:"comma-separated CIDRs or IPs of TLS-terminating proxies whose X-Forwarded-Proto is believed; empty trusts none"`
 	IssuerURL           string        `envconfig:"ISSUER_URL" desc:"RFC 8414 issuer identifier, the public https URL of this service (http only for a loopback host); empty: /.well-known/oauth-authorization-server answers 404"`
+
+	TrustedProxies          string        `envconfig:"TRUSTED_PROXIES" desc:"comma-separated CIDRs of reverse proxies (CIDRs or IPs): their X-Forwarded-Proto is believed, and their X-Forwarded-For names the client for sign-in throttling; empty: none, the TCP peer is the client"`
+	LoginFailuresUserSource int           `envconfig:"LOGIN_FAILURES_PER_USER_SOURCE" default:"5" desc:"wrong passwords for one user from one address before each further try backs off"`
+	LoginFailuresUser       int           `envconfig:"LOGIN_FAILURES_PER_USER" default:"20" desc:"wrong passwords for one user from all addresses before new addresses back off (addresses the user signed in from are spared)"`
+	LoginFailuresSource     int           `envconfig:"LOGIN_FAILURES_PER_SOURCE" default:"50" desc:"wrong passwords from one address, any user, before it backs off"`
+	LoginBackoff            time.Duration `envconfig:"LOGIN_BACKOFF" default:"1s" desc:"first sign-in back-off; doubles with each further failure"`
+	LoginBackoffMax         time.Duration `envconfig:"LOGIN_BACKOFF_MAX" default:"15m" desc:"longest sign-in back-off"`
+	LoginFailureMemory      time.Duration `envconfig:"LOGIN_FAILURE_MEMORY" default:"1h" desc:"how long failed sign-ins are remembered after the last one"`
+	LoginTracked            int           `envconfig:"LOGIN_TRACKED" default:"100000" desc:"most users and addresses the sign-in throttle tracks (about 300 bytes each); the least recently seen go first"`
+	PasswordChecks          int           `envconfig:"PASSWORD_CHECKS" default:"0" desc:"bcrypt password checks running at once; 0: half the CPUs, rounded up"`
+	PasswordCheckWait       time.Duration `envconfig:"PASSWORD_CHECK_WAIT" default:"500ms" desc:"longest wait for a free password check before answering 503; 0: no wait"`
 }
 
 func (c *IssuerConfig) validate() error {
@@ -83,12 +95,32 @@ func (c *IssuerConfig) validate() error {
 		return fmt.Errorf("%s_INTROSPECT_CACHE_SIZE: must be at least 1", envPrefix)
 	case c.AdminToken != "" && len(c.AdminToken) < 16:
 		return fmt.Errorf("%s_ADMIN_TOKEN: must be at least 16 characters", envPrefix)
+	case c.LoginFailuresUserSource < 1:
+		return fmt.Errorf("%s_LOGIN_FAILURES_PER_USER_SOURCE: must be at least 1", envPrefix)
+	case c.LoginFailuresUser < c.LoginFailuresUserSource:
+		return fmt.Errorf("%s_LOGIN_FAILURES_PER_USER: must be at least %s_LOGIN_FAILURES_PER_USER_SOURCE (%d)", envPrefix, envPrefix, c.LoginFailuresUserSource)
+	case c.LoginFailuresSource < c.LoginFailuresUserSource:
+		return fmt.Errorf("%s_LOGIN_FAILURES_PER_SOURCE: must be at least %s_LOGIN_FAILURES_PER_USER_SOURCE (%d)", envPrefix, envPrefix, c.LoginFailuresUserSource)
+	case c.LoginBackoff <= 0:
+		return fmt.Errorf("%s_LOGIN_BACKOFF: must be positive", envPrefix)
+	case c.LoginBackoffMax < c.LoginBackoff:
+		return fmt.Errorf("%s_LOGIN_BACKOFF_MAX: must be at least %s_LOGIN_BACKOFF (%s)", envPrefix, envPrefix, c.LoginBackoff)
+	case c.LoginFailureMemory < c.LoginBackoffMax:
+		// Forgetting failures before the longest back-off ends would give a
+		// patient guesser a fresh set of free tries after every one.
+		return fmt.Errorf("%s_LOGIN_FAILURE_MEMORY: must be at least %s_LOGIN_BACKOFF_MAX (%s)", envPrefix, envPrefix, c.LoginBackoffMax)
+	case c.LoginTracked < 1000:
+		return fmt.Errorf("%s_LOGIN_TRACKED: must be at least 1000", envPrefix)
+	case c.PasswordChecks < 0:
+		return fmt.Errorf("%s_PASSWORD_CHECKS: must not be negative", envPrefix)
+	case c.PasswordCheckWait < 0:
+		return fmt.Errorf("%s_PASSWORD_CHECK_WAIT: must not be negative", envPrefix)
+	}
+	if _, err := proxy.Parse(c.TrustedProxies); err != nil {
+		return fmt.Errorf("%s_TRUSTED_PROXIES: %v", envPrefix, err)
 	}
 	if _, err := tokens.ParseKeys(c.TokenKeys); err != nil {
 		return fmt.Errorf("%s_TOKEN_KEYS: %v", envPrefix, err)
-	}
-	if _, err := issuer.ParseTrustedProxies(c.TrustedProxies); err != nil {
-		return fmt.Errorf("%s_TRUSTED_PROXIES: %v", envPrefix, err)
 	}
 	if c.IssuerURL != "" {
 		if err := issuer.ValidateIssuerURL(c.IssuerURL); err != nil {
@@ -125,15 +157,21 @@ func offIfZero(d time.Duration) time.Duration {
 // issuerConfig assumes validate passed.
 func (c *IssuerConfig) issuerConfig(topo events.Topology) issuer.Config {
 	keys, _ := tokens.ParseKeys(c.TokenKeys)
-	proxies, _ := issuer.ParseTrustedProxies(c.TrustedProxies)
+	trusted, _ := proxy.Parse(c.TrustedProxies)
 	return issuer.Config{
-		TrustedProxies: proxies, TLSCertFile: c.TLSCertFile, TLSKeyFile: c.TLSKeyFile, IssuerURL: c.IssuerURL,
+		TLSCertFile: c.TLSCertFile, TLSKeyFile: c.TLSKeyFile, IssuerURL: c.IssuerURL,
 		Mode: c.Mode, TokenTTL: c.TokenTTL, RefreshTTL: c.RefreshTTL, PublishTimeout: c.PublishTimeout,
 		MaxInFlight: c.PublishMaxInFlight, SyncConflictRetries: c.SyncConflictRetries, Instance: c.instance(),
 		MaxBodyBytes: c.MaxBodyBytes, RequireTLS: c.RequireTLS, Topology: topo,
 		Keys: keys, CoalesceWindow: offIfZero(c.CoalesceWindow), RefreshGrace: offIfZero(c.RefreshGrace),
 		IntrospectCacheTTL: offIfZero(c.IntrospectCacheTTL), IntrospectCacheSize: c.IntrospectCacheSize,
 		AdminToken: c.AdminToken,
+		Login: throttle.Config{
+			PerUserSource: c.LoginFailuresUserSource, PerUser: c.LoginFailuresUser, PerSource: c.LoginFailuresSource,
+			Backoff: c.LoginBackoff, MaxBackoff: c.LoginBackoffMax, Memory: c.LoginFailureMemory, MaxEntries: c.LoginTracked,
+		},
+		PasswordChecks: c.PasswordChecks, PasswordCheckWait: offIfZero(c.PasswordCheckWait),
+		TrustedProxies: trusted,
 	}
 }
 

@@ -32,6 +32,14 @@ func TestBadConfigIsOneLineNamingTheVariable(t *testing.T) {
 		{"TOKENPIPE_ISSUER_URL", "auth.example.com", "issuer", key},
 		{"TOKENPIPE_TRUSTED_PROXIES", "10.0.0.0/8,10.0.0.0/33", "issuer", key},
 		{"TOKENPIPE_TLS_CERT_FILE", "no-such-file.pem", "issuer", key},
+		{"TOKENPIPE_TRUSTED_PROXIES", "10.0.0.0/8,proxy.local", "issuer", key},
+		{"TOKENPIPE_LOGIN_FAILURES_PER_USER_SOURCE", "0", "issuer", key},
+		{"TOKENPIPE_LOGIN_FAILURES_PER_USER", "2", "issuer", key},
+		{"TOKENPIPE_LOGIN_BACKOFF", "soon", "issuer", key},
+		{"TOKENPIPE_LOGIN_BACKOFF_MAX", "100ms", "issuer", key},
+		{"TOKENPIPE_LOGIN_FAILURE_MEMORY", "1m", "issuer", key},
+		{"TOKENPIPE_PASSWORD_CHECKS", "-1", "issuer", key},
+		{"TOKENPIPE_PASSWORD_CHECK_WAIT", "-1s", "issuer", key},
 	}
 	for _, c := range cases {
 		t.Run(c.env+"="+c.value, func(t *testing.T) {
@@ -49,6 +57,18 @@ func TestBadConfigIsOneLineNamingTheVariable(t *testing.T) {
 				t.Fatalf("want one line naming %s, got:\n%s", c.env, out)
 			}
 		})
+	}
+}
+
+func TestIssuerHelpListsSignInSettings(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	if code := run(context.Background(), []string{"issuer", "-h"}, &stdout, &stderr); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	for _, want := range []string{"TOKENPIPE_TRUSTED_PROXIES", "TOKENPIPE_LOGIN_FAILURES_PER_USER_SOURCE", "TOKENPIPE_LOGIN_BACKOFF_MAX", "15m", "TOKENPIPE_PASSWORD_CHECKS", "TOKENPIPE_PASSWORD_CHECK_WAIT", "500ms"} {
+		if !strings.Contains(stderr.String(), want) {
+			t.Errorf("help lacks %q:\n%s", want, stderr.String())
+		}
 	}
 }
 

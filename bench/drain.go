@@ -22,8 +22,8 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/pgretry"
 	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
@@ -229,7 +229,7 @@ func drainOnce(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStream, 
 	defer cancel()
 	p := persister.New(persister.Config{
 		Pool:     consume.Config{Workers: o.Workers, BatchSize: o.BatchSize, BatchWait: o.BatchWait},
-		Retry:    pgretry.DefaultPolicy(),
+		Retry:    store.DefaultRetryPolicy(),
 		Topology: o.Topology, Finish: 10 * time.Second, NakDelay: time.Second,
 	}, pool, js, o.Log, persister.NewMetrics(prometheus.NewRegistry()))
 	done := make(chan error, 1)

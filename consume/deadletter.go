@@ -11,13 +11,13 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 
 // Settings are what every batch-consuming role (persister, recovery) needs.
 type Settings struct {
 	Pool     Config
-	Retry    pgretry.Policy
+	Retry    store.RetryPolicy
 	Topology events.Topology
 	// Finish bounds the last batch after a graceful stop begins.
 	Finish time.Duration

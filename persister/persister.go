@@ -15,7 +15,7 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 
 // Config tunes a persister process.
@@ -100,7 +100,7 @@ func (p *Persister) write(ctx context.Context, batch []*pending) {
 	}
 	stop := consume.KeepInProgress(all, p.cfg.Topology.AckWait/3)
 	start := time.Now()
-	outcomes, err := pgretry.Do(ctx, p.cfg.Retry, func(ctx context.Context) ([]Outcome, error) {
+	outcomes, err := store.Retry(ctx, p.cfg.Retry, func(ctx context.Context) ([]Outcome, error) {
 		return WriteBatch(ctx, p.db, rows)
 	}, func(reason string, err error, wait time.Duration) {
 		p.metrics.Retries.WithLabelValues(reason).Inc()
@@ -109,12 +109,12 @@ func (p *Persister) write(ctx context.Context, batch []*pending) {
 	stop()
 	switch {
 	case err == nil:
-	case pgretry.IsDataError(err) && ctx.Err() == nil && len(batch) > 1:
+	case store.IsDataError(err) && ctx.Err() == nil && len(batch) > 1:
 		p.log.Warn("batch rejected; splitting to isolate the bad row", "err", err, "rows", len(batch))
 		p.write(ctx, batch[:len(batch)/2])
 		p.write(ctx, batch[len(batch)/2:])
 		return
-	case pgretry.IsDataError(err) && ctx.Err() == nil:
+	case store.IsDataError(err) && ctx.Err() == nil:
 		for _, m := range batch[0].msgs {
 			p.deadLetter(ctx, m, "rejected by Postgres: "+err.Error())
 		}

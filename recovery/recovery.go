@@ -17,7 +17,7 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 
 // Config tunes the recovery role.
@@ -44,9 +44,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 }
 
 // DB is what recovery needs from a pool.
-type DB interface {
-	Begin(ctx context.Context) (pgx.Tx, error)
-}
+type DB = store.Beginner
 
 // Recovery is the conflict-resolving consumer.
 type Recovery struct {
@@ -103,7 +101,7 @@ func (r *Recovery) HandleBatch(ctx context.Context, msgs []jetstream.Msg) {
 		return
 	}
 	stop := consume.KeepInProgress(settle, r.cfg.Topology.AckWait/3)
-	d, err := pgretry.Do(ctx, r.cfg.Retry, func(ctx context.Context) (Decision, error) {
+	d, err := store.Retry(ctx, r.cfg.Retry, func(ctx context.Context) (Decision, error) {
 		return Apply(ctx, r.db, incoming, func(s []Superseded) error { return r.notify(ctx, s) })
 	}, func(reason string, err error, wait time.Duration) {
 		r.metrics.Retries.WithLabelValues(reason).Inc()

@@ -14,9 +14,9 @@ import (
 	"github.com/tokenpipe/tokenpipe/cleanup"
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/ops"
 	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/pgretry"
 	"github.com/tokenpipe/tokenpipe/recovery"
 )
 
@@ -54,8 +54,8 @@ func (c *WorkerConfig) pool() consume.Config {
 	return consume.Config{Workers: c.Workers, BatchSize: c.BatchSize, BatchWait: c.BatchWait}
 }
 
-func (c *WorkerConfig) retry() pgretry.Policy {
-	p := pgretry.DefaultPolicy()
+func (c *WorkerConfig) retry() store.RetryPolicy {
+	p := store.DefaultRetryPolicy()
 	p.MaxElapsed = c.RetryMaxElapsed
 	return p
 }

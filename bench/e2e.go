@@ -139,7 +139,9 @@ func JetStreamCeiling(ctx context.Context, js jetstream.JetStream, topo events.T
 			return 0, 0, err
 		}
 		for m := range batch.Messages() {
-			_ = m.Ack()
+			if err := m.Ack(); err != nil {
+				return 0, 0, fmt.Errorf("ack: %w", err)
+			}
 			got++
 		}
 	}

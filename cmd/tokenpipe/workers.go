@@ -15,6 +15,7 @@ import (
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/store"
+	"github.com/tokenpipe/tokenpipe/internal/stream"
 	"github.com/tokenpipe/tokenpipe/ops"
 	"github.com/tokenpipe/tokenpipe/persister"
 	"github.com/tokenpipe/tokenpipe/recovery"
@@ -115,13 +116,13 @@ func startRole(ctx context.Context, name string, c *Common, stderr io.Writer) (*
 }
 
 // sampleLag exports the consumer's backlog until ctx ends.
-func sampleLag(ctx context.Context, env *roleEnv, stream, consumer string, every time.Duration) func() {
-	gauges := consume.NewLagGauges(env.ops.Registry)
+func sampleLag(ctx context.Context, env *roleEnv, streamName, consumer string, every time.Duration) func() {
+	gauges := stream.NewLagGauges(env.ops.Registry)
 	lagCtx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		cons, err := env.js.Consumer(lagCtx, stream, consumer)
+		cons, err := env.js.Consumer(lagCtx, streamName, consumer)
 		if err != nil {
 			env.log.Warn("lag gauges disabled", "err", err)
 			return
@@ -129,6 +130,22 @@ func sampleLag(ctx context.Context, env *roleEnv, stream, consumer string, every
 		gauges.Sample(lagCtx, env.log, cons, consumer, every)
 	}()
 	return func() { cancel(); <-done }
+}
+
+// drainingOnCancel marks the ops server draining (readiness fails) as soon
+// as ctx ends, while the role finishes its batches. The returned function
+// stops the watch and waits for it.
+func drainingOnCancel(ctx context.Context, env *roleEnv) (stop func()) {
+	quit, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		select {
+		case <-ctx.Done():
+			env.ops.SetDraining()
+		case <-quit:
+		}
+	}()
+	return func() { close(quit); <-done }
 }
 
 func runPersister(ctx context.Context, args []string, _, stderr io.Writer) error {
@@ -147,7 +164,7 @@ func runPersister(ctx context.Context, args []string, _, stderr io.Writer) error
 		Pool: cfg.pool(), Retry: cfg.retry(), Topology: cfg.Topology(),
 		Finish: cfg.ShutdownTimeout, NakDelay: cfg.NakDelay,
 	}, env.pool, env.js, env.log, persister.NewMetrics(env.ops.Registry))
-	go func() { <-ctx.Done(); env.ops.SetDraining() }()
+	defer drainingOnCancel(ctx, env)()
 	return p.Run(ctx)
 }
 
@@ -186,7 +203,7 @@ func runRecovery(ctx context.Context, args []string, _, stderr io.Writer) error 
 		Pool: cfg.pool(), Retry: cfg.retry(), Topology: cfg.Topology(),
 		Finish: cfg.ShutdownTimeout, NakDelay: cfg.NakDelay,
 	}, env.pool, env.js, env.log, recovery.NewMetrics(env.ops.Registry))
-	go func() { <-ctx.Done(); env.ops.SetDraining() }()
+	defer drainingOnCancel(ctx, env)()
 	if cfg.CleanupInterval > 0 {
 		cleanCtx, stopClean := context.WithCancel(ctx)
 		done := make(chan struct{})

@@ -58,6 +58,8 @@ WHERE token_digest = ANY($1::bytea[]) AND state = 'ACTIVE'`
 // insertResolvedSQL writes a token covered by a family or grant revocation
 // as REVOKED: the older row it supersedes is still deactivated, so the
 // newest token decides the key whichever order revocation and conflict meet.
+// It returns the families of the rows it wrote REVOKED, which the caller
+// revokes as the batch write does (revokeFamiliesOf).
 //
 // It never uses DO NOTHING on the partial unique index: if another
 // transaction activated a token for the key since we read it, the insert
@@ -77,7 +79,8 @@ FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::te
             $12::bytea[], $13::timestamptz[])
     AS b(token_digest, refresh_digest, client_id, subject, scope, state,
          grant_type, issued_at, expires_at, stream_seq, instance, family_id, refresh_expires_at)
-ON CONFLICT (token_digest) DO NOTHING`
+ON CONFLICT (token_digest) DO NOTHING
+RETURNING state = 'REVOKED' AND family_id IS NOT NULL, family_id`
 
 // LockKeys locks the ACTIVE rows of the keys and reads each key's newest
 // stream sequence. Keys without rows are absent from the map.
@@ -139,6 +142,9 @@ func Deactivate(ctx context.Context, tx pgx.Tx, digests []events.Digest) error {
 
 // InsertResolved writes rows with the states the conflict rule gave them
 // (active[i] for rows[i]); a row whose digest is already stored is skipped.
+// A row covered by a grant revocation is written REVOKED and its family is
+// revoked with it, as in WriteBatch: a refresh that raced with the
+// revocation may have minted a newer member the watermark does not reach.
 func InsertResolved(ctx context.Context, tx pgx.Tx, rows []Row, active []bool) error {
 	n := len(rows)
 	var (
@@ -162,9 +168,26 @@ func InsertResolved(ctx context.Context, tx pgx.Tx, rows []Row, active []bool) e
 		issued[i], expires[i], seqs[i] = e.IssuedAt, e.ExpiresAt, int64(r.Seq)
 		families[i], refExp[i] = familyBytes(e), e.RefreshExpiresAt
 	}
-	_, err := tx.Exec(ctx, insertResolvedSQL, digests, refresh, clients, subjects, scope, states, grants, issued, expires, seqs, inst, families, refExp)
+	res, err := tx.Query(ctx, insertResolvedSQL, digests, refresh, clients, subjects, scope, states, grants, issued, expires, seqs, inst, families, refExp)
 	if err != nil {
 		return fmt.Errorf("insert %d resolved rows: %w", n, err)
+	}
+	var revoked [][]byte
+	for res.Next() {
+		var isRevoked bool
+		var fam []byte
+		if err := res.Scan(&isRevoked, &fam); err != nil {
+			return fmt.Errorf("insert %d resolved rows: %w", n, err)
+		}
+		if isRevoked {
+			revoked = append(revoked, fam)
+		}
+	}
+	if err := res.Err(); err != nil {
+		return fmt.Errorf("insert %d resolved rows: %w", n, err)
+	}
+	if len(revoked) > 0 {
+		return revokeFamiliesOf(ctx, tx, revoked)
 	}
 	return nil
 }

@@ -86,6 +86,10 @@ var scenarios = []scenario{
 		steps: []step{d("a", "b"), {revokeGrant: &grant{"", 2}}, d("c")}, want: map[string]string{"a": "REVOKED", "b": "REVOKED", "c": "ACTIVE"}},
 	{name: "grant revoked over an active older token", toks: map[string]tok{"a": {"u", "read", 1, ""}, "b": {"u", "read", 4, ""}},
 		steps: []step{d("a"), {revokeGrant: &grant{"u", 5}}, d("b")}, want: map[string]string{"a": "REVOKED", "b": "REVOKED"}},
+	// A refresh that raced with the grant revocation minted b from a's
+	// family past the watermark: writing a REVOKED revokes its family too.
+	{name: "grant revoked while a family member was queued", toks: map[string]tok{"a": {"u", "read", 3, "f"}, "b": {"u", "read", 7, "f"}},
+		steps: []step{{revokeGrant: &grant{"u", 5}}, d("a"), d("b")}, want: map[string]string{"a": "REVOKED", "b": "REVOKED"}},
 }
 
 // writer applies one batch of rows the way one writer of the pipeline does.

@@ -43,17 +43,7 @@ func (p *Persister) Run(ctx context.Context) error {
 		return fmt.Errorf("persister: open consumer %s: %w", p.cfg.Topology.Persister, err)
 	}
 	p.log.Info("persister started", "workers", p.cfg.Pool.Workers, "batch_size", p.cfg.Pool.BatchSize, "consumer", p.cfg.Topology.Persister)
-	pool := &stream.Pool{
-		Consumer: cons, Config: p.cfg.Pool, Finish: p.cfg.Finish,
-		InProgressEvery: p.cfg.Topology.AckWait / 3,
-		Handler:         p.HandleBatch,
-		Settler: &stream.Settler{
-			JS: p.js, Topology: p.cfg.Topology, NakDelay: p.cfg.NakDelay, Log: p.log,
-			Failures: p.metrics.SettleFailures, DeadLettered: p.metrics.DeadLettered,
-		},
-		Log: p.log,
-	}
-	err = pool.Run(ctx)
+	err = p.cfg.NewPool(cons, p.js, p.log, p.HandleBatch, p.metrics.SettleFailures, p.metrics.DeadLettered).Run(ctx)
 	p.log.Info("persister stopped")
 	return err
 }

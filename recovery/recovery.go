@@ -71,17 +71,7 @@ func (r *Recovery) Run(ctx context.Context) error {
 		return fmt.Errorf("recovery: open consumer %s: %w", r.cfg.Topology.Recovery, err)
 	}
 	r.log.Info("recovery started", "workers", r.cfg.Pool.Workers, "consumer", r.cfg.Topology.Recovery)
-	pool := &stream.Pool{
-		Consumer: cons, Config: r.cfg.Pool, Finish: r.cfg.Finish,
-		InProgressEvery: r.cfg.Topology.AckWait / 3,
-		Handler:         r.HandleBatch,
-		Settler: &stream.Settler{
-			JS: r.js, Topology: r.cfg.Topology, NakDelay: r.cfg.NakDelay, Log: r.log,
-			Failures: r.metrics.SettleFailures, DeadLettered: r.metrics.DeadLettered,
-		},
-		Log: r.log,
-	}
-	err = pool.Run(ctx)
+	err = r.cfg.NewPool(cons, r.js, r.log, r.HandleBatch, r.metrics.SettleFailures, r.metrics.DeadLettered).Run(ctx)
 	r.log.Info("recovery stopped")
 	return err
 }

@@ -55,6 +55,14 @@ func (c *WorkerConfig) pool() consume.Config {
 	return consume.Config{Workers: c.Workers, BatchSize: c.BatchSize, BatchWait: c.BatchWait}
 }
 
+// settings are the persister's and recovery's.
+func (c *WorkerConfig) settings() consume.Settings {
+	return consume.Settings{
+		Pool: c.pool(), Retry: c.retry(), Topology: c.Topology(),
+		Finish: c.ShutdownTimeout, NakDelay: c.NakDelay,
+	}
+}
+
 func (c *WorkerConfig) retry() store.RetryPolicy {
 	p := store.DefaultRetryPolicy()
 	p.MaxElapsed = c.RetryMaxElapsed
@@ -160,10 +168,7 @@ func runPersister(ctx context.Context, args []string, _, stderr io.Writer) error
 	defer stop()
 	stopLag := sampleLag(ctx, env, cfg.Stream, cfg.PersisterName, cfg.LagInterval)
 	defer stopLag()
-	p := persister.New(persister.Config{
-		Pool: cfg.pool(), Retry: cfg.retry(), Topology: cfg.Topology(),
-		Finish: cfg.ShutdownTimeout, NakDelay: cfg.NakDelay,
-	}, env.pool, env.js, env.log, persister.NewMetrics(env.ops.Registry))
+	p := persister.New(cfg.settings(), env.pool, env.js, env.log, persister.NewMetrics(env.ops.Registry))
 	defer drainingOnCancel(ctx, env)()
 	return p.Run(ctx)
 }
@@ -199,10 +204,7 @@ func runRecovery(ctx context.Context, args []string, _, stderr io.Writer) error 
 	defer stop()
 	stopLag := sampleLag(ctx, env, cfg.Stream, cfg.RecoveryName, cfg.LagInterval)
 	defer stopLag()
-	r := recovery.New(recovery.Config{
-		Pool: cfg.pool(), Retry: cfg.retry(), Topology: cfg.Topology(),
-		Finish: cfg.ShutdownTimeout, NakDelay: cfg.NakDelay,
-	}, env.pool, env.js, env.log, recovery.NewMetrics(env.ops.Registry))
+	r := recovery.New(cfg.settings(), env.pool, env.js, env.log, recovery.NewMetrics(env.ops.Registry))
 	defer drainingOnCancel(ctx, env)()
 	if cfg.CleanupInterval > 0 {
 		cleanCtx, stopClean := context.WithCancel(ctx)

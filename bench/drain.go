@@ -22,8 +22,8 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/pgretry"
 	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
@@ -226,15 +226,19 @@ func drainOnce(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStream, 
 		return 0, fmt.Errorf("recreate consumer: %w", err)
 	}
 	runCtx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	var running sync.WaitGroup
+	// Every return stops the persister and waits for it: none leaves it
+	// writing into the next run's table.
+	defer func() { cancel(); running.Wait() }()
 	p := persister.New(persister.Config{
 		Pool:     consume.Config{Workers: o.Workers, BatchSize: o.BatchSize, BatchWait: o.BatchWait},
-		Retry:    pgretry.DefaultPolicy(),
+		Retry:    store.DefaultRetryPolicy(),
 		Topology: o.Topology, Finish: 10 * time.Second, NakDelay: time.Second,
 	}, pool, js, o.Log, persister.NewMetrics(prometheus.NewRegistry()))
 	done := make(chan error, 1)
 	start := time.Now()
-	go func() { done <- p.Run(runCtx) }()
+	running.Add(1)
+	go func() { defer running.Done(); done <- p.Run(runCtx) }()
 	cons, err := js.Consumer(ctx, o.Topology.Stream, o.Topology.Persister)
 	if err != nil {
 		return 0, err

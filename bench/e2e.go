@@ -18,10 +18,10 @@ import (
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/issuer"
 	"github.com/tokenpipe/tokenpipe/loadgen"
 	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/pgretry"
 	"github.com/tokenpipe/tokenpipe/recovery"
 	"github.com/tokenpipe/tokenpipe/tokens"
 )
@@ -91,9 +91,9 @@ func StartPipeline(ctx context.Context, pool *pgxpool.Pool, nc *nats.Conn, o Pip
 	rc := consume.Config{Workers: 1, BatchSize: o.BatchSize, BatchWait: 20 * time.Millisecond}
 	roles := []func(context.Context) error{
 		func(ctx context.Context) error { return iss.Serve(ctx, addr, 10*time.Second) },
-		persister.New(persister.Config{Pool: pc, Retry: pgretry.DefaultPolicy(), Topology: o.Topology, Finish: 10 * time.Second, NakDelay: time.Second},
+		persister.New(persister.Config{Pool: pc, Retry: store.DefaultRetryPolicy(), Topology: o.Topology, Finish: 10 * time.Second, NakDelay: time.Second},
 			pool, js, o.Log, persister.NewMetrics(reg)).Run,
-		recovery.New(recovery.Config{Pool: rc, Retry: pgretry.DefaultPolicy(), Topology: o.Topology, Finish: 10 * time.Second, NakDelay: time.Second},
+		recovery.New(recovery.Config{Pool: rc, Retry: store.DefaultRetryPolicy(), Topology: o.Topology, Finish: 10 * time.Second, NakDelay: time.Second},
 			pool, js, o.Log, recovery.NewMetrics(reg)).Run,
 	}
 	for _, run := range roles {
@@ -139,7 +139,9 @@ func JetStreamCeiling(ctx context.Context, js jetstream.JetStream, topo events.T
 			return 0, 0, err
 		}
 		for m := range batch.Messages() {
-			_ = m.Ack()
+			if err := m.Ack(); err != nil {
+				return 0, 0, fmt.Errorf("ack: %w", err)
+			}
 			got++
 		}
 	}

@@ -18,9 +18,9 @@ import (
 	"github.com/tokenpipe/tokenpipe/cleanup"
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/pgretry"
 )
 
 const (
@@ -114,7 +114,7 @@ func drainRun(b *testing.B, pool, cleanPool *pgxpool.Pool, js jetstream.JetStrea
 	}
 	p := persister.New(persister.Config{
 		Pool:     consume.Config{Workers: 2, BatchSize: 1000, BatchWait: 20 * time.Millisecond},
-		Retry:    pgretry.DefaultPolicy(),
+		Retry:    store.DefaultRetryPolicy(),
 		Topology: topo, Finish: 10 * time.Second, NakDelay: time.Second,
 	}, pool, js, slog.New(slog.DiscardHandler), persister.NewMetrics(prometheus.NewRegistry()))
 	done := make(chan error, 1)

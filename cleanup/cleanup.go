@@ -13,11 +13,10 @@ import (
 	"log/slog"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 
 // Config tunes the cleanup. Zero fields take the defaults of DefaultConfig.
@@ -76,98 +75,39 @@ type Stats struct {
 // Total is the number of rows deleted from every table.
 func (s Stats) Total() int64 { return s.Tokens + s.Rotations + s.RevokedFamilies + s.RevokedGrants }
 
-// A token row is deleted only once its every credential expired more than
-// Retention ago, whatever its state. Before that the row must stay, whatever
-// its state too: tokens are self-contained, so an unexpired token whose row
-// is INACTIVE or REVOKED is refused only because that row says so. Deleting
-// it would make the token look queued (no row yet), and a queued token is
-// live. The refresh token outlives its access token, so it decides when
-// present (coalesce, the expression of the tokens_purge index).
-//
-// The sub-select walks tokens_purge in order from the previous batch's last
-// expiry (so it does not step over the index entries it just deleted again)
-// and skips rows another transaction holds (a persister's or recovery's), so
-// cleanup never waits on them; a skipped row goes in a later pass.
-//
-// The rows are deleted by the ctid the sub-select locked (a TID scan, not a
-// primary key probe per row: half the work). A locked row cannot move, and
-// a row updated between the statement's snapshot and the lock is simply
-// not deleted by this batch.
-const tokensSQL = `
-DELETE FROM tokens WHERE ctid = ANY(ARRAY(
-	SELECT ctid FROM tokens
-	WHERE coalesce(refresh_expires_at, expires_at) < $1
-	  AND coalesce(refresh_expires_at, expires_at) >= $2
-	ORDER BY coalesce(refresh_expires_at, expires_at)
-	LIMIT $3
-	FOR UPDATE SKIP LOCKED))
-RETURNING coalesce(refresh_expires_at, expires_at)`
-
-// A rotation is useless once its refresh token expired: presenting that
-// token fails on its exp claim before anyone looks for reuse.
-const rotationsSQL = `
-DELETE FROM refresh_rotations WHERE ctid = ANY(ARRAY(
-	SELECT ctid FROM refresh_rotations
-	WHERE expires_at < $1 AND expires_at >= $2
-	ORDER BY expires_at
-	LIMIT $3
-	FOR UPDATE SKIP LOCKED))
-RETURNING expires_at`
-
-// The revocation tables are small (one row per revocation) and have no index
-// on revoked_at; a batch scans them.
-const familiesSQL = `
-DELETE FROM revoked_families WHERE ctid = ANY(ARRAY(
-	SELECT ctid FROM revoked_families
-	WHERE revoked_at < $1 AND revoked_at >= $2
-	ORDER BY revoked_at
-	LIMIT $3
-	FOR UPDATE SKIP LOCKED))
-RETURNING revoked_at`
-
-const grantsSQL = `
-DELETE FROM revoked_grants WHERE ctid = ANY(ARRAY(
-	SELECT ctid FROM revoked_grants
-	WHERE revoked_at < $1 AND revoked_at >= $2
-	ORDER BY revoked_at
-	LIMIT $3
-	FOR UPDATE SKIP LOCKED))
-RETURNING revoked_at`
+// What is due, and how a batch deletes it without waiting on the persisters,
+// is in the statements (internal/store, cleanup.go there).
 
 // Table labels, as in the metrics.
 const (
-	TableTokens          = "tokens"
-	TableRotations       = "refresh_rotations"
-	TableRevokedFamilies = "revoked_families"
-	TableRevokedGrants   = "revoked_grants"
+	TableTokens          = store.TableTokens
+	TableRotations       = store.TableRotations
+	TableRevokedFamilies = store.TableRevokedFamilies
+	TableRevokedGrants   = store.TableRevokedGrants
 )
 
 // Pass deletes everything that is due, batch by batch, and returns what it
 // deleted. progress, if not nil, is called after every batch with the totals
-// so far. Transient database errors are retried (see pgretry); an error
+// so far. Transient database errors are retried (see store.Retry); an error
 // stops the pass and is returned with the totals of the batches committed
 // before it.
 func Pass(ctx context.Context, db *pgxpool.Pool, cfg Config, progress func(Stats)) (Stats, error) {
 	cfg = cfg.withDefaults()
 	var st Stats
-	// One cutoff per pass, from the database's clock, the clock the
-	// persisters' and revocations' timestamps come from.
-	var tokenCutoff, revocationCutoff time.Time
-	err := db.QueryRow(ctx, `SELECT now() - $1::interval, now() - $2::interval`, cfg.Retention, cfg.RevocationRetention).
-		Scan(&tokenCutoff, &revocationCutoff)
+	// One cutoff per pass, from the database's clock.
+	tokenCutoff, revocationCutoff, err := store.CleanupCutoffs(ctx, db, cfg.Retention, cfg.RevocationRetention)
 	if err != nil {
-		return st, fmt.Errorf("cleanup: read database clock: %w", err)
+		return st, fmt.Errorf("cleanup: %w", err)
 	}
 	tables := []struct {
 		name   string
-		sql    string
 		cutoff time.Time
 		count  *int64
 	}{
-		{TableTokens, tokensSQL, tokenCutoff, &st.Tokens},
-		{TableRotations, rotationsSQL, tokenCutoff, &st.Rotations},
-		{TableRevokedFamilies, familiesSQL, revocationCutoff, &st.RevokedFamilies},
-		{TableRevokedGrants, grantsSQL, revocationCutoff, &st.RevokedGrants},
+		{TableTokens, tokenCutoff, &st.Tokens},
+		{TableRotations, tokenCutoff, &st.Rotations},
+		{TableRevokedFamilies, revocationCutoff, &st.RevokedFamilies},
+		{TableRevokedGrants, revocationCutoff, &st.RevokedGrants},
 	}
 	paused := false
 	for _, t := range tables {
@@ -178,7 +118,7 @@ func Pass(ctx context.Context, db *pgxpool.Pool, cfg Config, progress func(Stats
 					return st, fmt.Errorf("cleanup %s: %w", t.name, err)
 				}
 			}
-			n, last, err := batch(ctx, db, t.sql, t.cutoff, from, cfg.BatchSize)
+			n, last, err := store.DeleteExpired(ctx, db, store.DefaultRetryPolicy(), t.name, t.cutoff, from, cfg.BatchSize)
 			if err != nil {
 				return st, fmt.Errorf("cleanup %s (batch %d of this pass): %w", t.name, st.Batches+1, err)
 			}
@@ -197,33 +137,6 @@ func Pass(ctx context.Context, db *pgxpool.Pool, cfg Config, progress func(Stats
 		}
 	}
 	return st, nil
-}
-
-// batch runs one delete statement, its own transaction, retrying transient
-// errors: a delete of rows already gone deletes nothing, so a retry after an
-// unknown outcome is safe.
-func batch(ctx context.Context, db *pgxpool.Pool, sql string, cutoff, from time.Time, limit int) (int, time.Time, error) {
-	type result struct {
-		n    int
-		last time.Time
-	}
-	r, err := pgretry.Do(ctx, pgretry.DefaultPolicy(), func(ctx context.Context) (result, error) {
-		var r result
-		rows, err := db.Query(ctx, sql, cutoff, from, limit)
-		if err != nil {
-			return r, err
-		}
-		var at time.Time
-		_, err = pgx.ForEachRow(rows, []any{&at}, func() error {
-			r.n++
-			if at.After(r.last) {
-				r.last = at
-			}
-			return nil
-		})
-		return r, err
-	}, nil)
-	return r.n, r.last, err
 }
 
 func sleep(ctx context.Context, d time.Duration) error {

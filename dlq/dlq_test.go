@@ -18,7 +18,7 @@ import (
 	"github.com/tokenpipe/tokenpipe/replay/pipetest"
 )
 
-// publishDead puts a dead letter on the dead subject as consume.DeadLetter
+// publishDead puts a dead letter on the dead subject as the stream pool's dead-letter path
 // would have.
 func publishDead(t *testing.T, p *pipetest.Pipeline, body []byte, originSubject string, originSeq uint64, reason string) uint64 {
 	t.Helper()

@@ -9,9 +9,9 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/bench"
 	"github.com/tokenpipe/tokenpipe/consume"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/pgretry"
 )
 
 // TestGracefulStopLeavesNothingInFlight stops a busy persister and checks,
@@ -30,7 +30,7 @@ func TestGracefulStopLeavesNothingInFlight(t *testing.T) {
 	runCtx, stop := context.WithCancel(ctx)
 	p := persister.New(persister.Config{
 		Pool:  consume.Config{Workers: 2, BatchSize: 100, BatchWait: 20 * time.Millisecond},
-		Retry: pgretry.DefaultPolicy(), Topology: topo, Finish: 10 * time.Second, NakDelay: time.Second,
+		Retry: store.DefaultRetryPolicy(), Topology: topo, Finish: 10 * time.Second, NakDelay: time.Second,
 	}, pool, js, testenv.Logger(t), persister.NewMetrics(prometheus.NewRegistry()))
 	done := make(chan error, 1)
 	go func() { done <- p.Run(runCtx) }()

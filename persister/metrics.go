@@ -1,6 +1,10 @@
 package persister
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenpipe/tokenpipe/internal/stream"
+)
 
 // Metrics are the persister's Prometheus series.
 type Metrics struct {
@@ -13,6 +17,7 @@ type Metrics struct {
 	Retries            *prometheus.CounterVec
 	Redeliveries       prometheus.Counter
 	DeadLettered       prometheus.Counter
+	SettleFailures     *prometheus.CounterVec
 }
 
 // NewMetrics registers the persister's series on reg.
@@ -27,7 +32,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Retries:            prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_persister_retries_total", Help: "Batch write retries by reason."}, []string{"reason"}),
 		Redeliveries:       prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_persister_redeliveries_total", Help: "Events delivered more than once."}),
 		DeadLettered:       prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_persister_dead_lettered_total", Help: "Poison events moved to the dead-letter subject."}),
+		SettleFailures:     stream.NewFailures("persister"),
 	}
-	reg.MustRegister(m.Batches, m.Rows, m.Duplicates, m.ConflictsForwarded, m.BatchSize, m.CommitSeconds, m.Retries, m.Redeliveries, m.DeadLettered)
+	reg.MustRegister(m.Batches, m.Rows, m.Duplicates, m.ConflictsForwarded, m.BatchSize, m.CommitSeconds, m.Retries, m.Redeliveries, m.DeadLettered, m.SettleFailures)
 	return m
 }

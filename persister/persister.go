@@ -15,7 +15,8 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/internal/store"
+	"github.com/tokenpipe/tokenpipe/internal/stream"
 )
 
 // Config tunes a persister process.
@@ -42,26 +43,28 @@ func (p *Persister) Run(ctx context.Context) error {
 		return fmt.Errorf("persister: open consumer %s: %w", p.cfg.Topology.Persister, err)
 	}
 	p.log.Info("persister started", "workers", p.cfg.Pool.Workers, "batch_size", p.cfg.Pool.BatchSize, "consumer", p.cfg.Topology.Persister)
-	err = consume.Run(ctx, p.log, cons, p.cfg.Pool, p.cfg.Finish, p.HandleBatch)
+	err = p.cfg.NewPool(cons, p.js, p.log, p.HandleBatch, p.metrics.SettleFailures, p.metrics.DeadLettered).Run(ctx)
 	p.log.Info("persister stopped")
 	return err
 }
 
-// pending is one distinct token in a batch and every message that carried it.
+// pending is one distinct token in a batch and every message that carried it
+// (indices into the batch).
 type pending struct {
 	row  Row
-	msgs []jetstream.Msg
+	msgs []int
 }
 
-// HandleBatch decodes a batch, dead-letters poison, writes the rest and
-// settles every message.
-func (p *Persister) HandleBatch(ctx context.Context, msgs []jetstream.Msg) {
+// HandleBatch decodes a batch, writes it and returns each message's verdict:
+// poison is dead-lettered, committed rows acked, the rest handed back.
+func (p *Persister) HandleBatch(ctx context.Context, msgs []jetstream.Msg) []stream.Verdict {
+	verdicts := make([]stream.Verdict, len(msgs))
 	var batch []*pending
 	byDigest := map[events.Digest]*pending{}
-	for _, m := range msgs {
+	for i, m := range msgs {
 		meta, err := m.Metadata()
 		if err != nil {
-			p.deadLetter(ctx, m, "no JetStream metadata: "+err.Error())
+			verdicts[i] = stream.DeadLetter("no JetStream metadata: " + err.Error())
 			continue
 		}
 		if meta.NumDelivered > 1 {
@@ -69,63 +72,65 @@ func (p *Persister) HandleBatch(ctx context.Context, msgs []jetstream.Msg) {
 		}
 		ev, err := events.DecodeTokenIssued(m.Data())
 		if err != nil {
-			p.deadLetter(ctx, m, err.Error())
+			verdicts[i] = stream.DeadLetter(err.Error())
 			continue
 		}
 		// The same token twice in one batch (a replayed copy): one row, the
 		// earliest sequence, every message settled with it.
 		if pd, ok := byDigest[ev.TokenDigest]; ok {
-			pd.msgs = append(pd.msgs, m)
+			pd.msgs = append(pd.msgs, i)
 			pd.row.Seq = min(pd.row.Seq, meta.Sequence.Stream)
 			continue
 		}
-		pd := &pending{row: Row{Event: ev, Seq: meta.Sequence.Stream}, msgs: []jetstream.Msg{m}}
+		pd := &pending{row: Row{Event: ev, Seq: meta.Sequence.Stream}, msgs: []int{i}}
 		byDigest[ev.TokenDigest] = pd
 		batch = append(batch, pd)
 	}
 	if len(batch) > 0 {
-		p.write(ctx, batch)
+		p.write(ctx, msgs, batch, verdicts)
+	}
+	return verdicts
+}
+
+// give sets the verdict of every message of pd.
+func give(verdicts []stream.Verdict, pd *pending, v stream.Verdict) {
+	for _, i := range pd.msgs {
+		verdicts[i] = v
 	}
 }
 
-// write commits a batch, then settles its messages. A batch that fails for a
-// reason retrying cannot fix is split in halves until the offending row is
-// alone; that row is dead-lettered and the rest commit.
-func (p *Persister) write(ctx context.Context, batch []*pending) {
+// write commits a batch and records its messages' verdicts. A batch that
+// fails for a reason retrying cannot fix is split in halves until the
+// offending row is alone; that row is dead-lettered and the rest commit.
+func (p *Persister) write(ctx context.Context, msgs []jetstream.Msg, batch []*pending, verdicts []stream.Verdict) {
 	rows := make([]Row, len(batch))
-	var all []jetstream.Msg
 	for i, pd := range batch {
 		rows[i] = pd.row
-		all = append(all, pd.msgs...)
 	}
-	stop := consume.KeepInProgress(all, p.cfg.Topology.AckWait/3)
 	start := time.Now()
-	outcomes, err := pgretry.Do(ctx, p.cfg.Retry, func(ctx context.Context) ([]Outcome, error) {
+	outcomes, err := store.Retry(ctx, p.cfg.Retry, func(ctx context.Context) ([]Outcome, error) {
 		return WriteBatch(ctx, p.db, rows)
 	}, func(reason string, err error, wait time.Duration) {
 		p.metrics.Retries.WithLabelValues(reason).Inc()
 		p.log.Warn("batch write failed; retrying", "reason", reason, "err", err, "rows", len(rows), "retry_in", wait)
 	})
-	stop()
 	switch {
 	case err == nil:
-	case pgretry.IsDataError(err) && ctx.Err() == nil && len(batch) > 1:
+	case store.IsDataError(err) && ctx.Err() == nil && len(batch) > 1:
 		p.log.Warn("batch rejected; splitting to isolate the bad row", "err", err, "rows", len(batch))
-		p.write(ctx, batch[:len(batch)/2])
-		p.write(ctx, batch[len(batch)/2:])
+		p.write(ctx, msgs, batch[:len(batch)/2], verdicts)
+		p.write(ctx, msgs, batch[len(batch)/2:], verdicts)
 		return
-	case pgretry.IsDataError(err) && ctx.Err() == nil:
-		for _, m := range batch[0].msgs {
-			p.deadLetter(ctx, m, "rejected by Postgres: "+err.Error())
-		}
+	case store.IsDataError(err) && ctx.Err() == nil:
+		give(verdicts, batch[0], stream.DeadLetter("rejected by Postgres: "+err.Error()))
 		return
 	default:
 		// Out of retries, shutting down, or an operational fault (such as a
 		// missing table): hand the batch back to JetStream for later; nothing
 		// was committed, nothing is lost.
 		p.log.Error("batch not written; returning it for redelivery", "err", err, "rows", len(rows), "redeliver_in", p.cfg.NakDelay)
-		for _, m := range all {
-			_ = m.NakWithDelay(p.cfg.NakDelay)
+		for _, pd := range batch {
+			give(verdicts, pd, stream.Nak(p.cfg.NakDelay))
 		}
 		return
 	}
@@ -144,23 +149,21 @@ func (p *Persister) write(ctx context.Context, batch []*pending) {
 			conflicts = append(conflicts, pd)
 			continue
 		}
-		for _, m := range pd.msgs {
-			_ = m.Ack()
-		}
+		give(verdicts, pd, stream.Ack())
 	}
 	if len(conflicts) > 0 {
-		p.forwardConflicts(ctx, conflicts)
+		p.forwardConflicts(ctx, msgs, conflicts, verdicts)
 	}
 }
 
-// forwardConflicts hands events that met an older ACTIVE row to recovery and
-// acks them once JetStream holds the copy. A failed copy is nak'd: the next
+// forwardConflicts hands events that met an older ACTIVE row to recovery; they
+// are acked once JetStream holds the copy. A failed copy is nak'd: the next
 // delivery meets the same conflict and tries again.
-func (p *Persister) forwardConflicts(ctx context.Context, conflicts []*pending) {
+func (p *Persister) forwardConflicts(ctx context.Context, msgs []jetstream.Msg, conflicts []*pending, verdicts []stream.Verdict) {
 	futures := make([]jetstream.PubAckFuture, len(conflicts))
 	for i, pd := range conflicts {
 		msg := nats.NewMsg(p.cfg.Topology.ConflictSubject())
-		msg.Data = pd.msgs[0].Data()
+		msg.Data = msgs[pd.msgs[0]].Data()
 		msg.Header.Set(events.HeaderOriginSeq, strconv.FormatUint(pd.row.Seq, 10))
 		f, err := p.js.PublishMsgAsync(msg,
 			jetstream.WithMsgID("conflict-"+pd.row.Event.TokenDigest.String()),
@@ -183,21 +186,11 @@ func (p *Persister) forwardConflicts(ctx context.Context, conflicts []*pending) 
 			case <-waitCtx.Done():
 			}
 		}
-		for _, m := range pd.msgs {
-			if ok {
-				_ = m.Ack()
-			} else {
-				_ = m.NakWithDelay(p.cfg.NakDelay)
-			}
-		}
 		if ok {
+			give(verdicts, pd, stream.Ack())
 			p.metrics.ConflictsForwarded.Inc()
+		} else {
+			give(verdicts, pd, stream.Nak(p.cfg.NakDelay))
 		}
-	}
-}
-
-func (p *Persister) deadLetter(ctx context.Context, m jetstream.Msg, reason string) {
-	if p.cfg.DeadLetterOrNak(ctx, p.js, p.log, m, reason) {
-		p.metrics.DeadLettered.Inc()
 	}
 }

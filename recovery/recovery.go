@@ -17,7 +17,8 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/internal/store"
+	"github.com/tokenpipe/tokenpipe/internal/stream"
 )
 
 // Config tunes the recovery role.
@@ -29,24 +30,25 @@ type Metrics struct {
 	Deactivated  prometheus.Counter
 	Retries      *prometheus.CounterVec
 	DeadLettered prometheus.Counter
+	// SettleFailures counts acknowledgements that failed, by operation.
+	SettleFailures *prometheus.CounterVec
 }
 
 // NewMetrics registers recovery's series on reg.
 func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
-		Resolved:     prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_recovery_conflicts_resolved_total", Help: "Conflicting tokens given a row."}),
-		Deactivated:  prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_recovery_tokens_deactivated_total", Help: "ACTIVE tokens made INACTIVE by a newer token."}),
-		Retries:      prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_recovery_retries_total", Help: "Recovery transaction retries by reason."}, []string{"reason"}),
-		DeadLettered: prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_recovery_dead_lettered_total", Help: "Poison conflict events moved to the dead-letter subject."}),
+		Resolved:       prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_recovery_conflicts_resolved_total", Help: "Conflicting tokens given a row."}),
+		Deactivated:    prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_recovery_tokens_deactivated_total", Help: "ACTIVE tokens made INACTIVE by a newer token."}),
+		Retries:        prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_recovery_retries_total", Help: "Recovery transaction retries by reason."}, []string{"reason"}),
+		DeadLettered:   prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_recovery_dead_lettered_total", Help: "Poison conflict events moved to the dead-letter subject."}),
+		SettleFailures: stream.NewFailures("recovery"),
 	}
-	reg.MustRegister(m.Resolved, m.Deactivated, m.Retries, m.DeadLettered)
+	reg.MustRegister(m.Resolved, m.Deactivated, m.Retries, m.DeadLettered, m.SettleFailures)
 	return m
 }
 
 // DB is what recovery needs from a pool.
-type DB interface {
-	Begin(ctx context.Context) (pgx.Tx, error)
-}
+type DB = store.Beginner
 
 // Recovery is the conflict-resolving consumer.
 type Recovery struct {
@@ -69,62 +71,61 @@ func (r *Recovery) Run(ctx context.Context) error {
 		return fmt.Errorf("recovery: open consumer %s: %w", r.cfg.Topology.Recovery, err)
 	}
 	r.log.Info("recovery started", "workers", r.cfg.Pool.Workers, "consumer", r.cfg.Topology.Recovery)
-	err = consume.Run(ctx, r.log, cons, r.cfg.Pool, r.cfg.Finish, r.HandleBatch)
+	err = r.cfg.NewPool(cons, r.js, r.log, r.HandleBatch, r.metrics.SettleFailures, r.metrics.DeadLettered).Run(ctx)
 	r.log.Info("recovery stopped")
 	return err
 }
 
 // HandleBatch resolves a batch of conflict events in one transaction and
-// settles every message.
-func (r *Recovery) HandleBatch(ctx context.Context, msgs []jetstream.Msg) {
+// returns each message's verdict.
+func (r *Recovery) HandleBatch(ctx context.Context, msgs []jetstream.Msg) []stream.Verdict {
+	verdicts := make([]stream.Verdict, len(msgs))
 	var incoming []Incoming
-	var settle []jetstream.Msg
+	var settle []int
 	seen := map[events.Digest]int{}
-	for _, m := range msgs {
+	for i, m := range msgs {
 		ev, err := events.DecodeTokenIssued(m.Data())
 		if err != nil {
-			r.deadLetter(ctx, m, err.Error())
+			verdicts[i] = stream.DeadLetter(err.Error())
 			continue
 		}
 		seq, err := strconv.ParseUint(m.Headers().Get(events.HeaderOriginSeq), 10, 64)
 		if err != nil || seq == 0 {
-			r.deadLetter(ctx, m, "conflict event without a valid "+events.HeaderOriginSeq+" header")
+			verdicts[i] = stream.DeadLetter("conflict event without a valid " + events.HeaderOriginSeq + " header")
 			continue
 		}
-		settle = append(settle, m)
-		if i, ok := seen[ev.TokenDigest]; ok {
-			incoming[i].Seq = min(incoming[i].Seq, seq)
+		settle = append(settle, i)
+		if j, ok := seen[ev.TokenDigest]; ok {
+			incoming[j].Seq = min(incoming[j].Seq, seq)
 			continue
 		}
 		seen[ev.TokenDigest] = len(incoming)
 		incoming = append(incoming, Incoming{Event: ev, Seq: seq})
 	}
 	if len(incoming) == 0 {
-		return
+		return verdicts
 	}
-	stop := consume.KeepInProgress(settle, r.cfg.Topology.AckWait/3)
-	d, err := pgretry.Do(ctx, r.cfg.Retry, func(ctx context.Context) (Decision, error) {
+	d, err := store.Retry(ctx, r.cfg.Retry, func(ctx context.Context) (Decision, error) {
 		return Apply(ctx, r.db, incoming, func(s []Superseded) error { return r.notify(ctx, s) })
 	}, func(reason string, err error, wait time.Duration) {
 		r.metrics.Retries.WithLabelValues(reason).Inc()
 		r.log.Warn("recovery transaction failed; retrying", "reason", reason, "err", err, "retry_in", wait)
 	})
-	stop()
+	v := stream.Ack()
 	if err != nil {
 		r.log.Error("conflicts not resolved; returning them for redelivery", "err", err, "events", len(incoming))
-		for _, m := range settle {
-			_ = m.NakWithDelay(r.cfg.NakDelay)
+		v = stream.Nak(r.cfg.NakDelay)
+	} else {
+		r.metrics.Resolved.Add(float64(len(d.Insert)))
+		r.metrics.Deactivated.Add(float64(len(d.Deactivate)))
+		for _, s := range d.Deactivate {
+			r.log.Info("token deactivated", "token_digest", s.Digest.String(), "superseded_by", s.By.String(), "client_id", s.Key.ClientID)
 		}
-		return
 	}
-	r.metrics.Resolved.Add(float64(len(d.Insert)))
-	r.metrics.Deactivated.Add(float64(len(d.Deactivate)))
-	for _, s := range d.Deactivate {
-		r.log.Info("token deactivated", "token_digest", s.Digest.String(), "superseded_by", s.By.String(), "client_id", s.Key.ClientID)
+	for _, i := range settle {
+		verdicts[i] = v
 	}
-	for _, m := range settle {
-		_ = m.Ack()
-	}
+	return verdicts
 }
 
 // Apply resolves incoming conflict events in one transaction: every token gets
@@ -178,10 +179,4 @@ func PublishDeactivations(ctx context.Context, js jetstream.JetStream, topo even
 		}
 	}
 	return nil
-}
-
-func (r *Recovery) deadLetter(ctx context.Context, m jetstream.Msg, reason string) {
-	if r.cfg.DeadLetterOrNak(ctx, r.js, r.log, m, reason) {
-		r.metrics.DeadLettered.Inc()
-	}
 }

@@ -2,40 +2,23 @@ package recovery
 
 import (
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 
-// Key is the one-ACTIVE-token key, exactly the columns of the partial unique
-// index: looking rows up with fewer columns is how WSO2's recovery missed the
-// rows that blocked it.
-type Key struct {
-	ClientID, Subject, Scope string
-}
+// Key is the one-ACTIVE-token key (see store.Key).
+type Key = store.Key
 
 // KeyOf returns the key of an event.
-func KeyOf(e *events.TokenIssued) Key {
-	return Key{ClientID: e.ClientID, Subject: e.Subject, Scope: e.Scope()}
-}
+func KeyOf(e *events.TokenIssued) Key { return store.KeyOf(e) }
 
 // Stored is what the database holds for a key.
-type Stored struct {
-	// Active is the key's ACTIVE row, if any.
-	Active *ActiveRow
-	// MaxSeq is the highest stream sequence of any row of the key, whatever
-	// its state (0 if none).
-	MaxSeq uint64
-}
+type Stored = store.KeyState
 
 // ActiveRow identifies a key's ACTIVE row.
-type ActiveRow struct {
-	Digest events.Digest
-	Seq    uint64
-}
+type ActiveRow = store.ActiveRow
 
-// Incoming is a conflicting event and its stream sequence.
-type Incoming struct {
-	Event *events.TokenIssued
-	Seq   uint64
-}
+// Incoming is a conflicting event and its original stream sequence.
+type Incoming = store.Row
 
 // Decision is what one transaction must do.
 type Decision struct {

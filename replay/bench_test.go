@@ -14,9 +14,9 @@ import (
 	"github.com/tokenpipe/tokenpipe/bench"
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/pgretry"
 	"github.com/tokenpipe/tokenpipe/replay"
 )
 
@@ -42,7 +42,7 @@ func BenchmarkReplayVsDrain(b *testing.B) {
 	testenv.Must(b, bench.Fill(ctx, js, topo, bench.MakeEvents(n), nil), "fill")
 	stream, err := js.Stream(ctx, topo.Stream)
 	testenv.Must(b, err, "stream")
-	w := &replay.Writer{DB: pool, JS: js, Topology: topo, Retry: pgretry.DefaultPolicy()}
+	w := &replay.Writer{DB: pool, JS: js, Topology: topo, Retry: store.DefaultRetryPolicy()}
 
 	var drainRate, replayRate, presentRate float64
 	for b.Loop() {
@@ -89,7 +89,7 @@ func drain(b *testing.B, pool *pgxpool.Pool, js jetstream.JetStream, stream jets
 	runCtx, cancel := context.WithCancel(ctx)
 	p := persister.New(persister.Config{
 		Pool:  consume.Config{Workers: 2, BatchSize: 1000, BatchWait: 20 * time.Millisecond},
-		Retry: pgretry.DefaultPolicy(), Topology: topo, Finish: 10 * time.Second, NakDelay: time.Second,
+		Retry: store.DefaultRetryPolicy(), Topology: topo, Finish: 10 * time.Second, NakDelay: time.Second,
 	}, pool, js, testenv.Logger(b), persister.NewMetrics(prometheus.NewRegistry()))
 	done := make(chan error, 1)
 	start := time.Now()

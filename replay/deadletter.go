@@ -6,33 +6,19 @@ import (
 	"strconv"
 	"sync"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/stream"
 )
 
 // PublishDeadLetter copies a message to the dead subject with the headers
-// and message id consume.DeadLetter gives it, but does not terminate
-// anything: a replay's messages come from its own consumer and need no ack.
-// It reports whether JetStream stored a new message (false: a duplicate
-// within the deduplication window).
+// and message id the pool's dead-letter path gives it, but does not
+// terminate anything: a replay's messages come from its own consumer and
+// need no ack. It reports whether JetStream stored a new message (false: a
+// duplicate within the deduplication window).
 func PublishDeadLetter(ctx context.Context, js jetstream.JetStream, topo events.Topology, subject string, seq uint64, data []byte, reason string) (bool, error) {
-	if len(reason) > 512 {
-		reason = reason[:512]
-	}
-	dl := nats.NewMsg(topo.DeadSubject())
-	dl.Data = data
-	dl.Header.Set(events.HeaderReason, reason)
-	dl.Header.Set(events.HeaderOriginSubject, subject)
-	dl.Header.Set(events.HeaderOriginSeq, strconv.FormatUint(seq, 10))
-	ack, err := js.PublishMsg(ctx, dl,
-		jetstream.WithMsgID(fmt.Sprintf("dead-%s-%d", subject, seq)),
-		jetstream.WithExpectStream(topo.Stream))
-	if err != nil {
-		return false, fmt.Errorf("dead-letter seq %d: %w", seq, err)
-	}
-	return !ack.Duplicate, nil
+	return stream.PublishDeadLetter(ctx, js, topo, subject, seq, data, reason)
 }
 
 // origin names the message a dead letter was copied from.

@@ -6,29 +6,22 @@ import (
 	"log/slog"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/recovery"
 )
 
 // DB is what writing needs: a pool or a connection. Both persister.WriteBatch
 // and recovery.Apply take it.
-type DB interface {
-	Begin(ctx context.Context) (pgx.Tx, error)
-}
+type DB = store.Beginner
 
 // Item is one decoded TokenIssued event with the stream sequence it was
 // ORIGINALLY given on the issued subject. Ordering between tokens of a key
 // depends on that sequence alone, so a replay must never substitute the
 // sequence of a copy (a conflict or dead letter).
-type Item struct {
-	Event *events.TokenIssued
-	Seq   uint64
-}
+type Item = store.Row
 
 // Rejected is an item Postgres refused for its data (a data exception or a
 // constraint other than the one-ACTIVE rule): retrying cannot help.
@@ -62,7 +55,7 @@ type Writer struct {
 	DB       DB
 	JS       jetstream.JetStream
 	Topology events.Topology
-	Retry    pgretry.Policy
+	Retry    store.RetryPolicy
 	Log      *slog.Logger
 }
 
@@ -74,13 +67,9 @@ func (w *Writer) Write(ctx context.Context, items []Item) (Result, error) {
 	if len(items) == 0 {
 		return Result{}, nil
 	}
-	rows := make([]persister.Row, len(items))
-	for i, it := range items {
-		rows[i] = persister.Row{Event: it.Event, Seq: it.Seq}
-	}
-	outcomes, err := pgretry.Do(ctx, w.Retry, func(ctx context.Context) ([]persister.Outcome, error) {
-		return persister.WriteBatch(ctx, w.DB, rows)
-	}, w.onRetry("write batch", len(rows)))
+	outcomes, err := store.Retry(ctx, w.Retry, func(ctx context.Context) ([]store.Outcome, error) {
+		return store.WriteBatch(ctx, w.DB, items)
+	}, w.onRetry("write batch", len(items)))
 	if err != nil {
 		return w.splitOnDataError(ctx, items, err, w.Write)
 	}
@@ -88,11 +77,11 @@ func (w *Writer) Write(ctx context.Context, items []Item) (Result, error) {
 	var conflicts []Item
 	for i, o := range outcomes {
 		switch o {
-		case persister.Inserted:
+		case store.Inserted:
 			res.Inserted++
-		case persister.Existing:
+		case store.Existing:
 			res.Present++
-		case persister.Conflict:
+		case store.Conflict:
 			conflicts = append(conflicts, items[i])
 		}
 	}
@@ -108,12 +97,8 @@ func (w *Writer) Write(ctx context.Context, items []Item) (Result, error) {
 
 // resolve runs recovery's rule on conflicting items in one transaction.
 func (w *Writer) resolve(ctx context.Context, items []Item) (Result, error) {
-	incoming := make([]recovery.Incoming, len(items))
-	for i, it := range items {
-		incoming[i] = recovery.Incoming{Event: it.Event, Seq: it.Seq}
-	}
-	d, err := pgretry.Do(ctx, w.Retry, func(ctx context.Context) (recovery.Decision, error) {
-		return recovery.Apply(ctx, w.DB, incoming, func(s []recovery.Superseded) error {
+	d, err := store.Retry(ctx, w.Retry, func(ctx context.Context) (recovery.Decision, error) {
+		return recovery.Apply(ctx, w.DB, items, func(s []recovery.Superseded) error {
 			return recovery.PublishDeactivations(ctx, w.JS, w.Topology, s)
 		})
 	}, w.onRetry("resolve conflicts", len(items)))
@@ -133,7 +118,7 @@ func (w *Writer) resolve(ctx context.Context, items []Item) (Result, error) {
 // halves are retried until the offending row is alone, so one bad row never
 // holds back the others. Any other error is returned.
 func (w *Writer) splitOnDataError(ctx context.Context, items []Item, err error, again func(context.Context, []Item) (Result, error)) (Result, error) {
-	if !pgretry.IsDataError(err) || ctx.Err() != nil {
+	if !store.IsDataError(err) || ctx.Err() != nil {
 		return Result{}, fmt.Errorf("write %d events: %w", len(items), err)
 	}
 	if len(items) == 1 {
@@ -161,28 +146,5 @@ func (w *Writer) onRetry(what string, n int) func(string, error, time.Duration) 
 // Existing returns which of the digests already have a row. It reads only,
 // for dry runs.
 func Existing(ctx context.Context, db DB, digests []events.Digest) (map[events.Digest]bool, error) {
-	raw := make([][]byte, len(digests))
-	for i := range digests {
-		raw[i] = digests[i][:]
-	}
-	out := map[events.Digest]bool{}
-	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, `SELECT token_digest FROM tokens WHERE token_digest = ANY($1::bytea[])`, raw)
-		if err != nil {
-			return err
-		}
-		defer rows.Close()
-		for rows.Next() {
-			var d []byte
-			if err := rows.Scan(&d); err != nil {
-				return err
-			}
-			out[events.Digest(d)] = true
-		}
-		return rows.Err()
-	})
-	if err != nil {
-		return nil, fmt.Errorf("look up %d digests: %w", len(digests), err)
-	}
-	return out, nil
+	return store.LookupDigests(ctx, db, digests)
 }

@@ -20,21 +20,21 @@
 // and grant revocations hold it exclusively: a revocation waits for the
 // batches in flight and the next batches see it. Token revocations need no
 // fence: the primary key orders them against the row's insert.
+//
+// The statements live in internal/store (revoke.go there); this package keeps
+// the names callers use and builds the notices.
 package revoke
 
 import (
 	"context"
-	"fmt"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/tokens"
 )
-
-// fenceID is an advisory lock id every tokenpipe process agrees on.
-const fenceID int64 = 7_460_301_119
 
 // Reasons recorded with a revocation.
 const (
@@ -45,80 +45,31 @@ const (
 )
 
 // Beginner is a pool or a connection.
-type Beginner interface {
-	Begin(ctx context.Context) (pgx.Tx, error)
-}
+type Beginner = store.Beginner
 
 // LockShared takes the revocation fence for a transaction that writes token
 // rows. Hold it before reading CoveredSQL.
-func LockShared(ctx context.Context, tx pgx.Tx) error {
-	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock_shared($1)`, fenceID); err != nil {
-		return fmt.Errorf("take revocation fence: %w", err)
-	}
-	return nil
-}
+func LockShared(ctx context.Context, tx pgx.Tx) error { return store.LockShared(ctx, tx) }
 
 // CoveredSQL returns a boolean SQL expression: is a token with these column
 // expressions (family, client, subject, stream sequence) covered by a family
-// or grant revocation? seq may be NULL (sync mode), which no watermark
-// covers: sync rows exist before any later revocation can look for them.
+// or grant revocation? See store.CoveredSQL.
 func CoveredSQL(family, client, subject, seq string) string {
-	return fmt.Sprintf(`(
-	(%[1]s IS NOT NULL AND EXISTS (SELECT 1 FROM revoked_families rf WHERE rf.family_id = %[1]s))
-	OR EXISTS (SELECT 1 FROM revoked_grants rg
-	           WHERE rg.client_id = %[2]s AND rg.subject IN (%[3]s, '') AND rg.up_to_seq >= %[4]s))`,
-		family, client, subject, seq)
+	return store.CoveredSQL(family, client, subject, seq)
 }
 
 // Result says what a revocation changed.
-type Result struct {
-	// Digests of rows that changed to REVOKED (or were inserted REVOKED).
-	Digests []events.Digest
-	// Families recorded as revoked.
-	Families int
-}
+type Result = store.Revocation
 
 // Token revokes one access token, whose row may not exist yet. The claims
 // come from the verified token text.
 func Token(ctx context.Context, db Beginner, digest events.Digest, c tokens.Claims) (Result, error) {
-	var res Result
-	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
-		tag, err := tx.Exec(ctx, `
-			INSERT INTO tokens (token_digest, client_id, subject, scope, state, grant_type,
-			                    issued_at, expires_at, family_id, instance)
-			VALUES ($1, $2, $3, $4, 'REVOKED', $5, $6, $7, $8, 'revocation')
-			ON CONFLICT (token_digest) DO UPDATE SET state = 'REVOKED', state_changed_at = now()
-			WHERE tokens.state <> 'REVOKED'`,
-			digest[:], c.ClientID, c.Subject, c.Scope, c.Grant, c.IssuedAt, c.ExpiresAt, c.Family[:])
-		if err != nil {
-			return fmt.Errorf("revoke token: %w", err)
-		}
-		if tag.RowsAffected() > 0 {
-			res.Digests = []events.Digest{digest}
-		}
-		return nil
-	})
-	return res, err
+	return store.RevokeToken(ctx, db, digest, c)
 }
 
 // Family revokes every token of a family, stored or queued.
 func Family(ctx context.Context, db Beginner, f tokens.Family, reason string) (Result, error) {
-	var res Result
-	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
-		res = Result{}
-		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, fenceID); err != nil {
-			return fmt.Errorf("take revocation fence: %w", err)
-		}
-		tag, err := tx.Exec(ctx, `INSERT INTO revoked_families (family_id, reason) VALUES ($1, $2)
-			ON CONFLICT DO NOTHING`, f[:], reason)
-		if err != nil {
-			return fmt.Errorf("record family revocation: %w", err)
-		}
-		res.Families = int(tag.RowsAffected())
-		res.Digests, err = revokeRows(ctx, tx, `family_id = $1`, f[:])
-		return err
-	})
-	return res, err
+	return store.RevokeFamily(ctx, db, f, reason)
 }
 
 // Grant revokes every token of subject for client (subject "" : of every
@@ -127,48 +78,7 @@ func Family(ctx context.Context, db Beginner, f tokens.Family, reason string) (R
 // cannot mint a survivor. Pass the stream's last sequence read just before;
 // 0 where there is no stream (sync mode: every token already has its row).
 func Grant(ctx context.Context, db Beginner, client, subject string, upToSeq uint64, reason string) (Result, error) {
-	var res Result
-	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
-		res = Result{}
-		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, fenceID); err != nil {
-			return fmt.Errorf("take revocation fence: %w", err)
-		}
-		_, err := tx.Exec(ctx, `INSERT INTO revoked_grants (client_id, subject, up_to_seq) VALUES ($1, $2, $3)
-			ON CONFLICT (client_id, subject) DO UPDATE
-			SET up_to_seq = greatest(revoked_grants.up_to_seq, excluded.up_to_seq), revoked_at = now()`,
-			client, subject, int64(upToSeq))
-		if err != nil {
-			return fmt.Errorf("record grant revocation: %w", err)
-		}
-		const match = `client_id = $1 AND ($2 = '' OR subject = $2) AND (stream_seq IS NULL OR stream_seq <= $3)`
-		tag, err := tx.Exec(ctx, `INSERT INTO revoked_families (family_id, reason)
-			SELECT DISTINCT family_id, $4::text FROM tokens WHERE family_id IS NOT NULL AND `+match+`
-			ON CONFLICT DO NOTHING`, client, subject, int64(upToSeq), reason)
-		if err != nil {
-			return fmt.Errorf("record families of grant: %w", err)
-		}
-		res.Families = int(tag.RowsAffected())
-		res.Digests, err = revokeRows(ctx, tx, match, client, subject, int64(upToSeq))
-		return err
-	})
-	return res, err
-}
-
-func revokeRows(ctx context.Context, tx pgx.Tx, where string, args ...any) ([]events.Digest, error) {
-	rows, err := tx.Query(ctx, `UPDATE tokens SET state = 'REVOKED', state_changed_at = now()
-		WHERE state <> 'REVOKED' AND `+where+` RETURNING token_digest`, args...)
-	if err != nil {
-		return nil, fmt.Errorf("revoke rows: %w", err)
-	}
-	digests, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (events.Digest, error) {
-		var b []byte
-		err := r.Scan(&b)
-		return events.Digest(b), err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("revoke rows: %w", err)
-	}
-	return digests, nil
+	return store.RevokeGrant(ctx, db, client, subject, upToSeq, reason)
 }
 
 // Notice builds the TokenRevoked notice for a result.

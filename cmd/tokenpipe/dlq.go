@@ -15,7 +15,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/dlq"
-	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/replay"
 )
 
@@ -185,7 +185,7 @@ func dlqReplay(ctx context.Context, cfg *Common, js jetstream.JetStream, seqs []
 		return err
 	}
 	defer pool.Close()
-	w := &replay.Writer{DB: pool, JS: js, Topology: topo, Retry: pgretry.DefaultPolicy(), Log: newLogger(cfg, stderr).With("role", "dlq")}
+	w := &replay.Writer{DB: pool, JS: js, Topology: topo, Retry: store.DefaultRetryPolicy(), Log: newLogger(cfg, stderr).With("role", "dlq")}
 	rep, err := dlq.Replay(ctx, w, letters, keep)
 	if rep == nil {
 		return err

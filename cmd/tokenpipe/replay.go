@@ -9,7 +9,7 @@ import (
 	"io"
 	"time"
 
-	"github.com/tokenpipe/tokenpipe/pgretry"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/replay"
 )
 
@@ -106,7 +106,7 @@ func runReplay(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	defer nc.Close()
 
 	o.Progress = replay.ProgressPrinter(stderr, isTerminal(stderr), 5*time.Second)
-	w := &replay.Writer{DB: pool, JS: js, Topology: cfg.Topology(), Retry: pgretry.DefaultPolicy(), Log: log}
+	w := &replay.Writer{DB: pool, JS: js, Topology: cfg.Topology(), Retry: store.DefaultRetryPolicy(), Log: log}
 	sum, err := replay.Run(ctx, w, o)
 	if sum == nil {
 		return err

@@ -14,9 +14,10 @@ import (
 	"github.com/tokenpipe/tokenpipe/cleanup"
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
+	"github.com/tokenpipe/tokenpipe/internal/stream"
 	"github.com/tokenpipe/tokenpipe/ops"
 	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/pgretry"
 	"github.com/tokenpipe/tokenpipe/recovery"
 )
 
@@ -54,8 +55,16 @@ func (c *WorkerConfig) pool() consume.Config {
 	return consume.Config{Workers: c.Workers, BatchSize: c.BatchSize, BatchWait: c.BatchWait}
 }
 
-func (c *WorkerConfig) retry() pgretry.Policy {
-	p := pgretry.DefaultPolicy()
+// settings are the persister's and recovery's.
+func (c *WorkerConfig) settings() consume.Settings {
+	return consume.Settings{
+		Pool: c.pool(), Retry: c.retry(), Topology: c.Topology(),
+		Finish: c.ShutdownTimeout, NakDelay: c.NakDelay,
+	}
+}
+
+func (c *WorkerConfig) retry() store.RetryPolicy {
+	p := store.DefaultRetryPolicy()
 	p.MaxElapsed = c.RetryMaxElapsed
 	return p
 }
@@ -115,13 +124,13 @@ func startRole(ctx context.Context, name string, c *Common, stderr io.Writer) (*
 }
 
 // sampleLag exports the consumer's backlog until ctx ends.
-func sampleLag(ctx context.Context, env *roleEnv, stream, consumer string, every time.Duration) func() {
-	gauges := consume.NewLagGauges(env.ops.Registry)
+func sampleLag(ctx context.Context, env *roleEnv, streamName, consumer string, every time.Duration) func() {
+	gauges := stream.NewLagGauges(env.ops.Registry)
 	lagCtx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		cons, err := env.js.Consumer(lagCtx, stream, consumer)
+		cons, err := env.js.Consumer(lagCtx, streamName, consumer)
 		if err != nil {
 			env.log.Warn("lag gauges disabled", "err", err)
 			return
@@ -129,6 +138,22 @@ func sampleLag(ctx context.Context, env *roleEnv, stream, consumer string, every
 		gauges.Sample(lagCtx, env.log, cons, consumer, every)
 	}()
 	return func() { cancel(); <-done }
+}
+
+// drainingOnCancel marks the ops server draining (readiness fails) as soon
+// as ctx ends, while the role finishes its batches. The returned function
+// stops the watch and waits for it.
+func drainingOnCancel(ctx context.Context, env *roleEnv) (stop func()) {
+	quit, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		select {
+		case <-ctx.Done():
+			env.ops.SetDraining()
+		case <-quit:
+		}
+	}()
+	return func() { close(quit); <-done }
 }
 
 func runPersister(ctx context.Context, args []string, _, stderr io.Writer) error {
@@ -143,11 +168,8 @@ func runPersister(ctx context.Context, args []string, _, stderr io.Writer) error
 	defer stop()
 	stopLag := sampleLag(ctx, env, cfg.Stream, cfg.PersisterName, cfg.LagInterval)
 	defer stopLag()
-	p := persister.New(persister.Config{
-		Pool: cfg.pool(), Retry: cfg.retry(), Topology: cfg.Topology(),
-		Finish: cfg.ShutdownTimeout, NakDelay: cfg.NakDelay,
-	}, env.pool, env.js, env.log, persister.NewMetrics(env.ops.Registry))
-	go func() { <-ctx.Done(); env.ops.SetDraining() }()
+	p := persister.New(cfg.settings(), env.pool, env.js, env.log, persister.NewMetrics(env.ops.Registry))
+	defer drainingOnCancel(ctx, env)()
 	return p.Run(ctx)
 }
 
@@ -182,11 +204,8 @@ func runRecovery(ctx context.Context, args []string, _, stderr io.Writer) error 
 	defer stop()
 	stopLag := sampleLag(ctx, env, cfg.Stream, cfg.RecoveryName, cfg.LagInterval)
 	defer stopLag()
-	r := recovery.New(recovery.Config{
-		Pool: cfg.pool(), Retry: cfg.retry(), Topology: cfg.Topology(),
-		Finish: cfg.ShutdownTimeout, NakDelay: cfg.NakDelay,
-	}, env.pool, env.js, env.log, recovery.NewMetrics(env.ops.Registry))
-	go func() { <-ctx.Done(); env.ops.SetDraining() }()
+	r := recovery.New(cfg.settings(), env.pool, env.js, env.log, recovery.NewMetrics(env.ops.Registry))
+	defer drainingOnCancel(ctx, env)()
 	if cfg.CleanupInterval > 0 {
 		cleanCtx, stopClean := context.WithCancel(ctx)
 		done := make(chan struct{})

@@ -17,9 +17,9 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/pgretry"
 	"github.com/tokenpipe/tokenpipe/recovery"
 	"github.com/tokenpipe/tokenpipe/replay"
 )
@@ -47,11 +47,11 @@ func (p *Pipeline) Start(t *testing.T, workers int) (stop func()) {
 	var wg sync.WaitGroup
 	per := persister.New(persister.Config{
 		Pool:  consume.Config{Workers: workers, BatchSize: 500, BatchWait: 20 * time.Millisecond},
-		Retry: pgretry.DefaultPolicy(), Topology: p.Topo, Finish: 5 * time.Second, NakDelay: time.Second,
+		Retry: store.DefaultRetryPolicy(), Topology: p.Topo, Finish: 5 * time.Second, NakDelay: time.Second,
 	}, p.Pool, p.JS, testenv.Logger(t), persister.NewMetrics(prometheus.NewRegistry()))
 	rec := recovery.New(recovery.Config{
 		Pool:  consume.Config{Workers: 1, BatchSize: 200, BatchWait: 20 * time.Millisecond},
-		Retry: pgretry.DefaultPolicy(), Topology: p.Topo, Finish: 5 * time.Second, NakDelay: time.Second,
+		Retry: store.DefaultRetryPolicy(), Topology: p.Topo, Finish: 5 * time.Second, NakDelay: time.Second,
 	}, p.Pool, p.JS, testenv.Logger(t), recovery.NewMetrics(prometheus.NewRegistry()))
 	wg.Add(2)
 	go func() { defer wg.Done(); _ = per.Run(ctx) }()
@@ -85,7 +85,7 @@ func (p *Pipeline) Drained(t *testing.T) {
 
 // Writer returns a replay writer on the test's database and stream.
 func (p *Pipeline) Writer(t *testing.T) *replay.Writer {
-	return &replay.Writer{DB: p.Pool, JS: p.JS, Topology: p.Topo, Retry: pgretry.DefaultPolicy(), Log: testenv.Logger(t)}
+	return &replay.Writer{DB: p.Pool, JS: p.JS, Topology: p.Topo, Retry: store.DefaultRetryPolicy(), Log: testenv.Logger(t)}
 }
 
 // Row is every column of tokens that a write decides; persisted_at and

@@ -1,4 +1,4 @@
-package pgretry
+package store
 
 import (
 	"context"
@@ -30,7 +30,7 @@ func TestClassification(t *testing.T) {
 		{context.Canceled, false, false},
 	}
 	for _, c := range cases {
-		if got := Reason(c.err) != ""; got != c.transient {
+		if got := RetryReason(c.err) != ""; got != c.transient {
 			t.Errorf("%v: transient=%v, want %v", c.err, got, c.transient)
 		}
 		if got := IsDataError(c.err); got != c.data {
@@ -41,8 +41,8 @@ func TestClassification(t *testing.T) {
 
 func TestDoRetriesTransientThenSucceeds(t *testing.T) {
 	calls := 0
-	p := Policy{Initial: time.Millisecond, Max: 5 * time.Millisecond, MaxElapsed: time.Second, Attempt: time.Second}
-	v, err := Do(context.Background(), p, func(context.Context) (int, error) {
+	p := RetryPolicy{Initial: time.Millisecond, Max: 5 * time.Millisecond, MaxElapsed: time.Second, Attempt: time.Second}
+	v, err := Retry(context.Background(), p, func(context.Context) (int, error) {
 		calls++
 		if calls < 3 {
 			return 0, &pgconn.PgError{Code: "40P01"}
@@ -53,7 +53,7 @@ func TestDoRetriesTransientThenSucceeds(t *testing.T) {
 		t.Fatalf("v=%d err=%v calls=%d", v, err, calls)
 	}
 	calls = 0
-	_, err = Do(context.Background(), p, func(context.Context) (int, error) {
+	_, err = Retry(context.Background(), p, func(context.Context) (int, error) {
 		calls++
 		return 0, &pgconn.PgError{Code: "22021"}
 	}, nil)

@@ -1,0 +1,200 @@
+// Conflict resolution: what recovery reads and writes to apply its rule (the
+// rule itself is recovery.Resolve). The caller runs these in one transaction
+// after LockShared.
+
+package store
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/tokenpipe/tokenpipe/events"
+)
+
+// ActiveRow identifies a key's ACTIVE row.
+type ActiveRow struct {
+	Digest events.Digest
+	Seq    uint64
+}
+
+// KeyState is what the database holds for a key.
+type KeyState struct {
+	// Active is the key's ACTIVE row, if any.
+	Active *ActiveRow
+	// MaxSeq is the highest stream sequence of any row of the key, whatever
+	// its state (0 if none).
+	MaxSeq uint64
+}
+
+// lockKeysSQL reads every row of the given keys that matters to the rule,
+// locking the ACTIVE ones so no other recovery transaction can deactivate them
+// under us. Locks are taken in key order to avoid deadlocks between workers.
+const lockKeysSQL = `
+WITH keys AS (
+	SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::text[]) AS k(client_id, subject, scope)
+)
+SELECT t.client_id, t.subject, t.scope, t.token_digest, t.stream_seq
+FROM tokens t JOIN keys k USING (client_id, subject, scope)
+WHERE t.state = 'ACTIVE'
+ORDER BY t.client_id COLLATE "C", t.subject COLLATE "C", t.scope COLLATE "C"
+FOR UPDATE OF t`
+
+const maxSeqSQL = `
+WITH keys AS (
+	SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::text[]) AS k(client_id, subject, scope)
+)
+SELECT k.client_id, k.subject, k.scope,
+       (SELECT max(t.stream_seq) FROM tokens t
+        WHERE t.client_id = k.client_id AND t.subject = k.subject AND t.scope = k.scope)
+FROM keys k`
+
+const deactivateSQL = `
+UPDATE tokens SET state = 'INACTIVE', state_changed_at = now()
+WHERE token_digest = ANY($1::bytea[]) AND state = 'ACTIVE'`
+
+// insertResolvedSQL writes a token covered by a family or grant revocation
+// as REVOKED: the older row it supersedes is still deactivated, so the
+// newest token decides the key whichever order revocation and conflict meet.
+// It returns the families of the rows it wrote REVOKED, which the caller
+// revokes as the batch write does (revokeFamiliesOf).
+//
+// It never uses DO NOTHING on the partial unique index: if another
+// transaction activated a token for the key since we read it, the insert
+// fails, the whole transaction (our UPDATE included) rolls back, and the
+// retry reads the new state. Nothing is half-applied.
+var insertResolvedSQL = `
+INSERT INTO tokens (token_digest, refresh_digest, client_id, subject, scope, state,
+                    grant_type, issued_at, expires_at, stream_seq, instance, family_id, refresh_expires_at,
+                    persisted_at)
+SELECT b.token_digest, b.refresh_digest, b.client_id, b.subject, b.scope,
+       CASE WHEN ` + CoveredSQL("b.family_id", "b.client_id", "b.subject", "b.stream_seq") + ` THEN 'REVOKED'
+            ELSE b.state END,
+       b.grant_type, b.issued_at, b.expires_at, b.stream_seq, b.instance, b.family_id, b.refresh_expires_at,
+       clock_timestamp()
+FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::timestamptz[], $9::timestamptz[], $10::bigint[], $11::text[],
+            $12::bytea[], $13::timestamptz[])
+    AS b(token_digest, refresh_digest, client_id, subject, scope, state,
+         grant_type, issued_at, expires_at, stream_seq, instance, family_id, refresh_expires_at)
+ON CONFLICT (token_digest) DO NOTHING
+RETURNING state = 'REVOKED' AND family_id IS NOT NULL, family_id`
+
+// LockKeys locks the ACTIVE rows of the keys and reads each key's newest
+// stream sequence. Keys without rows are absent from the map.
+func LockKeys(ctx context.Context, tx pgx.Tx, keys []Key) (map[Key]KeyState, error) {
+	var cl, sb, sc []string
+	for _, k := range keys {
+		cl, sb, sc = append(cl, k.ClientID), append(sb, k.Subject), append(sc, k.Scope)
+	}
+	stored := map[Key]KeyState{}
+	rows, err := tx.Query(ctx, lockKeysSQL, cl, sb, sc)
+	if err != nil {
+		return nil, fmt.Errorf("lock active rows: %w", err)
+	}
+	for rows.Next() {
+		var k Key
+		var d []byte
+		var seq *int64
+		if err := rows.Scan(&k.ClientID, &k.Subject, &k.Scope, &d, &seq); err != nil {
+			return nil, err
+		}
+		st := stored[k]
+		st.Active = &ActiveRow{Digest: events.Digest(d), Seq: uint64(deref(seq))}
+		stored[k] = st
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("lock active rows: %w", err)
+	}
+	rows, err = tx.Query(ctx, maxSeqSQL, cl, sb, sc)
+	if err != nil {
+		return nil, fmt.Errorf("read newest sequences: %w", err)
+	}
+	for rows.Next() {
+		var k Key
+		var seq *int64
+		if err := rows.Scan(&k.ClientID, &k.Subject, &k.Scope, &seq); err != nil {
+			return nil, err
+		}
+		st := stored[k]
+		st.MaxSeq = uint64(deref(seq))
+		stored[k] = st
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read newest sequences: %w", err)
+	}
+	return stored, nil
+}
+
+// Deactivate makes the given ACTIVE rows INACTIVE.
+func Deactivate(ctx context.Context, tx pgx.Tx, digests []events.Digest) error {
+	raw := make([][]byte, len(digests))
+	for i := range digests {
+		raw[i] = digests[i][:]
+	}
+	if _, err := tx.Exec(ctx, deactivateSQL, raw); err != nil {
+		return fmt.Errorf("deactivate %d rows: %w", len(raw), err)
+	}
+	return nil
+}
+
+// InsertResolved writes rows with the states the conflict rule gave them
+// (active[i] for rows[i]); a row whose digest is already stored is skipped.
+// A row covered by a grant revocation is written REVOKED and its family is
+// revoked with it, as in WriteBatch: a refresh that raced with the
+// revocation may have minted a newer member the watermark does not reach.
+func InsertResolved(ctx context.Context, tx pgx.Tx, rows []Row, active []bool) error {
+	n := len(rows)
+	var (
+		digests, refresh         = make([][]byte, n), make([][]byte, n)
+		clients, subjects, scope = make([]string, n), make([]string, n), make([]string, n)
+		states, grants, inst     = make([]string, n), make([]string, n), make([]string, n)
+		issued, expires          = make([]time.Time, n), make([]time.Time, n)
+		seqs                     = make([]int64, n)
+		families                 = make([][]byte, n)
+		refExp                   = make([]*time.Time, n)
+	)
+	for i, r := range rows {
+		e := r.Event
+		digests[i], refresh[i] = e.TokenDigest[:], refreshBytes(e)
+		clients[i], subjects[i], scope[i] = e.ClientID, e.Subject, e.Scope()
+		states[i] = "INACTIVE"
+		if active[i] {
+			states[i] = "ACTIVE"
+		}
+		grants[i], inst[i] = e.GrantType, e.Instance
+		issued[i], expires[i], seqs[i] = e.IssuedAt, e.ExpiresAt, int64(r.Seq)
+		families[i], refExp[i] = familyBytes(e), e.RefreshExpiresAt
+	}
+	res, err := tx.Query(ctx, insertResolvedSQL, digests, refresh, clients, subjects, scope, states, grants, issued, expires, seqs, inst, families, refExp)
+	if err != nil {
+		return fmt.Errorf("insert %d resolved rows: %w", n, err)
+	}
+	var revoked [][]byte
+	for res.Next() {
+		var isRevoked bool
+		var fam []byte
+		if err := res.Scan(&isRevoked, &fam); err != nil {
+			return fmt.Errorf("insert %d resolved rows: %w", n, err)
+		}
+		if isRevoked {
+			revoked = append(revoked, fam)
+		}
+	}
+	if err := res.Err(); err != nil {
+		return fmt.Errorf("insert %d resolved rows: %w", n, err)
+	}
+	if len(revoked) > 0 {
+		return revokeFamiliesOf(ctx, tx, revoked)
+	}
+	return nil
+}
+
+func deref(p *int64) int64 {
+	if p == nil {
+		return 0
+	}
+	return *p
+}

@@ -277,4 +277,3 @@ func TestAddUserReplacesPassword(t *testing.T) {
 		t.Fatalf("removed user: %v", err)
 	}
 }
-

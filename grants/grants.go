@@ -17,7 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/tokenpipe/tokenpipe/revoke"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 
 // Application is a client holding live tokens for a user.
@@ -113,12 +113,12 @@ func ClientTokens(ctx context.Context, db *pgxpool.Pool, client string, f Filter
 // users), stored or queued. js and stream name the event stream: its last
 // sequence, read first, is the watermark that reaches queued tokens. With a
 // nil js (sync mode) every token already has its row.
-func Revoke(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, stream, client, subject, reason string) (revoke.Result, error) {
+func Revoke(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, stream, client, subject, reason string) (store.Revocation, error) {
 	upTo, err := watermark(ctx, js, stream)
 	if err != nil {
-		return revoke.Result{}, err
+		return store.Revocation{}, err
 	}
-	return revoke.Grant(ctx, db, client, subject, upTo, reason)
+	return store.RevokeGrant(ctx, db, client, subject, upTo, reason)
 }
 
 // watermark is the stream's last sequence, read before a grant revocation:
@@ -142,25 +142,25 @@ func watermark(ctx context.Context, js jetstream.JetStream, stream string) (uint
 // RevokeUser revokes every token of user at every registered client, stored
 // or queued, as Revoke does for one client: what a password reset or the
 // removal of a user calls for. One stream watermark covers all clients.
-func RevokeUser(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, stream, user, reason string) (revoke.Result, error) {
+func RevokeUser(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, stream, user, reason string) (store.Revocation, error) {
 	if user == "" {
-		return revoke.Result{}, fmt.Errorf("revoke user: a user is required")
+		return store.Revocation{}, fmt.Errorf("revoke user: a user is required")
 	}
 	upTo, err := watermark(ctx, js, stream)
 	if err != nil {
-		return revoke.Result{}, err
+		return store.Revocation{}, err
 	}
 	rows, err := db.Query(ctx, `SELECT client_id FROM clients ORDER BY client_id`)
 	if err != nil {
-		return revoke.Result{}, fmt.Errorf("list clients: %w", err)
+		return store.Revocation{}, fmt.Errorf("list clients: %w", err)
 	}
 	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	if err != nil {
-		return revoke.Result{}, fmt.Errorf("list clients: %w", err)
+		return store.Revocation{}, fmt.Errorf("list clients: %w", err)
 	}
-	var all revoke.Result
+	var all store.Revocation
 	for _, id := range ids {
-		res, err := revoke.Grant(ctx, db, id, user, upTo, reason)
+		res, err := store.RevokeGrant(ctx, db, id, user, upTo, reason)
 		if err != nil {
 			return all, fmt.Errorf("revoke %s at %s: %w", user, id, err)
 		}
@@ -178,9 +178,9 @@ var ErrNoApplication = errors.New("no such application")
 // and admin user routes. A user's revocation never reaches the client's own
 // client_credentials tokens (subject = client id): those are the client's,
 // not a user's, even if a user shares its name.
-func RevokeApplication(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, stream, client, user, reason string) (revoke.Result, error) {
+func RevokeApplication(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, stream, client, user, reason string) (store.Revocation, error) {
 	if user == "" || user == client {
-		return revoke.Result{}, ErrNoApplication
+		return store.Revocation{}, ErrNoApplication
 	}
 	return RevokeKnown(ctx, db, js, stream, client, user, reason)
 }
@@ -191,15 +191,15 @@ func RevokeApplication(ctx context.Context, db *pgxpool.Pool, js jetstream.JetSt
 // revoked_grants. An existing client is enough, although the subject may
 // hold no row of it: its tokens may still be queued, and refusing would
 // leave them working.
-func RevokeKnown(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, stream, client, subject, reason string) (revoke.Result, error) {
+func RevokeKnown(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, stream, client, subject, reason string) (store.Revocation, error) {
 	var known bool
 	err := db.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM clients WHERE client_id = $1)
 		OR EXISTS (SELECT 1 FROM tokens WHERE client_id = $1 AND ($2 = '' OR subject = $2))`, client, subject).Scan(&known)
 	if err != nil {
-		return revoke.Result{}, fmt.Errorf("look up application %s: %w", client, err)
+		return store.Revocation{}, fmt.Errorf("look up application %s: %w", client, err)
 	}
 	if !known {
-		return revoke.Result{}, ErrNoApplication
+		return store.Revocation{}, ErrNoApplication
 	}
 	return Revoke(ctx, db, js, stream, client, subject, reason)
 }

@@ -7,8 +7,8 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/grants"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
-	"github.com/tokenpipe/tokenpipe/revoke"
 )
 
 // TestRevokeUserEndsEveryGrantOfTheUser: after a password reset an operator
@@ -34,7 +34,7 @@ func TestRevokeUserEndsEveryGrantOfTheUser(t *testing.T) {
 	alice := [][]byte{insert("mobile", "alice"), insert("web", "alice")}
 	bob := insert("mobile", "bob")
 
-	res, err := grants.RevokeUser(ctx, pool, nil, "", "alice", revoke.ReasonAdmin)
+	res, err := grants.RevokeUser(ctx, pool, nil, "", "alice", store.ReasonAdmin)
 	testenv.Must(t, err, "revoke user")
 	if len(res.Digests) != 2 || res.Families != 2 {
 		t.Fatalf("revoked %d tokens and %d families, want 2 and 2", len(res.Digests), res.Families)
@@ -52,7 +52,7 @@ func TestRevokeUserEndsEveryGrantOfTheUser(t *testing.T) {
 	if s := state(bob); s != "ACTIVE" {
 		t.Fatalf("bob's token is %s, want ACTIVE", s)
 	}
-	if _, err := grants.RevokeUser(ctx, pool, nil, "", "", revoke.ReasonAdmin); err == nil {
+	if _, err := grants.RevokeUser(ctx, pool, nil, "", "", store.ReasonAdmin); err == nil {
 		t.Fatal("revoking the empty user (everybody) was accepted")
 	}
 }

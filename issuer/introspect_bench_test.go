@@ -23,10 +23,10 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/consume"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/issuer"
 	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/pgretry"
 	"github.com/tokenpipe/tokenpipe/recovery"
 	"github.com/tokenpipe/tokenpipe/tokens"
 )
@@ -321,7 +321,7 @@ func newIntrospectBenchEnv(b *testing.B) *env {
 	settings := func(workers int) consume.Settings {
 		return consume.Settings{
 			Pool:  consume.Config{Workers: workers, BatchSize: 500, BatchWait: 20 * time.Millisecond},
-			Retry: pgretry.DefaultPolicy(), Topology: topo, Finish: 10 * time.Second, NakDelay: time.Second,
+			Retry: store.DefaultRetryPolicy(), Topology: topo, Finish: 10 * time.Second, NakDelay: time.Second,
 		}
 	}
 	roles := []func(context.Context) error{

@@ -11,7 +11,7 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/grants"
-	"github.com/tokenpipe/tokenpipe/revoke"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 
 // manageRoutes adds the management API.
@@ -28,7 +28,7 @@ func (s *Server) manageRoutes(mux *http.ServeMux) {
 	}))
 	mux.HandleFunc("DELETE /account/applications/{client_id}", s.asUser(func(w http.ResponseWriter, r *http.Request, user string) {
 		if validNames(w, r.PathValue("client_id"), "") {
-			s.revokeGrant(w, r, r.PathValue("client_id"), user, revoke.ReasonUser)
+			s.revokeGrant(w, r, r.PathValue("client_id"), user, store.ReasonUser)
 		}
 	}))
 	mux.HandleFunc("GET /admin/users/{user}/applications", s.asAdmin(func(w http.ResponseWriter, r *http.Request) {
@@ -38,7 +38,7 @@ func (s *Server) manageRoutes(mux *http.ServeMux) {
 	}))
 	mux.HandleFunc("DELETE /admin/users/{user}/applications/{client_id}", s.asAdmin(func(w http.ResponseWriter, r *http.Request) {
 		if validNames(w, r.PathValue("client_id"), r.PathValue("user")) {
-			s.revokeGrant(w, r, r.PathValue("client_id"), r.PathValue("user"), revoke.ReasonAdmin)
+			s.revokeGrant(w, r, r.PathValue("client_id"), r.PathValue("user"), store.ReasonAdmin)
 		}
 	}))
 	mux.HandleFunc("GET /admin/clients/{client_id}/tokens", s.asAdmin(func(w http.ResponseWriter, r *http.Request) {
@@ -177,8 +177,8 @@ func (s *Server) revokeGrant(w http.ResponseWriter, r *http.Request, client, use
 // revokeClientTokens revokes a client's tokens of one subject (sub, which
 // may be the client itself) or, with sub "", of every subject.
 func (s *Server) revokeClientTokens(w http.ResponseWriter, r *http.Request, client, sub string) {
-	res, err := grants.RevokeKnown(r.Context(), s.db, s.grantStream(), s.cfg.Topology.Stream, client, sub, revoke.ReasonAdmin)
-	s.answerRevocation(w, res, err, client, sub, revoke.ReasonAdmin)
+	res, err := grants.RevokeKnown(r.Context(), s.db, s.grantStream(), s.cfg.Topology.Stream, client, sub, store.ReasonAdmin)
+	s.answerRevocation(w, res, err, client, sub, store.ReasonAdmin)
 }
 
 // grantStream is the stream whose last sequence bounds a grant revocation,
@@ -190,7 +190,7 @@ func (s *Server) grantStream() jetstream.JetStream {
 	return s.js
 }
 
-func (s *Server) answerRevocation(w http.ResponseWriter, res revoke.Result, err error, client, user, reason string) {
+func (s *Server) answerRevocation(w http.ResponseWriter, res store.Revocation, err error, client, user, reason string) {
 	if errors.Is(err, grants.ErrNoApplication) {
 		writeJSON(w, http.StatusNotFound, apiError("not_found", "no such application: the client is unknown, or its tokens are not this user's"))
 		return

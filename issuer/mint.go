@@ -13,7 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/revoke"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
@@ -297,7 +297,7 @@ func (s *Server) mintRotation(ctx context.Context, sp spec) (*tokenResponse, err
 func (s *Server) abandon(m *minted) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	if _, err := revoke.Token(ctx, s.db, m.event.TokenDigest, m.access); err != nil {
+	if _, err := store.RevokeToken(ctx, s.db, m.event.TokenDigest, m.access); err != nil {
 		s.log.Warn("could not record an unconfirmed token as revoked", "err", err, "token_digest", m.event.TokenDigest.String())
 		return
 	}
@@ -396,7 +396,7 @@ func (s *Server) persistSync(ctx context.Context, ev *events.TokenIssued) (seen 
 	var last error
 	for attempt := 0; ; attempt++ {
 		err := pgx.BeginFunc(ctx, s.db, func(tx pgx.Tx) error {
-			if err := revoke.LockShared(ctx, tx); err != nil {
+			if err := store.LockShared(ctx, tx); err != nil {
 				return err
 			}
 			b := &pgx.Batch{}
@@ -408,7 +408,7 @@ func (s *Server) persistSync(ctx context.Context, ev *events.TokenIssued) (seen 
 			b.Queue(`INSERT INTO tokens (token_digest, refresh_digest, client_id, subject, scope, state,
 				grant_type, issued_at, expires_at, persisted_at, stream_seq, instance, family_id, refresh_expires_at)
 				VALUES ($1, $2, $3, $4, $5,
-				        CASE WHEN `+revoke.CoveredSQL("$10::bytea", "$3", "$4", "NULL::bigint")+` THEN 'REVOKED' ELSE 'ACTIVE' END,
+				        CASE WHEN `+store.CoveredSQL("$10::bytea", "$3", "$4", "NULL::bigint")+` THEN 'REVOKED' ELSE 'ACTIVE' END,
 				        $6, $7, $8, now(), NULL, $9, $10, $11)
 				ON CONFLICT (token_digest) DO NOTHING`,
 				ev.TokenDigest[:], refresh, ev.ClientID, ev.Subject, scope, ev.GrantType, ev.IssuedAt, ev.ExpiresAt,

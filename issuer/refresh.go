@@ -12,7 +12,7 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/revoke"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
@@ -71,11 +71,11 @@ func (s *Server) refresh(ctx context.Context, client *clients.Client, form url.V
 	}
 	if rot.reuse {
 		s.metrics.refreshReuse.Inc()
-		res, err := revoke.Family(ctx, s.db, c.Family, revoke.ReasonReuse)
+		res, err := store.RevokeFamily(ctx, s.db, c.Family, store.ReasonReuse)
 		if err != nil {
 			return nil, fmt.Errorf("revoke family after reuse: %w", err)
 		}
-		s.notify(res, &c.Family, revoke.ReasonReuse)
+		s.notify(res, &c.Family, store.ReasonReuse)
 		s.log.Warn("refresh token reused after its grace window; family revoked",
 			"client_id", c.ClientID, "family", c.Family.String(), "rows_revoked", len(res.Digests))
 		return nil, badRequest("invalid_grant", "the refresh token was already used")

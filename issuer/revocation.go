@@ -10,7 +10,7 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/revoke"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
@@ -35,20 +35,20 @@ func (s *Server) revoke(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, badRequest("unauthorized_client", "the token was not issued to this client"))
 		return
 	}
-	var res revoke.Result
+	var res store.Revocation
 	var family *tokens.Family
 	if c.Kind == tokens.Refresh {
 		family = &c.Family
-		res, err = revoke.Family(r.Context(), s.db, c.Family, revoke.ReasonClient)
+		res, err = store.RevokeFamily(r.Context(), s.db, c.Family, store.ReasonClient)
 	} else {
-		res, err = revoke.Token(r.Context(), s.db, events.DigestOf(text), c)
+		res, err = store.RevokeToken(r.Context(), s.db, events.DigestOf(text), c)
 	}
 	if err != nil {
 		s.writeError(w, fmt.Errorf("revoke %s: %w", c.Kind, err))
 		return
 	}
 	s.metrics.revoked.WithLabelValues(c.Kind.String()).Inc()
-	s.notify(res, family, revoke.ReasonClient)
+	s.notify(res, family, store.ReasonClient)
 	writeRevoked(w)
 }
 
@@ -80,12 +80,12 @@ func writeRevoked(w http.ResponseWriter) {
 // tells the other instances. Delivery to them is best effort (core NATS):
 // the revocation is already committed, and their positive answers expire
 // within the cache TTL in any case.
-func (s *Server) notify(res revoke.Result, family *tokens.Family, reason string) {
+func (s *Server) notify(res store.Revocation, family *tokens.Family, reason string) {
 	s.cache.invalidate(res.Digests)
 	if s.nc == nil {
 		return
 	}
-	n := revoke.Notice(res, reason)
+	n := store.Notice(res, reason)
 	n.Family = family
 	body, err := events.EncodeTokenRevoked(n)
 	if err == nil {

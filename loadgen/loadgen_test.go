@@ -17,11 +17,11 @@ import (
 	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/issuer"
 	"github.com/tokenpipe/tokenpipe/loadgen"
 	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/pgretry"
 	"github.com/tokenpipe/tokenpipe/recovery"
 )
 
@@ -160,12 +160,12 @@ func TestRunAgainstRealPipeline(t *testing.T) {
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		_ = persister.New(persister.Config{Pool: pc, Retry: pgretry.DefaultPolicy(), Topology: topo, Finish: 5 * time.Second, NakDelay: time.Second},
+		_ = persister.New(persister.Config{Pool: pc, Retry: store.DefaultRetryPolicy(), Topology: topo, Finish: 5 * time.Second, NakDelay: time.Second},
 			pool, js, log, persister.NewMetrics(reg)).Run(ctx)
 	}()
 	go func() {
 		defer wg.Done()
-		_ = recovery.New(recovery.Config{Pool: pc, Retry: pgretry.DefaultPolicy(), Topology: topo, Finish: 5 * time.Second, NakDelay: time.Second},
+		_ = recovery.New(recovery.Config{Pool: pc, Retry: store.DefaultRetryPolicy(), Topology: topo, Finish: 5 * time.Second, NakDelay: time.Second},
 			pool, js, log, recovery.NewMetrics(reg)).Run(ctx)
 	}()
 	defer wg.Wait()

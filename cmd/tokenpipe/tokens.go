@@ -17,7 +17,7 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/grants"
-	"github.com/tokenpipe/tokenpipe/revoke"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
@@ -165,11 +165,11 @@ func tokensRevoke(ctx context.Context, cfg *Common, client, user string, noStrea
 		return err
 	}
 	defer pool.Close()
-	revokeGrant := func(js jetstream.JetStream, stream string) (revoke.Result, error) {
+	revokeGrant := func(js jetstream.JetStream, stream string) (store.Revocation, error) {
 		if client == "" {
-			return grants.RevokeUser(ctx, pool, js, stream, user, revoke.ReasonAdmin)
+			return grants.RevokeUser(ctx, pool, js, stream, user, store.ReasonAdmin)
 		}
-		return grants.Revoke(ctx, pool, js, stream, client, user, revoke.ReasonAdmin)
+		return grants.Revoke(ctx, pool, js, stream, client, user, store.ReasonAdmin)
 	}
 	if noStream {
 		res, err := revokeGrant(nil, "")
@@ -190,7 +190,7 @@ func tokensRevoke(ctx context.Context, cfg *Common, client, user string, noStrea
 	}
 	// The revocation is committed; the notice only shortens how long
 	// issuers keep serving cached introspection answers.
-	n := revoke.Notice(res, revoke.ReasonAdmin)
+	n := store.Notice(res, store.ReasonAdmin)
 	n.ClientID, n.Subject = client, user
 	if body, err := events.EncodeTokenRevoked(n); err == nil {
 		err := nc.Publish(cfg.Topology().RevokedSubject(), body)
@@ -204,7 +204,7 @@ func tokensRevoke(ctx context.Context, cfg *Common, client, user string, noStrea
 	return reportRevoke(stdout, client, user, res)
 }
 
-func reportRevoke(stdout io.Writer, client, user string, res revoke.Result) error {
+func reportRevoke(stdout io.Writer, client, user string, res store.Revocation) error {
 	who := "every user"
 	if user != "" {
 		who = "user " + user

@@ -1,6 +1,23 @@
-// Revocation: the statements that record revocations and the fence that
-// orders them against every writer of token rows (see package revoke for the
-// three kinds and why the fence exists).
+// Revocations are recorded durably and win every race with the asynchronous
+// pipeline. There are three kinds:
+//   - Token: one access token. Its row is written REVOKED at once, and if
+//     the TokenIssued event is still queued the row is inserted from the
+//     token's own claims; the persister then finds the digest taken and
+//     leaves it alone, in whichever order the two writes land.
+//   - Family: one authorization and every token rotated from it (refresh
+//     token revocation, refresh token reuse). Recorded in revoked_families.
+//   - Grant: every token of a user for a client, or of all users of a
+//     client, whose event JetStream had accepted when the revocation began
+//     (a stream sequence watermark). Recorded in revoked_grants.
+//
+// Queued tokens of a revoked family or grant have no row to update, so every
+// writer of token rows (persister, recovery, replay, the sync issuer) asks
+// CoveredSQL whether a row it writes is revoked, and writes it REVOKED. The
+// check and the revocation would race (each could miss the other's
+// uncommitted write), so writers hold the revocation fence shared and family
+// and grant revocations hold it exclusively: a revocation waits for the
+// batches in flight and the next batches see it. Token revocations need no
+// fence: the primary key orders them against the row's insert.
 
 package store
 

@@ -36,7 +36,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzAdminHandler -fuzztime $(FUZZTIME) ./issuer/
 	$(GO) test -run '^$$' -fuzz FuzzRevokeHandler -fuzztime $(FUZZTIME) ./issuer/
 	$(GO) test -run '^$$' -fuzz FuzzIntrospectHandler -fuzztime $(FUZZTIME) ./issuer/
-	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $(FUZZTIME) ./tokens/
+	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime $(FUZZTIME) ./internal/tokens/
 
 vet:
 	$(GO) vet $(PKGS)

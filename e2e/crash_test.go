@@ -6,8 +6,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tokenpipe/tokenpipe/bench"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 )
 

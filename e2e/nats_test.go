@@ -12,8 +12,8 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/tokenpipe/tokenpipe/bench"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 )
 

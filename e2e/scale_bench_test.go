@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/tokenpipe/tokenpipe/bench"
+	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 )
 

@@ -1,6 +1,6 @@
 package issuer
 
-import "github.com/tokenpipe/tokenpipe/clients"
+import "github.com/tokenpipe/tokenpipe/internal/clients"
 
 // mayIntrospect reports whether client may learn about the token text: a
 // resource server (the client's introspect permission) about any token,

@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/tokens"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
 // introspection is an RFC 7662 answer.

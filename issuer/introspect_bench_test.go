@@ -21,14 +21,14 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/tokenpipe/tokenpipe/clients"
-	"github.com/tokenpipe/tokenpipe/consume"
+	"github.com/tokenpipe/tokenpipe/internal/clients"
+	"github.com/tokenpipe/tokenpipe/internal/consume"
 	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 	"github.com/tokenpipe/tokenpipe/issuer"
 	"github.com/tokenpipe/tokenpipe/persister"
 	"github.com/tokenpipe/tokenpipe/recovery"
-	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
 // The load BenchmarkIntrospectUnderLoad puts on the issuer.

@@ -25,12 +25,12 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/clients"
 	"github.com/tokenpipe/tokenpipe/internal/proxy"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 	"github.com/tokenpipe/tokenpipe/issuer"
-	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
 const userPassword = "correct horse"

@@ -8,8 +8,8 @@ import (
 	"net/http"
 	"net/netip"
 
-	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/clients"
 	"github.com/tokenpipe/tokenpipe/internal/throttle"
 )
 

@@ -9,8 +9,8 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/tokenpipe/tokenpipe/clients"
-	"github.com/tokenpipe/tokenpipe/grants"
+	"github.com/tokenpipe/tokenpipe/internal/clients"
+	"github.com/tokenpipe/tokenpipe/internal/grants"
 	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 

@@ -10,10 +10,10 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/clients"
 	"github.com/tokenpipe/tokenpipe/internal/store"
-	"github.com/tokenpipe/tokenpipe/tokens"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
 // refresh redeems a refresh token (RFC 6749 section 6) with rotation: the

@@ -8,10 +8,10 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/tokenpipe/tokenpipe/clients"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/clients"
 	"github.com/tokenpipe/tokenpipe/internal/store"
-	"github.com/tokenpipe/tokenpipe/tokens"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
 // revoke answers POST /oauth2/revoke (RFC 7009). Revoking an access token

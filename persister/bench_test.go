@@ -4,7 +4,7 @@ import (
 	"context"
 	"testing"
 
-	"github.com/tokenpipe/tokenpipe/bench"
+	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/persister"
 )

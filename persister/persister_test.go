@@ -12,7 +12,7 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
-	"github.com/tokenpipe/tokenpipe/replay/pipetest"
+	"github.com/tokenpipe/tokenpipe/internal/testenv/pipetest"
 )
 
 // pipeline is the shared in-process pipeline with short field names for

@@ -9,8 +9,8 @@ import (
 	"os"
 	"time"
 
-	"github.com/tokenpipe/tokenpipe/audit"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/audit"
 )
 
 const auditUsage = `[-digests FILE] [-coalesce-window D] [-window-bound N] [-client ID] [-since D]

@@ -14,8 +14,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/tokenpipe/tokenpipe/bench"
-	"github.com/tokenpipe/tokenpipe/schema"
+	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
+	"github.com/tokenpipe/tokenpipe/internal/schema"
 )
 
 const benchUsage = `drain|matrix [flags]

@@ -6,7 +6,7 @@ import (
 	"io"
 	"time"
 
-	"github.com/tokenpipe/tokenpipe/cleanup"
+	"github.com/tokenpipe/tokenpipe/internal/cleanup"
 )
 
 // CleanupConfig tunes the cleanup job, run by `tokenpipe cleanup` or on a

@@ -13,7 +13,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/tokenpipe/tokenpipe/ops"
+	"github.com/tokenpipe/tokenpipe/internal/ops"
 )
 
 // connMetrics counts reconnects so operators can see flapping links.

@@ -13,14 +13,14 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/tokenpipe/tokenpipe/audit"
-	"github.com/tokenpipe/tokenpipe/clients"
-	"github.com/tokenpipe/tokenpipe/demo"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/audit"
+	"github.com/tokenpipe/tokenpipe/internal/clients"
+	"github.com/tokenpipe/tokenpipe/internal/dev/demo"
+	"github.com/tokenpipe/tokenpipe/internal/schema"
 	"github.com/tokenpipe/tokenpipe/issuer"
 	"github.com/tokenpipe/tokenpipe/persister"
 	"github.com/tokenpipe/tokenpipe/recovery"
-	"github.com/tokenpipe/tokenpipe/schema"
 )
 
 const demoUsage = `[-requests N] [-races N] [-stay]

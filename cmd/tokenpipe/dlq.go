@@ -14,9 +14,9 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/tokenpipe/tokenpipe/dlq"
+	"github.com/tokenpipe/tokenpipe/internal/dlq"
+	"github.com/tokenpipe/tokenpipe/internal/replay"
 	"github.com/tokenpipe/tokenpipe/internal/store"
-	"github.com/tokenpipe/tokenpipe/replay"
 )
 
 const dlqUsage = `list|show|replay|purge ...

@@ -9,9 +9,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/tokenpipe/tokenpipe/audit"
-	"github.com/tokenpipe/tokenpipe/clients"
-	"github.com/tokenpipe/tokenpipe/loadgen"
+	"github.com/tokenpipe/tokenpipe/internal/audit"
+	"github.com/tokenpipe/tokenpipe/internal/clients"
+	"github.com/tokenpipe/tokenpipe/internal/dev/loadgen"
 )
 
 const loadUsage = `[flags]

@@ -15,11 +15,11 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/tokenpipe/tokenpipe/bench"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
+	"github.com/tokenpipe/tokenpipe/internal/dev/loadgen"
+	"github.com/tokenpipe/tokenpipe/internal/schema"
 	"github.com/tokenpipe/tokenpipe/issuer"
-	"github.com/tokenpipe/tokenpipe/loadgen"
-	"github.com/tokenpipe/tokenpipe/schema"
 )
 
 // matrixOpts sizes the scenario matrix.

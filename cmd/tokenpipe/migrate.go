@@ -9,7 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/tokenpipe/tokenpipe/schema"
+	"github.com/tokenpipe/tokenpipe/internal/schema"
 )
 
 // MigrateConfig needs only the database.

@@ -9,8 +9,8 @@ import (
 	"io"
 	"time"
 
+	"github.com/tokenpipe/tokenpipe/internal/replay"
 	"github.com/tokenpipe/tokenpipe/internal/store"
-	"github.com/tokenpipe/tokenpipe/replay"
 )
 
 const replayUsage = `--all | --from-seq N [--to-seq M] | --since T [--until T] [flags]

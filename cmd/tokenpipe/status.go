@@ -9,7 +9,7 @@ import (
 	"io"
 	"time"
 
-	"github.com/tokenpipe/tokenpipe/status"
+	"github.com/tokenpipe/tokenpipe/internal/status"
 )
 
 const statusUsage = `[--watch] [--json] [--no-rows]

@@ -16,9 +16,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/grants"
+	"github.com/tokenpipe/tokenpipe/internal/grants"
 	"github.com/tokenpipe/tokenpipe/internal/store"
-	"github.com/tokenpipe/tokenpipe/tokens"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
 const keygenUsage = `usage: tokenpipe keygen

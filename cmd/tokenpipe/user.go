@@ -9,7 +9,7 @@ import (
 	"os"
 	"strings"
 
-	"github.com/tokenpipe/tokenpipe/clients"
+	"github.com/tokenpipe/tokenpipe/internal/clients"
 )
 
 const userUsage = `add|remove ...

@@ -11,12 +11,12 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/tokenpipe/tokenpipe/cleanup"
-	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/cleanup"
+	"github.com/tokenpipe/tokenpipe/internal/consume"
+	"github.com/tokenpipe/tokenpipe/internal/ops"
 	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/stream"
-	"github.com/tokenpipe/tokenpipe/ops"
 	"github.com/tokenpipe/tokenpipe/persister"
 	"github.com/tokenpipe/tokenpipe/recovery"
 )

@@ -12,11 +12,11 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/replay"
 	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 	"github.com/tokenpipe/tokenpipe/recovery"
-	"github.com/tokenpipe/tokenpipe/replay"
-	"github.com/tokenpipe/tokenpipe/tokens"
 )
 
 // The conformance suite: every writer of token rows, fed the same sequence

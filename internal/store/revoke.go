@@ -28,7 +28,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/tokens"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
 // fenceID is an advisory lock id every tokenpipe process agrees on.

@@ -9,7 +9,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/tokens"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
 // Token returns a TokenIssued event with a random token digest for the key

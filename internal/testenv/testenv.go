@@ -20,7 +20,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/schema"
+	"github.com/tokenpipe/tokenpipe/internal/schema"
 )
 
 // AdminDatabaseURL is the server tests create their databases on. Override

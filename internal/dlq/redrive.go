@@ -9,7 +9,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/replay"
+	"github.com/tokenpipe/tokenpipe/internal/replay"
 )
 
 // Outcome is what Replay did with one dead letter.

@@ -11,7 +11,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/tokenpipe/tokenpipe/cleanup"
+	"github.com/tokenpipe/tokenpipe/internal/cleanup"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 )
 

@@ -5,8 +5,8 @@ import (
 	"crypto/rand"
 	"testing"
 
-	"github.com/tokenpipe/tokenpipe/clients"
-	"github.com/tokenpipe/tokenpipe/grants"
+	"github.com/tokenpipe/tokenpipe/internal/clients"
+	"github.com/tokenpipe/tokenpipe/internal/grants"
 	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 )

@@ -10,10 +10,10 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/tokenpipe/tokenpipe/internal/replay"
+	"github.com/tokenpipe/tokenpipe/internal/status"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
-	"github.com/tokenpipe/tokenpipe/replay"
-	"github.com/tokenpipe/tokenpipe/replay/pipetest"
-	"github.com/tokenpipe/tokenpipe/status"
+	"github.com/tokenpipe/tokenpipe/internal/testenv/pipetest"
 )
 
 func gather(t *testing.T, p *pipetest.Pipeline) (*status.Report, map[string]status.Consumer) {

@@ -7,8 +7,8 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/tokenpipe/tokenpipe/internal/schema"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
-	"github.com/tokenpipe/tokenpipe/schema"
 )
 
 // TestConcurrentUp: pods that migrate at once apply each migration exactly

@@ -12,12 +12,12 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/tokenpipe/tokenpipe/audit"
-	"github.com/tokenpipe/tokenpipe/bench"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/audit"
+	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
+	"github.com/tokenpipe/tokenpipe/internal/replay"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
-	"github.com/tokenpipe/tokenpipe/replay"
-	"github.com/tokenpipe/tokenpipe/replay/pipetest"
+	"github.com/tokenpipe/tokenpipe/internal/testenv/pipetest"
 )
 
 func runReplay(t *testing.T, p *pipetest.Pipeline, o replay.Options) *replay.Summary {

@@ -6,7 +6,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/tokenpipe/tokenpipe/clients"
+	"github.com/tokenpipe/tokenpipe/internal/clients"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 )
 

@@ -11,13 +11,13 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/tokenpipe/tokenpipe/bench"
-	"github.com/tokenpipe/tokenpipe/consume"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/consume"
+	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
+	"github.com/tokenpipe/tokenpipe/internal/replay"
 	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/replay"
 )
 
 // BenchmarkReplayVsDrain compares a replay of the whole stream into an empty

@@ -20,7 +20,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
-	"github.com/tokenpipe/tokenpipe/replay"
+	"github.com/tokenpipe/tokenpipe/internal/replay"
 )
 
 // Letter is one dead letter.

@@ -12,10 +12,10 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/tokenpipe/tokenpipe/dlq"
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/dlq"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
-	"github.com/tokenpipe/tokenpipe/replay/pipetest"
+	"github.com/tokenpipe/tokenpipe/internal/testenv/pipetest"
 )
 
 // publishDead puts a dead letter on the dead subject as the stream pool's dead-letter path

@@ -37,11 +37,6 @@ SELECT EXISTS (SELECT 1 FROM tokens WHERE refresh_digest = $1),
        (SELECT answered_at FROM refresh_rotations WHERE refresh_digest = $1),
        $4 = $3 OR EXISTS (SELECT 1 FROM users WHERE username = $4)`
 
-// accessLive reports whether an unexpired access token is live.
-func (s *Server) accessLive(ctx context.Context, d events.Digest, c tokens.Claims) (bool, error) {
-	live, _, err := s.accessStatus(ctx, d, c)
-	return live, err
-}
 
 // accessStatus reports whether an unexpired access token is live, and
 // whether that came from its row.

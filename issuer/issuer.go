@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"log/slog"
 	"mime"
 	"net"
@@ -20,7 +19,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -533,24 +531,6 @@ func sleep(ctx context.Context, d time.Duration) error {
 	case <-t.C:
 		return nil
 	}
-}
-
-// retryable reports a lost race: unique violation, serialization failure or
-// deadlock. A fresh transaction sees the winner and succeeds.
-func retryable(err error) bool {
-	var pe *pgconn.PgError
-	return errors.As(err, &pe) && (pe.Code == "23505" || pe.Code == "40001" || pe.Code == "40P01")
-}
-
-// keyLock maps a (client, subject, scope) key to an advisory lock id. Two
-// keys sharing an id merely queue behind each other.
-func keyLock(clientID, subject, scope string) int64 {
-	h := fnv.New64a()
-	for _, part := range []string{clientID, subject, scope} {
-		h.Write([]byte(part))
-		h.Write([]byte{0}) // no part contains NUL, so the key is unambiguous
-	}
-	return int64(h.Sum64())
 }
 
 // Serve runs the endpoint on addr until ctx is done; see ServeListener.

@@ -345,20 +345,9 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
 		}
 		return s.refresh(r.Context(), client, form)
 	case "password":
-		if !client.Allows(grant) {
-			return nil, badRequest("unauthorized_client", "this client may not use the password grant")
-		}
-		user, pass := form.Get("username"), form.Get("password")
-		if user == "" || pass == "" {
-			return nil, badRequest("invalid_request", "username and password are required")
-		}
-		if err := s.checkPassword(r, "token", user, pass); err != nil {
-			if errors.Is(err, clients.ErrInvalidGrant) {
-				return nil, badRequest("invalid_grant", "the resource owner credentials are invalid")
-			}
+		if subject, err = s.resourceOwner(r, client, form); err != nil {
 			return nil, err
 		}
-		subject = user
 	default:
 		return nil, badRequest("unsupported_grant_type", "supported grant types: client_credentials, password, refresh_token")
 	}
@@ -378,6 +367,25 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
 		return s.mintFresh(r.Context(), sp)
 	}
 	return s.mintCoalesced(r.Context(), rq)
+}
+
+// resourceOwner authenticates the resource owner of a password grant
+// (RFC 6749 4.3) and returns the user name.
+func (s *Server) resourceOwner(r *http.Request, client *clients.Client, form url.Values) (string, error) {
+	if !client.Allows("password") {
+		return "", badRequest("unauthorized_client", "this client may not use the password grant")
+	}
+	user, pass := form.Get("username"), form.Get("password")
+	if user == "" || pass == "" {
+		return "", badRequest("invalid_request", "username and password are required")
+	}
+	if err := s.checkPassword(r, "token", user, pass); err != nil {
+		if errors.Is(err, clients.ErrInvalidGrant) {
+			return "", badRequest("invalid_grant", "the resource owner credentials are invalid")
+		}
+		return "", err
+	}
+	return user, nil
 }
 
 // requestedScopes canonicalises the scope parameter and checks it against

@@ -186,6 +186,11 @@ func (s *Server) mintFresh(ctx context.Context, sp spec) (*tokenResponse, error)
 //
 // When a state cannot be read (Postgres unreachable), a token is minted at
 // random: a revoked token must never be handed out again.
+//
+// Over 60 lines on purpose: one loop over generations whose cases (shared,
+// superseded, moved on to the next window, next generation) restart or leave
+// it; split into steps, the loop state (window, gen, movedOn) would have to
+// travel between them and the order of the cases would be harder to follow.
 func (s *Server) mintCoalesced(ctx context.Context, rq request) (*tokenResponse, error) {
 	w := s.cfg.CoalesceWindow.Milliseconds()
 	window := s.now().UnixMilli() / w

@@ -67,15 +67,7 @@ func (s *Server) refresh(ctx context.Context, client *clients.Client, form url.V
 		return nil, err
 	}
 	if rot.reuse {
-		s.metrics.refreshReuse.Inc()
-		res, err := store.RevokeFamily(ctx, s.db, c.Family, store.ReasonReuse)
-		if err != nil {
-			return nil, fmt.Errorf("revoke family after reuse: %w", err)
-		}
-		s.notify(res, &c.Family, store.ReasonReuse)
-		s.log.Warn("refresh token reused after its grace window; family revoked",
-			"client_id", c.ClientID, "family", c.Family.String(), "rows_revoked", len(res.Digests))
-		return nil, badRequest("invalid_grant", "the refresh token was already used")
+		return nil, s.refuseReuse(ctx, c)
 	}
 	sp := spec{clientID: c.ClientID, subject: c.Subject, grant: "refresh_token", scopes: rot.scopes,
 		refresh: true, issuedAt: rot.at, family: c.Family, derived: true,
@@ -95,6 +87,20 @@ func (s *Server) refresh(ctx context.Context, client *clients.Client, form url.V
 		}
 	}
 	return resp, nil
+}
+
+// refuseReuse answers a redemption after the grace window: the token was
+// stolen or replayed, so its whole family is revoked.
+func (s *Server) refuseReuse(ctx context.Context, c tokens.Claims) error {
+	s.metrics.refreshReuse.Inc()
+	res, err := store.RevokeFamily(ctx, s.db, c.Family, store.ReasonReuse)
+	if err != nil {
+		return fmt.Errorf("revoke family after reuse: %w", err)
+	}
+	s.notify(res, &c.Family, store.ReasonReuse)
+	s.log.Warn("refresh token reused after its grace window; family revoked",
+		"client_id", c.ClientID, "family", c.Family.String(), "rows_revoked", len(res.Digests))
+	return badRequest("invalid_grant", "the refresh token was already used")
 }
 
 // refreshScopes is the scope the client asks for: the original one, or a

@@ -10,7 +10,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"log/slog"
 	"mime"
 	"net"
@@ -20,7 +19,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -347,20 +345,9 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
 		}
 		return s.refresh(r.Context(), client, form)
 	case "password":
-		if !client.Allows(grant) {
-			return nil, badRequest("unauthorized_client", "this client may not use the password grant")
-		}
-		user, pass := form.Get("username"), form.Get("password")
-		if user == "" || pass == "" {
-			return nil, badRequest("invalid_request", "username and password are required")
-		}
-		if err := s.checkPassword(r, "token", user, pass); err != nil {
-			if errors.Is(err, clients.ErrInvalidGrant) {
-				return nil, badRequest("invalid_grant", "the resource owner credentials are invalid")
-			}
+		if subject, err = s.resourceOwner(r, client, form); err != nil {
 			return nil, err
 		}
-		subject = user
 	default:
 		return nil, badRequest("unsupported_grant_type", "supported grant types: client_credentials, password, refresh_token")
 	}
@@ -380,6 +367,25 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
 		return s.mintFresh(r.Context(), sp)
 	}
 	return s.mintCoalesced(r.Context(), rq)
+}
+
+// resourceOwner authenticates the resource owner of a password grant
+// (RFC 6749 4.3) and returns the user name.
+func (s *Server) resourceOwner(r *http.Request, client *clients.Client, form url.Values) (string, error) {
+	if !client.Allows("password") {
+		return "", badRequest("unauthorized_client", "this client may not use the password grant")
+	}
+	user, pass := form.Get("username"), form.Get("password")
+	if user == "" || pass == "" {
+		return "", badRequest("invalid_request", "username and password are required")
+	}
+	if err := s.checkPassword(r, "token", user, pass); err != nil {
+		if errors.Is(err, clients.ErrInvalidGrant) {
+			return "", badRequest("invalid_grant", "the resource owner credentials are invalid")
+		}
+		return "", err
+	}
+	return user, nil
 }
 
 // requestedScopes canonicalises the scope parameter and checks it against
@@ -533,24 +539,6 @@ func sleep(ctx context.Context, d time.Duration) error {
 	case <-t.C:
 		return nil
 	}
-}
-
-// retryable reports a lost race: unique violation, serialization failure or
-// deadlock. A fresh transaction sees the winner and succeeds.
-func retryable(err error) bool {
-	var pe *pgconn.PgError
-	return errors.As(err, &pe) && (pe.Code == "23505" || pe.Code == "40001" || pe.Code == "40P01")
-}
-
-// keyLock maps a (client, subject, scope) key to an advisory lock id. Two
-// keys sharing an id merely queue behind each other.
-func keyLock(clientID, subject, scope string) int64 {
-	h := fnv.New64a()
-	for _, part := range []string{clientID, subject, scope} {
-		h.Write([]byte(part))
-		h.Write([]byte{0}) // no part contains NUL, so the key is unambiguous
-	}
-	return int64(h.Sum64())
 }
 
 // Serve runs the endpoint on addr until ctx is done; see ServeListener.

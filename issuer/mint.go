@@ -9,7 +9,6 @@ import (
 	mathrand "math/rand/v2"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
@@ -187,6 +186,11 @@ func (s *Server) mintFresh(ctx context.Context, sp spec) (*tokenResponse, error)
 //
 // When a state cannot be read (Postgres unreachable), a token is minted at
 // random: a revoked token must never be handed out again.
+//
+// Over 60 lines on purpose: one loop over generations whose cases (shared,
+// superseded, moved on to the next window, next generation) restart or leave
+// it; split into steps, the loop state (window, gen, movedOn) would have to
+// travel between them and the order of the cases would be harder to follow.
 func (s *Server) mintCoalesced(ctx context.Context, rq request) (*tokenResponse, error) {
 	w := s.cfg.CoalesceWindow.Milliseconds()
 	window := s.now().UnixMilli() / w
@@ -373,66 +377,18 @@ func (s *Server) publish(ctx context.Context, ev *events.TokenIssued) (*jetstrea
 	return nil, errUnavailable
 }
 
-// persistSync writes the row in the request: deactivate the key's ACTIVE row
-// and insert the new one in one transaction (WSO2's synchronous mode). It
-// reports seen when the row already existed (a derived token minted by an
-// earlier request); then nothing changes.
-//
-// Requests for the same key first queue on a transaction-scoped advisory
-// lock: without it, N racing requests all fail the unique index but one,
-// retry, and race again, so under contention some run out of retries. The
-// retry remains for writers that do not take the lock (the persister in a
-// mixed deployment) and for deadlocks and serialization failures.
+// persistSync writes the row in the request (store.WriteSync), retrying a
+// lost race with jitter. It reports seen when the row already existed (a
+// derived token minted by an earlier request); then nothing changes.
 func (s *Server) persistSync(ctx context.Context, ev *events.TokenIssued) (seen bool, err error) {
-	var refresh, family []byte
-	if ev.RefreshDigest != nil {
-		refresh = ev.RefreshDigest[:]
-	}
-	if ev.FamilyID != nil {
-		family = ev.FamilyID[:]
-	}
-	scope := ev.Scope()
-	lock := keyLock(ev.ClientID, ev.Subject, scope)
 	var last error
 	for attempt := 0; ; attempt++ {
-		err := pgx.BeginFunc(ctx, s.db, func(tx pgx.Tx) error {
-			if err := store.LockShared(ctx, tx); err != nil {
-				return err
-			}
-			b := &pgx.Batch{}
-			b.Queue(`SELECT pg_advisory_xact_lock($1)`, lock)
-			b.Queue(`UPDATE tokens SET state = 'INACTIVE', state_changed_at = now()
-				WHERE client_id = $1 AND subject = $2 AND scope = $3 AND state = 'ACTIVE'
-				  AND NOT EXISTS (SELECT 1 FROM tokens WHERE token_digest = $4)`,
-				ev.ClientID, ev.Subject, scope, ev.TokenDigest[:])
-			b.Queue(`INSERT INTO tokens (token_digest, refresh_digest, client_id, subject, scope, state,
-				grant_type, issued_at, expires_at, persisted_at, stream_seq, instance, family_id, refresh_expires_at)
-				VALUES ($1, $2, $3, $4, $5,
-				        CASE WHEN `+store.CoveredSQL("$10::bytea", "$3", "$4", "NULL::bigint")+` THEN 'REVOKED' ELSE 'ACTIVE' END,
-				        $6, $7, $8, now(), NULL, $9, $10, $11)
-				ON CONFLICT (token_digest) DO NOTHING`,
-				ev.TokenDigest[:], refresh, ev.ClientID, ev.Subject, scope, ev.GrantType, ev.IssuedAt, ev.ExpiresAt,
-				ev.Instance, family, ev.RefreshExpiresAt)
-			// One round trip for the three statements.
-			br := tx.SendBatch(ctx, b)
-			defer br.Close()
-			for range 2 {
-				if _, err := br.Exec(); err != nil {
-					return err
-				}
-			}
-			tag, err := br.Exec()
-			if err != nil {
-				return err
-			}
-			seen = tag.RowsAffected() == 0
-			return nil
-		})
+		seen, err := store.WriteSync(ctx, s.db, ev)
 		if err == nil {
 			return seen, nil
 		}
 		last = err
-		if !retryable(err) || attempt >= s.cfg.SyncConflictRetries {
+		if !store.LostRace(err) || attempt >= s.cfg.SyncConflictRetries {
 			break
 		}
 		s.metrics.syncRetries.Inc()

@@ -2,13 +2,10 @@ package issuer
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/url"
 	"slices"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/clients"
@@ -22,7 +19,7 @@ import (
 // passed.
 //
 // A refresh token has exactly one successor pair. The first redemption
-// records its time and scope in refresh_rotations; every redemption derives
+// records its time and scope (store.RecordRotation); every redemption derives
 // the pair from the presented refresh token (which only its holder knows),
 // that time and that scope under the signing key, so every instance computes
 // the same pair and JetStream's deduplication keeps one event for it. The
@@ -70,15 +67,7 @@ func (s *Server) refresh(ctx context.Context, client *clients.Client, form url.V
 		return nil, err
 	}
 	if rot.reuse {
-		s.metrics.refreshReuse.Inc()
-		res, err := store.RevokeFamily(ctx, s.db, c.Family, store.ReasonReuse)
-		if err != nil {
-			return nil, fmt.Errorf("revoke family after reuse: %w", err)
-		}
-		s.notify(res, &c.Family, store.ReasonReuse)
-		s.log.Warn("refresh token reused after its grace window; family revoked",
-			"client_id", c.ClientID, "family", c.Family.String(), "rows_revoked", len(res.Digests))
-		return nil, badRequest("invalid_grant", "the refresh token was already used")
+		return nil, s.refuseReuse(ctx, c)
 	}
 	sp := spec{clientID: c.ClientID, subject: c.Subject, grant: "refresh_token", scopes: rot.scopes,
 		refresh: true, issuedAt: rot.at, family: c.Family, derived: true,
@@ -93,12 +82,25 @@ func (s *Server) refresh(ctx context.Context, client *clients.Client, form url.V
 	if !rot.answered {
 		// If this fails the rotation is not counted as a use: a later
 		// redemption gets the same pair instead of being refused.
-		if _, err := s.db.Exec(ctx, `UPDATE refresh_rotations SET answered_at = clock_timestamp()
-			WHERE refresh_digest = $1 AND answered_at IS NULL`, d[:]); err != nil {
+		if err := store.MarkRotationAnswered(ctx, s.db, d); err != nil {
 			s.log.Warn("could not record a refresh rotation as answered", "err", err, "family", c.Family.String())
 		}
 	}
 	return resp, nil
+}
+
+// refuseReuse answers a redemption after the grace window: the token was
+// stolen or replayed, so its whole family is revoked.
+func (s *Server) refuseReuse(ctx context.Context, c tokens.Claims) error {
+	s.metrics.refreshReuse.Inc()
+	res, err := store.RevokeFamily(ctx, s.db, c.Family, store.ReasonReuse)
+	if err != nil {
+		return fmt.Errorf("revoke family after reuse: %w", err)
+	}
+	s.notify(res, &c.Family, store.ReasonReuse)
+	s.log.Warn("refresh token reused after its grace window; family revoked",
+		"client_id", c.ClientID, "family", c.Family.String(), "rows_revoked", len(res.Digests))
+	return badRequest("invalid_grant", "the refresh token was already used")
 }
 
 // refreshScopes is the scope the client asks for: the original one, or a
@@ -141,24 +143,20 @@ type rotation struct {
 // redemption to commit, and only a later statement's snapshot can see it.
 func (s *Server) rotate(ctx context.Context, d events.Digest, c tokens.Claims, scopes []string) (rotation, error) {
 	rot := rotation{scopes: scopes}
-	err := s.db.QueryRow(ctx, `INSERT INTO refresh_rotations (refresh_digest, rotated_at, expires_at, scope)
-		VALUES ($1, date_trunc('milliseconds', clock_timestamp()), $2, $3)
-		ON CONFLICT DO NOTHING RETURNING rotated_at`, d[:], c.ExpiresAt, events.JoinScopes(scopes)).Scan(&rot.at)
-	if err == nil {
-		rot.at = rot.at.UTC()
-		return rot, nil
-	}
-	if !errors.Is(err, pgx.ErrNoRows) {
+	at, first, err := store.RecordRotation(ctx, s.db, d, c.ExpiresAt, events.JoinScopes(scopes))
+	if err != nil {
 		return rot, fmt.Errorf("record refresh rotation: %w", err)
 	}
-	var scope *string
-	err = s.db.QueryRow(ctx, `SELECT rotated_at, scope, answered_at IS NOT NULL,
-			coalesce(clock_timestamp() - answered_at > $2, false)
-		FROM refresh_rotations WHERE refresh_digest = $1`, d[:], s.cfg.RefreshGrace).Scan(&rot.at, &scope, &rot.answered, &rot.reuse)
+	if first {
+		rot.at = at
+		return rot, nil
+	}
+	rec, err := store.ReadRotation(ctx, s.db, d, s.cfg.RefreshGrace)
 	if err != nil {
 		return rot, fmt.Errorf("read refresh rotation: %w", err)
 	}
-	rot.at = rot.at.UTC()
+	rot.at, rot.answered, rot.reuse = rec.At, rec.Answered, rec.Reuse
+	scope := rec.Scope
 	// Rows from before the scope was recorded derived the pair from the
 	// requested scope, as this redemption then does.
 	if scope != nil {

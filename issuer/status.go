@@ -3,55 +3,28 @@ package issuer
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
-
-// A token's row, once written, says whether it is live: every writer applies
-// revocations on the way in and every revocation updates the rows it finds.
-// Before the row exists (the event is queued) the token is live unless its
-// family was revoked, or a grant revocation of its client and user happened
-// after it could have been issued (see maxClockSkew).
-const accessStatusSQL = `
-SELECT (SELECT state FROM tokens WHERE token_digest = $1),
-       EXISTS (SELECT 1 FROM revoked_families WHERE family_id = $2),
-       EXISTS (SELECT 1 FROM revoked_grants
-               WHERE client_id = $3 AND subject IN ($4, '') AND revoked_at >= $5)`
-
-// A refresh token does not die with its access token's row: an access token
-// expires, is superseded or revoked alone (RFC 7009 lets the refresh token
-// live on). It dies with its family, which every family or grant revocation
-// records, or, while its row is queued, with a recent grant revocation. It
-// also dies with its user.
-const refreshStatusSQL = `
-SELECT EXISTS (SELECT 1 FROM tokens WHERE refresh_digest = $1),
-       EXISTS (SELECT 1 FROM revoked_families WHERE family_id = $2),
-       EXISTS (SELECT 1 FROM revoked_grants
-               WHERE client_id = $3 AND subject IN ($4, '') AND revoked_at >= $5),
-       (SELECT answered_at FROM refresh_rotations WHERE refresh_digest = $1),
-       $4 = $3 OR EXISTS (SELECT 1 FROM users WHERE username = $4)`
 
 
 // accessStatus reports whether an unexpired access token is live, and
 // whether that came from its row.
 func (s *Server) accessStatus(ctx context.Context, d events.Digest, c tokens.Claims) (live, hasRow bool, err error) {
-	var state *string
-	var familyRevoked, grantRevoked bool
-	err = s.db.QueryRow(ctx, accessStatusSQL, d[:], c.Family[:], c.ClientID, c.Subject, c.IssuedAt.Add(-maxClockSkew)).
-		Scan(&state, &familyRevoked, &grantRevoked)
+	// Before the row exists a grant revocation counts from the earliest
+	// time the token could have been issued (see maxClockSkew).
+	st, err := store.ReadAccessStatus(ctx, s.db, d, c, c.IssuedAt.Add(-maxClockSkew))
 	if err != nil {
 		return false, false, fmt.Errorf("access token status: %w", err)
 	}
-	if state != nil {
-		return *state == "ACTIVE", true, nil
+	if st.State != nil {
+		return *st.State == "ACTIVE", true, nil
 	}
-	return !familyRevoked && !grantRevoked, false, nil
+	return !st.FamilyRevoked && !st.GrantRevoked, false, nil
 }
 
 // refreshStatus is what the database says of a refresh token.
@@ -62,15 +35,17 @@ type refreshStatus struct {
 }
 
 func (s *Server) refreshState(ctx context.Context, d events.Digest, c tokens.Claims) (refreshStatus, error) {
-	var hasRow, familyRevoked, grantRevoked bool
-	var st refreshStatus
-	err := s.db.QueryRow(ctx, refreshStatusSQL, d[:], c.Family[:], c.ClientID, c.Subject, c.IssuedAt.Add(-maxClockSkew)).
-		Scan(&hasRow, &familyRevoked, &grantRevoked, &st.answeredAt, &st.userExists)
+	// A refresh token dies with its family; while its row is queued, also
+	// with a recent grant revocation (see store.ReadRefreshStatus).
+	row, err := store.ReadRefreshStatus(ctx, s.db, d, c, c.IssuedAt.Add(-maxClockSkew))
 	if err != nil {
-		return st, fmt.Errorf("refresh token status: %w", err)
+		return refreshStatus{}, fmt.Errorf("refresh token status: %w", err)
 	}
-	st.revoked = familyRevoked || (!hasRow && grantRevoked)
-	return st, nil
+	return refreshStatus{
+		revoked:    row.FamilyRevoked || (!row.HasRow && row.GrantRevoked),
+		answeredAt: row.AnsweredAt,
+		userExists: row.UserExists,
+	}, nil
 }
 
 // recorded is what a request that derived an already recorded token needs to
@@ -83,78 +58,49 @@ const (
 	stateDead                       // revoked, expired, or (coalesced) its refresh token already used
 )
 
-// recordedStatusSQL reads a recorded token's fate. Unlike accessStatusSQL it
-// knows the event's stream sequence, so a grant revocation covers the queued
-// token exactly as the persister will decide (up_to_seq >= seq); without a
-// sequence (sync mode: the row exists) it falls back to the issue time.
-const recordedStatusSQL = `
-SELECT (SELECT state FROM tokens WHERE token_digest = $1),
-       EXISTS (SELECT 1 FROM revoked_families WHERE family_id = $2),
-       EXISTS (SELECT 1 FROM revoked_grants
-               WHERE client_id = $3 AND subject IN ($4, '')
-                 AND CASE WHEN $5::bigint > 0 THEN up_to_seq >= $5::bigint ELSE revoked_at >= $6 END),
-       EXISTS (SELECT 1 FROM refresh_rotations WHERE refresh_digest = $7)`
-
 // recordedState reports what became of a token recorded before. With
 // refreshUsed, a token whose refresh token was already redeemed counts as
 // dead: sharing it would hand a used refresh token to a new client.
 func (s *Server) recordedState(ctx context.Context, m *minted, seq uint64, refreshUsed bool) (recorded, error) {
-	var state *string
-	var familyRevoked, grantRevoked, rotated bool
 	var refresh []byte
 	if m.refresh != "" {
 		d := events.DigestOf(m.refresh)
 		refresh = d[:]
 	}
-	err := s.db.QueryRow(ctx, recordedStatusSQL, m.event.TokenDigest[:], m.access.Family[:], m.access.ClientID,
-		m.access.Subject, int64(seq), m.access.IssuedAt.Add(-maxClockSkew), refresh).
-		Scan(&state, &familyRevoked, &grantRevoked, &rotated)
+	st, err := store.ReadRecordedStatus(ctx, s.db, m.event.TokenDigest, m.access, seq, m.access.IssuedAt.Add(-maxClockSkew), refresh)
 	if err != nil {
 		return stateDead, fmt.Errorf("recorded token status: %w", err)
 	}
 	switch {
-	case familyRevoked, state == nil && grantRevoked, refreshUsed && rotated:
+	case st.FamilyRevoked, st.State == nil && st.GrantRevoked, refreshUsed && st.Rotated:
 		return stateDead, nil
-	case state == nil, *state == "ACTIVE":
+	case st.State == nil, *st.State == "ACTIVE":
 		return stateLive, nil
-	case *state == "INACTIVE":
+	case *st.State == "INACTIVE":
 		return stateSuperseded, nil
 	}
 	return stateDead, nil
 }
 
-// activeOfKeySQL reads a key's ACTIVE row and whether it may be shared.
-const activeOfKeySQL = `
-SELECT t.token_digest, t.family_id, t.issued_at, t.grant_type, t.refresh_digest IS NOT NULL,
-       EXISTS (SELECT 1 FROM revoked_families rf WHERE rf.family_id = t.family_id),
-       EXISTS (SELECT 1 FROM refresh_rotations rr WHERE rr.refresh_digest = t.refresh_digest)
-FROM tokens t
-WHERE t.client_id = $1 AND t.subject = $2 AND t.scope = $3 AND t.state = 'ACTIVE'`
-
 // shareActive returns the key's ACTIVE token when it is a coalesced token of
 // the same request, so it can be derived again (its text is stored nowhere);
 // nil when there is none or it is not ours to hand out.
 func (s *Server) shareActive(ctx context.Context, rq request, now time.Time) (*minted, error) {
-	var digest, family []byte
-	var issuedAt time.Time
-	var grant string
-	var hasRefresh, familyRevoked, rotated bool
-	err := s.db.QueryRow(ctx, activeOfKeySQL, rq.clientID, rq.subject, events.JoinScopes(rq.scopes)).
-		Scan(&digest, &family, &issuedAt, &grant, &hasRefresh, &familyRevoked, &rotated)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return nil, nil
-	}
+	row, err := store.ReadActiveOfKey(ctx, s.db, store.Key{ClientID: rq.clientID, Subject: rq.subject, Scope: events.JoinScopes(rq.scopes)})
 	if err != nil {
 		return nil, fmt.Errorf("read the key's active token: %w", err)
 	}
+	if row == nil {
+		return nil, nil
+	}
 	w := s.cfg.CoalesceWindow.Milliseconds()
-	ms := issuedAt.UnixMilli()
-	if grant != rq.grant || hasRefresh != rq.refresh || familyRevoked || rotated || len(family) != len(tokens.Family{}) || w <= 0 || ms%w != 0 {
+	ms := row.IssuedAt.UnixMilli()
+	if row.GrantType != rq.grant || row.HasRefresh != rq.refresh || row.FamilyRevoked || row.Rotated || len(row.Family) != len(tokens.Family{}) || w <= 0 || ms%w != 0 {
 		return nil, nil
 	}
 	for gen := range maxGenerations {
 		sp := s.coalescedSpec(rq, ms/w, gen)
-		if !bytes.Equal(sp.family[:], family) {
+		if !bytes.Equal(sp.family[:], row.Family) {
 			continue
 		}
 		m, err := s.build(sp, now)
@@ -162,7 +108,7 @@ func (s *Server) shareActive(ctx context.Context, rq request, now time.Time) (*m
 			return nil, err
 		}
 		// Another signing key (a rotation in progress) derives another text.
-		if !bytes.Equal(m.event.TokenDigest[:], digest) || m.access.Expired(now) {
+		if !bytes.Equal(m.event.TokenDigest[:], row.Digest) || m.access.Expired(now) {
 			return nil, nil
 		}
 		return m, nil

@@ -34,28 +34,10 @@ func newPipeline(t *testing.T) *pipeline {
 func (p *pipeline) start(t *testing.T, workers int) { p.Start(t, workers) }
 
 // states returns token digest -> state for every row.
-func (p *pipeline) states(t *testing.T) map[events.Digest]string {
-	t.Helper()
-	rows, err := p.pool.Query(context.Background(), "SELECT token_digest, state FROM tokens")
-	testenv.Must(t, err, "query states")
-	defer rows.Close()
-	out := map[events.Digest]string{}
-	for rows.Next() {
-		var d []byte
-		var s string
-		testenv.Must(t, rows.Scan(&d, &s), "scan")
-		out[events.Digest(d)] = s
-	}
-	testenv.Must(t, rows.Err(), "rows")
-	return out
-}
+func (p *pipeline) states(t *testing.T) map[events.Digest]string { return p.States(t) }
 
-func (p *pipeline) count(t *testing.T, sql string, args ...any) int {
-	t.Helper()
-	var n int
-	testenv.Must(t, p.pool.QueryRow(context.Background(), sql, args...).Scan(&n), sql)
-	return n
-}
+// count runs a query returning one integer.
+func (p *pipeline) count(t *testing.T, sql string, args ...any) int { return p.Count(t, sql, args...) }
 
 // drained waits until both durable consumers have nothing pending.
 func (p *pipeline) drained(t *testing.T) { p.Drained(t) }

@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 
 // Report lists every violation found. The zero Report is clean.
@@ -100,47 +101,28 @@ func Check(ctx context.Context, pool *pgxpool.Pool, digests []events.Digest, str
 	const chunk = 10000
 	for lo := 0; lo < len(digests); lo += chunk {
 		part := digests[lo:min(lo+chunk, len(digests))]
-		raw := make([][]byte, len(part))
-		for i := range part {
-			raw[i] = part[i][:]
-		}
-		rows, err := pool.Query(ctx, `
-			SELECT d.digest, count(t.token_digest)
-			FROM unnest($1::bytea[]) AS d(digest)
-			LEFT JOIN tokens t ON t.token_digest = d.digest
-			GROUP BY d.digest HAVING count(t.token_digest) <> 1`, raw)
+		counts, err := store.RowCounts(ctx, pool, part)
 		if err != nil {
 			return nil, fmt.Errorf("audit rows per token: %w", err)
 		}
-		for rows.Next() {
-			var d []byte
-			var n int
-			if err := rows.Scan(&d, &n); err != nil {
-				return nil, err
+		// In digest order (the statement has none).
+		for _, d := range part {
+			n, odd := counts[d]
+			switch {
+			case !odd:
+			case n == 0:
+				r.Missing = append(r.Missing, d)
+			default:
+				r.Duplicated = append(r.Duplicated, d)
 			}
-			if n == 0 {
-				r.Missing = append(r.Missing, events.Digest(d))
-			} else {
-				r.Duplicated = append(r.Duplicated, events.Digest(d))
-			}
-		}
-		if err := rows.Err(); err != nil {
-			return nil, fmt.Errorf("audit rows per token: %w", err)
 		}
 	}
 	var err error
-	if r.DoubleActive, err = keys(ctx, pool, `
-		SELECT client_id, subject, scope FROM tokens WHERE state = 'ACTIVE'
-		GROUP BY 1, 2, 3 HAVING count(*) > 1`); err != nil {
-		return nil, err
+	if r.DoubleActive, err = store.DoubleActiveKeys(ctx, pool); err != nil {
+		return nil, fmt.Errorf("audit keys: %w", err)
 	}
-	if r.ActiveNotNewest, err = keys(ctx, pool, `
-		SELECT a.client_id, a.subject, a.scope FROM tokens a
-		WHERE a.state = 'ACTIVE' AND a.stream_seq IS NOT NULL AND EXISTS (
-			SELECT 1 FROM tokens n
-			WHERE n.client_id = a.client_id AND n.subject = a.subject AND n.scope = a.scope
-			  AND n.stream_seq > a.stream_seq)`); err != nil {
-		return nil, err
+	if r.ActiveNotNewest, err = store.ActiveNotNewestKeys(ctx, pool); err != nil {
+		return nil, fmt.Errorf("audit keys: %w", err)
 	}
 	if stream != nil {
 		for _, name := range consumers {
@@ -156,21 +138,4 @@ func Check(ctx context.Context, pool *pgxpool.Pool, digests []events.Digest, str
 		}
 	}
 	return r, nil
-}
-
-func keys(ctx context.Context, pool *pgxpool.Pool, sql string) ([]string, error) {
-	rows, err := pool.Query(ctx, sql)
-	if err != nil {
-		return nil, fmt.Errorf("audit keys: %w", err)
-	}
-	defer rows.Close()
-	var out []string
-	for rows.Next() {
-		var c, s, sc string
-		if err := rows.Scan(&c, &s, &sc); err != nil {
-			return nil, err
-		}
-		out = append(out, c+"/"+s+"/"+sc)
-	}
-	return out, rows.Err()
 }

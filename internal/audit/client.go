@@ -3,16 +3,15 @@ package audit
 import (
 	"cmp"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"slices"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 
 // The row invariants (one row per token, one ACTIVE per key) can hold while
@@ -139,11 +138,7 @@ func deadSample(ds []DeadHandout) string {
 }
 
 // RowState is what a token's row says of its liveness.
-type RowState struct {
-	Digest         events.Digest
-	State          string
-	StateChangedAt time.Time
-}
+type RowState = store.RowState
 
 // HandedOutDead returns the tokens whose row is not ACTIVE and changed state
 // more than margin before the last request that received them was sent,
@@ -216,24 +211,8 @@ func MaxPerWindow(issues []Issue, window time.Duration, bound int) (WindowCount,
 	return best, over
 }
 
-// windowSQL groups token rows by key and window of issued_at, with the same
-// cut as WindowStart. Refresh-grant rows are left out: coalescing does not
-// apply to them, and sequential refreshes rightly mint one token each.
-const windowSQL = `
-WITH c AS (
-	SELECT client_id, subject, scope,
-	       floor(extract(epoch FROM issued_at) * 1000 / $1::bigint)::bigint AS w,
-	       count(*) AS n
-	FROM tokens
-	WHERE grant_type <> 'refresh_token'
-	  AND ($2::text = '' OR client_id = $2)
-	  AND issued_at >= $3
-	GROUP BY 1, 2, 3, 4
-)
-SELECT client_id, subject, scope, w * $1::bigint, n, count(*) FILTER (WHERE n > $4) OVER ()
-FROM c
-ORDER BY n DESC, w, client_id COLLATE "C", subject COLLATE "C", scope COLLATE "C"
-LIMIT 1`
+// The table's key-windows (store.BusiestWindow) use the same cut as
+// WindowStart.
 
 // WindowMax returns the key-window with the most token rows and how many
 // key-windows exceed o.Bound, from the table.
@@ -248,20 +227,16 @@ func WindowMax(ctx context.Context, pool *pgxpool.Pool, o ClientOptions) (Window
 	if since.IsZero() {
 		since = time.Unix(0, 0)
 	}
-	var c WindowCount
-	var client, subject, scope string
-	var startMs int64
-	var over int
-	err := pool.QueryRow(ctx, windowSQL, o.Window.Milliseconds(), o.ClientID, since, o.Bound).
-		Scan(&client, &subject, &scope, &startMs, &c.Tokens, &over)
+	kw, ok, err := store.BusiestWindow(ctx, pool, o.Window.Milliseconds(), o.ClientID, since, o.Bound)
 	if err != nil {
-		if errors.Is(err, pgx.ErrNoRows) {
-			return WindowCount{}, 0, nil
-		}
 		return WindowCount{}, 0, fmt.Errorf("audit tokens per window: %w", err)
 	}
-	c.Key, c.Window = client+"/"+subject+"/"+scope, time.UnixMilli(startMs).UTC()
-	return c, over, nil
+	if !ok {
+		return WindowCount{}, 0, nil
+	}
+	k := kw.Key
+	c := WindowCount{Key: k.ClientID + "/" + k.Subject + "/" + k.Scope, Window: time.UnixMilli(kw.StartMs).UTC(), Tokens: kw.Tokens}
+	return c, kw.Over, nil
 }
 
 // RowStates reads the state of the given tokens' rows.
@@ -270,27 +245,11 @@ func RowStates(ctx context.Context, pool *pgxpool.Pool, digests []events.Digest)
 	const chunk = 10000
 	for lo := 0; lo < len(digests); lo += chunk {
 		part := digests[lo:min(lo+chunk, len(digests))]
-		raw := make([][]byte, len(part))
-		for i := range part {
-			raw[i] = part[i][:]
-		}
-		rows, err := pool.Query(ctx, `SELECT token_digest, state, state_changed_at FROM tokens WHERE token_digest = ANY($1::bytea[])`, raw)
+		states, err := store.RowStates(ctx, pool, part)
 		if err != nil {
 			return nil, fmt.Errorf("audit token states: %w", err)
 		}
-		for rows.Next() {
-			var d []byte
-			var r RowState
-			if err := rows.Scan(&d, &r.State, &r.StateChangedAt); err != nil {
-				rows.Close()
-				return nil, fmt.Errorf("audit token states: %w", err)
-			}
-			r.Digest = events.Digest(d)
-			out = append(out, r)
-		}
-		if err := rows.Err(); err != nil {
-			return nil, fmt.Errorf("audit token states: %w", err)
-		}
+		out = append(out, states...)
 	}
 	return out, nil
 }

@@ -66,9 +66,9 @@ func (c Config) withDefaults() Config {
 // Stats counts what a pass deleted.
 type Stats struct {
 	Tokens          int64 // rows deleted from tokens
-	Rotations       int64 // rows deleted from refresh_rotations
-	RevokedFamilies int64 // rows deleted from revoked_families
-	RevokedGrants   int64 // rows deleted from revoked_grants
+	Rotations       int64 // refresh rotations deleted
+	RevokedFamilies int64 // family revocations deleted
+	RevokedGrants   int64 // grant revocations deleted
 	Batches         int   // delete statements run
 }
 

@@ -6,12 +6,8 @@ package grants
 
 import (
 	"context"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"slices"
-	"strings"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -21,43 +17,12 @@ import (
 )
 
 // Application is a client holding live tokens for a user.
-type Application struct {
-	ClientID         string     `json:"client_id"`
-	Scopes           []string   `json:"scopes"`
-	IssuedAt         time.Time  `json:"issued_at"`  // newest live token
-	ExpiresAt        time.Time  `json:"expires_at"` // latest access token expiry
-	RefreshExpiresAt *time.Time `json:"refresh_expires_at,omitempty"`
-	Tokens           int        `json:"tokens"`
-}
+type Application = store.Application
 
 // Applications lists the clients with an ACTIVE token of subject whose access
-// or refresh token is unexpired. Tokens still queued are not listed yet.
-// A client's own tokens (client_credentials, whose subject is the client id)
-// are never a user's application, even if a user shares the client's name.
+// or refresh token is unexpired (see store.Applications).
 func Applications(ctx context.Context, db *pgxpool.Pool, subject string) ([]Application, error) {
-	rows, err := db.Query(ctx, `
-		SELECT client_id, array_agg(DISTINCT scope), max(issued_at), max(expires_at), max(refresh_expires_at), count(*)
-		FROM tokens
-		WHERE subject = $1 AND state = 'ACTIVE' AND coalesce(refresh_expires_at, expires_at) > now()
-		  AND subject <> client_id AND grant_type <> 'client_credentials'
-		GROUP BY client_id ORDER BY client_id`, subject)
-	if err != nil {
-		return nil, fmt.Errorf("list applications: %w", err)
-	}
-	apps, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Application, error) {
-		var a Application
-		var scopes []string
-		err := r.Scan(&a.ClientID, &scopes, &a.IssuedAt, &a.ExpiresAt, &a.RefreshExpiresAt, &a.Tokens)
-		for _, s := range scopes {
-			a.Scopes = append(a.Scopes, strings.Fields(s)...)
-		}
-		slices.Sort(a.Scopes)
-		a.Scopes = slices.Compact(a.Scopes)
-		if a.Scopes == nil {
-			a.Scopes = []string{}
-		}
-		return a, err
-	})
+	apps, err := store.Applications(ctx, db, subject)
 	if err != nil {
 		return nil, fmt.Errorf("list applications: %w", err)
 	}
@@ -65,44 +30,14 @@ func Applications(ctx context.Context, db *pgxpool.Pool, subject string) ([]Appl
 }
 
 // Token is one stored token, without its plaintext.
-type Token struct {
-	ID               string     `json:"id"` // first 16 hex digits of the digest
-	Subject          string     `json:"sub"`
-	Scope            string     `json:"scope"`
-	State            string     `json:"state"`
-	GrantType        string     `json:"grant_type"`
-	IssuedAt         time.Time  `json:"issued_at"`
-	ExpiresAt        time.Time  `json:"expires_at"`
-	RefreshExpiresAt *time.Time `json:"refresh_expires_at,omitempty"`
-}
+type Token = store.TokenInfo
 
 // Filter narrows ClientTokens.
-type Filter struct {
-	Subject string // "" for every subject
-	State   string // "" for every state
-	Limit   int    // at most this many, newest first; 0 means 100
-}
+type Filter = store.TokenFilter
 
 // ClientTokens lists a client's stored tokens, newest first.
 func ClientTokens(ctx context.Context, db *pgxpool.Pool, client string, f Filter) ([]Token, error) {
-	if f.Limit <= 0 {
-		f.Limit = 100
-	}
-	rows, err := db.Query(ctx, `
-		SELECT token_digest, subject, scope, state, grant_type, issued_at, expires_at, refresh_expires_at
-		FROM tokens
-		WHERE client_id = $1 AND ($2 = '' OR subject = $2) AND ($3 = '' OR state = $3)
-		ORDER BY issued_at DESC LIMIT $4`, client, f.Subject, f.State, f.Limit)
-	if err != nil {
-		return nil, fmt.Errorf("list tokens of %s: %w", client, err)
-	}
-	toks, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Token, error) {
-		var t Token
-		var d []byte
-		err := r.Scan(&d, &t.Subject, &t.Scope, &t.State, &t.GrantType, &t.IssuedAt, &t.ExpiresAt, &t.RefreshExpiresAt)
-		t.ID = hex.EncodeToString(d[:min(8, len(d))])
-		return t, err
-	})
+	toks, err := store.ClientTokens(ctx, db, client, f)
 	if err != nil {
 		return nil, fmt.Errorf("list tokens of %s: %w", client, err)
 	}
@@ -188,13 +123,11 @@ func RevokeApplication(ctx context.Context, db *pgxpool.Pool, js jetstream.JetSt
 // RevokeKnown is Revoke for the management API: it writes a revocation only
 // for a client that exists or of which the subject (any subject, when "")
 // has stored tokens, so requests naming made-up clients cannot fill
-// revoked_grants. An existing client is enough, although the subject may
+// the grant revocations. An existing client is enough, although the subject may
 // hold no row of it: its tokens may still be queued, and refusing would
 // leave them working.
 func RevokeKnown(ctx context.Context, db *pgxpool.Pool, js jetstream.JetStream, stream, client, subject, reason string) (store.Revocation, error) {
-	var known bool
-	err := db.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM clients WHERE client_id = $1)
-		OR EXISTS (SELECT 1 FROM tokens WHERE client_id = $1 AND ($2 = '' OR subject = $2))`, client, subject).Scan(&known)
+	known, err := store.KnownApplication(ctx, db, client, subject)
 	if err != nil {
 		return store.Revocation{}, fmt.Errorf("look up application %s: %w", client, err)
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 
 // DB is what status reads rows with: a pool or a connection.
@@ -164,25 +165,14 @@ func oldestUnacked(ctx context.Context, stream jetstream.Stream, c Consumer, top
 var states = []string{"ACTIVE", "INACTIVE", "REVOKED", "EXPIRED"}
 
 func rowsByState(ctx context.Context, db DB) (map[string]int64, error) {
-	rows, err := db.Query(ctx, `SELECT state, count(*) FROM tokens GROUP BY state`)
+	out, err := store.RowsByState(ctx, db)
 	if err != nil {
 		return nil, fmt.Errorf("count rows by state: %w", err)
 	}
-	defer rows.Close()
-	out := map[string]int64{}
 	for _, s := range states {
-		out[s] = 0
-	}
-	for rows.Next() {
-		var s string
-		var n int64
-		if err := rows.Scan(&s, &n); err != nil {
-			return nil, fmt.Errorf("count rows by state: %w", err)
+		if _, ok := out[s]; !ok {
+			out[s] = 0
 		}
-		out[s] = n
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("count rows by state: %w", err)
 	}
 	return out, nil
 }

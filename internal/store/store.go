@@ -5,8 +5,11 @@
 // A schema change touches this package and the migrations, nothing else.
 //
 // Files by concern: write.go (the persister's batch write), conflict.go
-// (recovery's reads and writes), revoke.go (revocations and their fence),
-// cleanup.go (expiry deletes), retry.go (error classification and retries).
+// (recovery's reads and writes), sync.go (the issuer's sync-mode write),
+// issuerread.go (the issuer's status reads and refresh rotations), revoke.go
+// (revocations and their fence), cleanup.go (expiry deletes), report.go
+// (operator reads: grants, audit, status), retry.go (error classification
+// and retries).
 package store
 
 import (
@@ -71,14 +74,10 @@ func ExistingDigests(ctx context.Context, tx pgx.Tx, digests [][]byte) (map[even
 
 // LookupDigests returns which of the digests already have a row. It only reads.
 func LookupDigests(ctx context.Context, db Beginner, digests []events.Digest) (map[events.Digest]bool, error) {
-	raw := make([][]byte, len(digests))
-	for i := range digests {
-		raw[i] = digests[i][:]
-	}
 	var out map[events.Digest]bool
 	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
 		var err error
-		out, err = ExistingDigests(ctx, tx, raw)
+		out, err = ExistingDigests(ctx, tx, rawDigests(digests))
 		return err
 	})
 	return out, err

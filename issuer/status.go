@@ -11,7 +11,6 @@ import (
 	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
-
 // accessStatus reports whether an unexpired access token is live, and
 // whether that came from its row.
 func (s *Server) accessStatus(ctx context.Context, d events.Digest, c tokens.Claims) (live, hasRow bool, err error) {

@@ -106,3 +106,30 @@ func TestRefreshNotHandedOutUnrecorded(t *testing.T) {
 		t.Fatalf("redemption after the answered retry's grace window = %d %v, want invalid_grant", a.status, a.body)
 	}
 }
+
+// TestRefreshTokenDiesWithItsUsersName: a refresh token issued to a user
+// who was removed stays dead when someone of the same name is added later
+// (the name is free again once removed); a password reset of an existing
+// user (the same row) leaves it alone.
+func TestRefreshTokenDiesWithItsUsersName(t *testing.T) {
+	t.Parallel()
+	e, _ := lifecycleEnv(t, nil)
+	ctx := context.Background()
+	reset := e.password(t, e.srv.URL).body["refresh_token"].(string)
+	testenv.Must(t, clients.AddUser(ctx, e.pool, "alice", userPassword, 4), "reset password")
+	if a := e.refreshWith(t, e.srv.URL, reset); a.status != 200 {
+		t.Fatalf("refresh after a password reset = %d %v, want 200", a.status, a.body)
+	}
+	old := e.password(t, e.srv.URL).body["refresh_token"].(string)
+	testenv.Must(t, clients.RemoveUser(ctx, e.pool, "alice"), "remove user")
+	testenv.Must(t, clients.AddUser(ctx, e.pool, "alice", "another person's password", 4), "add user again")
+	// As if the name was taken again ten minutes later.
+	_, err := e.pool.Exec(ctx, `UPDATE users SET created_at = created_at + interval '10 minutes' WHERE username = 'alice'`)
+	testenv.Must(t, err, "age the user")
+	if a := e.refreshWith(t, e.srv.URL, old); a.status != 400 || a.body["error"] != "invalid_grant" {
+		t.Fatalf("refresh of the removed user's token after the name was added again = %d %v, want invalid_grant", a.status, a.body)
+	}
+	if a := e.introspectAs(t, "app", e.secret, old); a.body["active"] != false {
+		t.Fatalf("the removed user's refresh token introspects as %v", a.body)
+	}
+}

@@ -28,14 +28,16 @@ SELECT (SELECT state FROM tokens WHERE token_digest = $1),
 // expires, is superseded or revoked alone (RFC 7009 lets the refresh token
 // live on). It dies with its family, which every family or grant revocation
 // records, or, while its row is queued, with a recent grant revocation. It
-// also dies with its user.
+// also dies with its user, and stays dead when a user of the same name is
+// added later: the user must have existed when the token was issued ($6 is
+// the issue time plus the margins by which it can read early).
 const refreshStatusSQL = `
 SELECT EXISTS (SELECT 1 FROM tokens WHERE refresh_digest = $1),
        EXISTS (SELECT 1 FROM revoked_families WHERE family_id = $2),
        EXISTS (SELECT 1 FROM revoked_grants
                WHERE client_id = $3 AND subject IN ($4, '') AND revoked_at >= $5),
        (SELECT answered_at FROM refresh_rotations WHERE refresh_digest = $1),
-       $4 = $3 OR EXISTS (SELECT 1 FROM users WHERE username = $4)`
+       $4 = $3 OR EXISTS (SELECT 1 FROM users WHERE username = $4 AND created_at <= $6)`
 
 // accessLive reports whether an unexpired access token is live.
 func (s *Server) accessLive(ctx context.Context, d events.Digest, c tokens.Claims) (bool, error) {
@@ -69,7 +71,10 @@ type refreshStatus struct {
 func (s *Server) refreshState(ctx context.Context, d events.Digest, c tokens.Claims) (refreshStatus, error) {
 	var hasRow, familyRevoked, grantRevoked bool
 	var st refreshStatus
-	err := s.db.QueryRow(ctx, refreshStatusSQL, d[:], c.Family[:], c.ClientID, c.Subject, c.IssuedAt.Add(-maxClockSkew)).
+	// A coalesced token's issue time is its window's start, and issuer
+	// clocks may trail the database's.
+	userBefore := c.IssuedAt.Add(maxClockSkew + s.cfg.CoalesceWindow)
+	err := s.db.QueryRow(ctx, refreshStatusSQL, d[:], c.Family[:], c.ClientID, c.Subject, c.IssuedAt.Add(-maxClockSkew), userBefore).
 		Scan(&hasRow, &familyRevoked, &grantRevoked, &st.answeredAt, &st.userExists)
 	if err != nil {
 		return st, fmt.Errorf("refresh token status: %w", err)

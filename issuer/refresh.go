@@ -80,10 +80,16 @@ func (s *Server) refresh(ctx context.Context, client *clients.Client, form url.V
 		return nil, err
 	}
 	if !rot.answered {
-		// If this fails the rotation is not counted as a use: a later
-		// redemption gets the same pair instead of being refused.
-		if err := store.MarkRotationAnswered(ctx, s.db, d); err != nil {
-			s.log.Warn("could not record a refresh rotation as answered", "err", err, "family", c.Family.String())
+		// The pair is handed out only once its use is recorded: a pair
+		// handed out unrecorded would let the old refresh token be redeemed
+		// again at any time without counting as reuse. The client's going
+		// away must not stop the update either (a half-closed connection
+		// still reads the answer). On failure the answer is 503 and a retry
+		// gets the same pair.
+		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.PublishTimeout)
+		defer cancel()
+		if err := store.MarkRotationAnswered(uctx, s.db, d); err != nil {
+			return nil, fmt.Errorf("record refresh rotation of family %s as answered: %w", c.Family, err)
 		}
 	}
 	return resp, nil

@@ -35,8 +35,11 @@ type refreshStatus struct {
 
 func (s *Server) refreshState(ctx context.Context, d events.Digest, c tokens.Claims) (refreshStatus, error) {
 	// A refresh token dies with its family; while its row is queued, also
-	// with a recent grant revocation (see store.ReadRefreshStatus).
-	row, err := store.ReadRefreshStatus(ctx, s.db, d, c, c.IssuedAt.Add(-maxClockSkew))
+	// with a recent grant revocation (see store.ReadRefreshStatus). Its user
+	// must have existed when it was issued: a coalesced token's issue time
+	// is its window's start, and issuer clocks may trail the database's.
+	userBefore := c.IssuedAt.Add(maxClockSkew + s.cfg.CoalesceWindow)
+	row, err := store.ReadRefreshStatus(ctx, s.db, d, c, c.IssuedAt.Add(-maxClockSkew), userBefore)
 	if err != nil {
 		return refreshStatus{}, fmt.Errorf("refresh token status: %w", err)
 	}

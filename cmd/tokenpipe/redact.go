@@ -4,11 +4,13 @@ import "regexp"
 
 // The secrets a connection string can hold, for redactURL.
 var (
-	// scheme://user:PASSWORD@ in a URL, or in each URL of a list; the
-	// password may hold spaces when the URL is malformed.
-	urlPassword = regexp.MustCompile(`(://[^:/?#@\s,]*:)[^@/]*@`)
-	// nats://TOKEN@: NATS takes a lone user part as a token.
-	natsToken = regexp.MustCompile(`((?:nats|tls|ws|wss)://)[^:/?#@\s,]+@`)
+	// scheme://user:PASSWORD@ in a URL, or in each URL of a list. When the
+	// URL is malformed the password may hold spaces, or unencoded '/' (a
+	// base64 password) and '@' (the last '@' before the host ends it).
+	urlPassword = regexp.MustCompile(`(://[^:/?#@\s,]*:)(?:[^@/]*|[^@\s]*)@(?:[^@/\s,]*@)*`)
+	// nats://TOKEN@: NATS takes a lone user part as a token; it too may
+	// hold an unencoded '/'.
+	natsToken = regexp.MustCompile(`((?:nats|tls|ws|wss)://)[^:?#@\s,]+@`)
 	// ?password=... or &sslpassword=... in a URL's query.
 	queryPassword = regexp.MustCompile(`(?i)([?&](?:ssl)?password=)[^&#\s]*`)
 	// password=... in a key=value connection string, quoted or not.

@@ -18,6 +18,8 @@ func TestStartupErrorHidesNATSPassword(t *testing.T) {
 		"nats://S3cretToken@127.0.0.1:1",
 		"nats://svc:S3c%20ret@127.0.0.1:1",
 		"nats://svc:S3c ret@127.0.0.1:1", // not even a valid URL
+		"nats://svc:S3c/ret@127.0.0.1:1", // a base64 password, unencoded
+		"nats://svc:S3c@ret@127.0.0.1:1",
 	} {
 		t.Run(u, func(t *testing.T) {
 			t.Setenv("TOKENPIPE_NATS_URL", u)
@@ -32,7 +34,7 @@ func TestStartupErrorHidesNATSPassword(t *testing.T) {
 			if !strings.Contains(out, "NATS") {
 				t.Fatalf("the error does not mention NATS:\n%s", out)
 			}
-			for _, secret := range []string{"S3cret", "S3c ret", "S3c%20ret"} {
+			for _, secret := range []string{"S3cret", "S3c ret", "S3c%20ret", "S3c/ret", "S3c@ret", "ret@"} {
 				if strings.Contains(out, secret) {
 					t.Fatalf("the output holds the password:\n%s", out)
 				}
@@ -55,6 +57,11 @@ func TestRedactURL(t *testing.T) {
 		"host=db user=u password='S3 c\\'ret' dbname=x":           "host=db user=u password=xxxxx dbname=x",
 		"host=db user=u PASSWORD = S3cret sslpassword=k dbname=x": "host=db user=u PASSWORD = xxxxx sslpassword=xxxxx dbname=x",
 		"https://user:pw@proxy.example/":                          "https://user:xxxxx@proxy.example/",
+		"nats://svc:ab/c+d=@host:4222":                            "nats://svc:xxxxx@host:4222",
+		"nats://ab/cd+ef@host:4222":                               "nats://xxxxx@host:4222",
+		"postgres://u:p@ss@db:5432/x":                             "postgres://u:xxxxx@db:5432/x",
+		"nats://a:p/1@h1:4222,nats://b:p@2@h2:4222":               "nats://a:xxxxx@h1:4222,nats://b:xxxxx@h2:4222",
+		"connect to nats://host:4222: no servers":                 "connect to nats://host:4222: no servers",
 	} {
 		if got := redactURL(in); got != want {
 			t.Errorf("redactURL(%q) = %q, want %q", in, got, want)

@@ -61,7 +61,7 @@ SELECT EXISTS (SELECT 1 FROM tokens WHERE refresh_digest = $1),
        EXISTS (SELECT 1 FROM revoked_grants
                WHERE client_id = $3 AND subject IN ($4, '') AND revoked_at >= $5),
        (SELECT answered_at FROM refresh_rotations WHERE refresh_digest = $1),
-       $4 = $3 OR EXISTS (SELECT 1 FROM users WHERE username = $4)`
+       $4 = $3 OR EXISTS (SELECT 1 FROM users WHERE username = $4 AND created_at <= $6)`
 
 // RefreshStatus is what the database says of a refresh token.
 type RefreshStatus struct {
@@ -72,10 +72,12 @@ type RefreshStatus struct {
 	UserExists    bool       // the resource owner (or, for a client's own token, the client)
 }
 
-// ReadRefreshStatus reads what decides whether a refresh token is live.
-func ReadRefreshStatus(ctx context.Context, db Querier, d events.Digest, c tokens.Claims, grantSince time.Time) (RefreshStatus, error) {
+// ReadRefreshStatus reads what decides whether a refresh token is live. The
+// user must exist and have been created no later than userBefore, so a
+// removed user's tokens stay dead when the name is given to someone new.
+func ReadRefreshStatus(ctx context.Context, db Querier, d events.Digest, c tokens.Claims, grantSince, userBefore time.Time) (RefreshStatus, error) {
 	var st RefreshStatus
-	err := db.QueryRow(ctx, refreshStatusSQL, d[:], c.Family[:], c.ClientID, c.Subject, grantSince).
+	err := db.QueryRow(ctx, refreshStatusSQL, d[:], c.Family[:], c.ClientID, c.Subject, grantSince, userBefore).
 		Scan(&st.HasRow, &st.FamilyRevoked, &st.GrantRevoked, &st.AnsweredAt, &st.UserExists)
 	return st, err
 }

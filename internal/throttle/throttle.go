@@ -9,8 +9,9 @@
 // of their usual place at all.
 //
 // The state is in memory, per process, and bounded: at most MaxEntries keys
-// are tracked and the least recently used is dropped first, so random user
-// names or addresses cannot grow it. With several issuers behind a load
+// are tracked and the least recently used is dropped first (entries holding
+// only tries in flight before those holding failures), so random user names
+// or addresses cannot grow it, nor cheaply flush what failures built up. With several issuers behind a load
 // balancer each counts for itself: an attacker gets up to that many times
 // the tries.
 package throttle
@@ -115,6 +116,7 @@ type entry struct {
 	lastFail time.Time // failures are forgotten Memory after this
 	locked   time.Time // no try before this
 	known    time.Time // (user, source) only: signed in from here; exempt until this
+	costly   bool      // in Limiter.costly, not Limiter.lru
 }
 
 // Limiter decides whether a sign-in may be tried. It is safe for concurrent
@@ -124,12 +126,19 @@ type Limiter struct {
 
 	mu      sync.Mutex
 	entries map[key]*list.Element // of *entry
-	lru     *list.List            // most recently used first
+	// Two recency lists, most recently used first: lru for entries that
+	// hold only tries in flight, costly for those holding a failure, a
+	// back-off or a known source. A full limiter drops from lru first:
+	// tries in flight cost an attacker nothing when they end unjudged (no
+	// hashing slot), and must not push out what failed tries, each a hash,
+	// built up.
+	lru    *list.List
+	costly *list.List
 }
 
 // New returns a Limiter.
 func New(cfg Config) *Limiter {
-	return &Limiter{cfg: cfg.withDefaults(), entries: map[key]*list.Element{}, lru: list.New()}
+	return &Limiter{cfg: cfg.withDefaults(), entries: map[key]*list.Element{}, lru: list.New(), costly: list.New()}
 }
 
 // Refusal says a try was refused, by which limit, and when to come back.
@@ -222,6 +231,7 @@ func (a *Attempt) Failed() {
 			if over := e.failures - a.limits[i]; over >= 0 {
 				e.locked = now.Add(l.backoff(over))
 			}
+			l.settle(e, now)
 		}
 	})
 }
@@ -235,8 +245,10 @@ func (a *Attempt) Succeeded() {
 		pair := l.getOrAdd(a.keys[0], now)
 		pair.failures, pair.lastFail, pair.locked = 0, time.Time{}, time.Time{}
 		pair.known = now.Add(l.cfg.KnownFor)
+		l.settle(pair, now)
 		if e := l.get(key{kind: kindUser, user: a.keys[0].user}, now); e != nil {
 			e.failures, e.lastFail, e.locked = 0, time.Time{}, time.Time{}
+			l.settle(e, now)
 			l.dropIfIdle(e, now)
 		}
 	})
@@ -291,9 +303,40 @@ func (l *Limiter) idle(e *entry, now time.Time) bool {
 
 func (l *Limiter) dropIfIdle(e *entry, now time.Time) {
 	if el, ok := l.entries[e.key]; ok && el.Value == e && l.idle(e, now) {
-		l.lru.Remove(el)
-		delete(l.entries, e.key)
+		l.remove(el)
 	}
+}
+
+// holds reports an entry worth more than the tries it has in flight.
+func (l *Limiter) holds(e *entry, now time.Time) bool {
+	return now.Before(e.locked) || now.Before(e.known) ||
+		(e.failures > 0 && now.Sub(e.lastFail) < l.cfg.Memory)
+}
+
+func (l *Limiter) listOf(e *entry) *list.List {
+	if e.costly {
+		return l.costly
+	}
+	return l.lru
+}
+
+// settle moves a tracked entry to the front of the list its state calls
+// for. l.mu must be held.
+func (l *Limiter) settle(e *entry, now time.Time) {
+	el, ok := l.entries[e.key]
+	if !ok || el.Value != e {
+		return // evicted meanwhile
+	}
+	l.listOf(e).Remove(el)
+	e.costly = l.holds(e, now)
+	l.entries[e.key] = l.listOf(e).PushFront(e)
+}
+
+// remove forgets a tracked entry. l.mu must be held.
+func (l *Limiter) remove(el *list.Element) {
+	e := el.Value.(*entry)
+	l.listOf(e).Remove(el)
+	delete(l.entries, e.key)
 }
 
 // get returns k's entry, marked as just used, or nil if there is none (or
@@ -305,11 +348,10 @@ func (l *Limiter) get(k key, now time.Time) *entry {
 	}
 	e := el.Value.(*entry)
 	if l.idle(e, now) {
-		l.lru.Remove(el)
-		delete(l.entries, k)
+		l.remove(el)
 		return nil
 	}
-	l.lru.MoveToFront(el)
+	l.listOf(e).MoveToFront(el)
 	return e
 }
 
@@ -321,16 +363,17 @@ func (l *Limiter) getOrAdd(k key, now time.Time) *entry {
 	}
 	// Forgotten entries at the back go as new ones come, so a quiet limiter
 	// shrinks again without a sweeper goroutine.
-	for range 2 {
-		if oldest := l.lru.Back(); oldest != nil && l.idle(oldest.Value.(*entry), now) {
-			l.lru.Remove(oldest)
-			delete(l.entries, oldest.Value.(*entry).key)
+	for _, ls := range []*list.List{l.lru, l.costly} {
+		if oldest := ls.Back(); oldest != nil && l.idle(oldest.Value.(*entry), now) {
+			l.remove(oldest)
 		}
 	}
 	if len(l.entries) >= l.cfg.MaxEntries {
 		oldest := l.lru.Back()
-		l.lru.Remove(oldest)
-		delete(l.entries, oldest.Value.(*entry).key)
+		if oldest == nil {
+			oldest = l.costly.Back()
+		}
+		l.remove(oldest)
 	}
 	e := &entry{key: k}
 	l.entries[k] = l.lru.PushFront(e)

@@ -269,3 +269,30 @@ func TestPoolDoRunsOnALowerPriorityThread(t *testing.T) {
 	}()
 	_ = p.Do(context.Background(), func() { panic("boom") })
 }
+
+// TestInFlightTriesDoNotEvictFailures: tries that are only in flight (waiting
+// for a hashing slot, then abandoned when none frees) cost an attacker no
+// hashing. A flood of them from fresh names must not push out the failures
+// and back-off held against a user, or the throttle resets for free.
+func TestInFlightTriesDoNotEvictFailures(t *testing.T) {
+	c := newClock()
+	l := testLimiter(c, Config{MaxEntries: 50})
+	fail(t, l, "alice", "attacker", DefaultPerUserSource)
+	refused(t, l, "alice", "attacker")
+	// Failures of others, tracked after alice's: however many there are,
+	// tries in flight go first.
+	for i := range 20 {
+		fail(t, l, fmt.Sprintf("other%d", i), "elsewhere", 1)
+	}
+	var held []*Attempt
+	for i := range 200 {
+		held = append(held, allowed(t, l, fmt.Sprintf("random%d", i), fmt.Sprintf("10.0.%d.%d", i/256, i%256)))
+		if n := l.Len(); n > 50 {
+			t.Fatalf("tracked %d keys, limit 50", n)
+		}
+	}
+	for _, a := range held {
+		a.Abandon()
+	}
+	refused(t, l, "alice", "attacker")
+}

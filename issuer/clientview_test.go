@@ -114,32 +114,34 @@ func TestRevokedCoalescedTokenIsReplacedOnce(t *testing.T) {
 	}
 }
 
-// TestCoalescedRequestAfterARefresh: a refresh supersedes the window's
-// password-grant token; the identical password requests that follow in the
-// same window get one new token between them, before and after it is
-// persisted.
-func TestCoalescedRequestAfterARefresh(t *testing.T) {
+// TestCoalescedRequestAfterAForeignToken: a token that coalescing cannot
+// derive again (here from an instance with coalescing off; in production
+// also a sync-mode or fallback token) supersedes the window's token; the
+// identical requests that follow in the same window get one new token
+// between them, before and after it is persisted.
+func TestCoalescedRequestAfterAForeignToken(t *testing.T) {
 	t.Parallel()
-	e, p := lifecycleEnv(t, func(c *issuer.Config) { c.CoalesceWindow = time.Minute })
+	var cfg issuer.Config
+	e, p := lifecycleEnv(t, func(c *issuer.Config) { c.CoalesceWindow = time.Minute; cfg = *c })
 	withClock(e)
-	first := e.password(t, e.srv.URL)
-	if a := e.refreshWith(t, e.srv.URL, first.body["refresh_token"].(string)); a.status != 200 {
-		t.Fatalf("refresh = %d %v", a.status, a.body)
-	}
+	first := e.post(t, ccRead, basic("app", e.secret)).token(t)
+	cfg.CoalesceWindow = -1
+	random := e.second(t, cfg)
+	foreign := e.to(t, random.URL, "/oauth2/token", ccRead, basic("app", e.secret)).token(t)
 	p.Start(t, 1)
 	p.Drained(t)
-	if s := e.state(t, first.token(t)); s != "INACTIVE" {
-		t.Fatalf("the password token is %s after the refresh, want INACTIVE", s)
+	if s := e.state(t, first); s != "INACTIVE" {
+		t.Fatalf("the window's token is %s after a newer one, want INACTIVE", s)
 	}
-	again := e.password(t, e.srv.URL).token(t)
-	if again == first.token(t) {
-		t.Fatal("a superseded token was handed out again")
+	again := e.post(t, ccRead, basic("app", e.secret)).token(t)
+	if again == first || again == foreign {
+		t.Fatal("a superseded token or another instance's token was handed out")
 	}
-	if s := e.password(t, e.srv.URL).token(t); s != again {
+	if s := e.post(t, ccRead, basic("app", e.secret)).token(t); s != again {
 		t.Fatal("the next identical request got yet another token (queued)")
 	}
 	p.Drained(t)
-	if s := e.password(t, e.srv.URL).token(t); s != again {
+	if s := e.post(t, ccRead, basic("app", e.secret)).token(t); s != again {
 		t.Fatal("the next identical request got yet another token (persisted)")
 	}
 	if s := e.state(t, again); s != "ACTIVE" {
@@ -359,4 +361,29 @@ func TestIdenticalRequestsConvergeUnderLoad(t *testing.T) {
 func hostOf(base string) string {
 	u, _ := url.Parse(base)
 	return u.Host
+}
+
+// TestSignInsNeverShareARefreshToken: a refresh token has one holder, so two
+// sign-ins in the same coalescing window (two devices) get separate
+// families. Sharing one would make the second device's first refresh look
+// like reuse once the first device rotated, and revoke both.
+func TestSignInsNeverShareARefreshToken(t *testing.T) {
+	t.Parallel()
+	e, _ := lifecycleEnv(t, func(c *issuer.Config) { c.CoalesceWindow = time.Minute; c.RefreshGrace = 200 * time.Millisecond })
+	withClock(e)
+	phone, tablet := e.password(t, e.srv.URL), e.password(t, e.srv.URL)
+	if phone.body["refresh_token"] == tablet.body["refresh_token"] {
+		t.Fatal("two sign-ins got the same refresh token")
+	}
+	rotated := e.refreshWith(t, e.srv.URL, phone.body["refresh_token"].(string))
+	if rotated.status != 200 {
+		t.Fatalf("phone's refresh = %d %v", rotated.status, rotated.body)
+	}
+	time.Sleep(400 * time.Millisecond) // past the phone's grace window
+	if a := e.refreshWith(t, e.srv.URL, tablet.body["refresh_token"].(string)); a.status != 200 {
+		t.Fatalf("tablet's first refresh = %d %v, want 200", a.status, a.body)
+	}
+	if a := e.refreshWith(t, e.srv.URL, rotated.body["refresh_token"].(string)); a.status != 200 {
+		t.Fatalf("phone's next refresh after the tablet's = %d %v, want 200", a.status, a.body)
+	}
 }

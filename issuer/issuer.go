@@ -359,7 +359,11 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
 	// client_credentials), and only to clients allowed to redeem them.
 	withRefresh := grant == "password" && client.Allows("refresh_token")
 	rq := request{clientID: client.ID, subject: subject, grant: grant, scopes: scopes, refresh: withRefresh}
-	if s.cfg.CoalesceWindow <= 0 {
+	// A refresh token has one holder: two sign-ins sharing one (two
+	// devices in one window) would make the second's first refresh look like
+	// reuse once the first rotated, and revoke both. Sign-ins are rare and
+	// bounded by the password checks, so minting each afresh costs little.
+	if s.cfg.CoalesceWindow <= 0 || withRefresh {
 		sp, err := randomSpec(rq, time.Now())
 		if err != nil {
 			return nil, err

@@ -292,7 +292,13 @@ func (s *Server) token(w http.ResponseWriter, r *http.Request) {
 func (s *Server) writeError(w http.ResponseWriter, err error) {
 	var oe *oauthError
 	if !errors.As(err, &oe) {
-		s.log.Error("request failed", "err", err)
+		// A client that went away is no server error: logging those at
+		// error level would let any client flood the log.
+		if errors.Is(err, context.Canceled) {
+			s.log.Debug("request abandoned by the client", "err", err)
+		} else {
+			s.log.Error("request failed", "err", err)
+		}
 		oe = errUnavailable
 	}
 	switch {

@@ -1,6 +1,8 @@
-package main
+package cli
 
 import (
+	"github.com/tokenpipe/tokenpipe/internal/app"
+
 	"context"
 	"fmt"
 	"io"
@@ -72,9 +74,9 @@ func ratio(a, b *figure) *figure {
 
 // runMatrix measures every scenario runs times and prints (and optionally
 // writes into BENCHMARKS.md) the table.
-func runMatrix(ctx context.Context, cfg *Common, o matrixOpts, stdout, stderr io.Writer) error {
-	log := newLogger(cfg, io.Discard)
-	nc, js, err := connectNATS(cfg, "tokenpipe-bench", log, nil)
+func runMatrix(ctx context.Context, cfg *app.Common, o matrixOpts, stdout, stderr io.Writer) error {
+	log := app.NewLogger(cfg, io.Discard)
+	nc, js, err := app.ConnectNATS(cfg, "tokenpipe-bench", log, nil)
 	if err != nil {
 		return err
 	}
@@ -237,7 +239,7 @@ func writeSection(path, body string) error {
 
 // withScratch gives f an empty migrated database and a fresh stream, and
 // removes both afterwards.
-func withScratch(ctx context.Context, cfg *Common, js jetstream.JetStream, f func(*pgxpool.Pool, events.Topology) error) error {
+func withScratch(ctx context.Context, cfg *app.Common, js jetstream.JetStream, f func(*pgxpool.Pool, events.Topology) error) error {
 	url, drop, err := scratchDatabase(ctx, cfg.DatabaseURL)
 	if err != nil {
 		return err
@@ -257,7 +259,7 @@ func withScratch(ctx context.Context, cfg *Common, js jetstream.JetStream, f fun
 		return err
 	}
 	topo := cfg.Topology()
-	id := randomID()
+	id := app.RandomID()
 	topo.Stream, topo.Prefix = "TPBENCH_"+strings.ToUpper(id), "tpbench."+id
 	topo.MaxPending = 50000
 	if _, err := events.Provision(ctx, js, topo); err != nil {
@@ -271,7 +273,7 @@ func withScratch(ctx context.Context, cfg *Common, js jetstream.JetStream, f fun
 	return f(pool, topo)
 }
 
-func serverVersions(ctx context.Context, cfg *Common, nc *nats.Conn) string {
+func serverVersions(ctx context.Context, cfg *app.Common, nc *nats.Conn) string {
 	pg := "Postgres ?"
 	if conn, err := pgx.Connect(ctx, cfg.DatabaseURL); err == nil {
 		var v string

@@ -104,6 +104,13 @@ type validator interface{ validate() error }
 // (and the flags) and returns ErrHelp. On a bad value it returns one line
 // naming the variable.
 func LoadConfig(name string, args []string, stderr io.Writer, cfg any, positional string, fs ...*flag.FlagSet) ([]string, error) {
+	return LoadConfigWith(name, args, stderr, cfg, positional, nil, fs...)
+}
+
+// LoadConfigWith is LoadConfig with preset run after the environment was
+// read and before validation: a command's own defaults, given as values
+// (the demo's), for variables the environment does not set.
+func LoadConfigWith(name string, args []string, stderr io.Writer, cfg any, positional string, preset func(), fs ...*flag.FlagSet) ([]string, error) {
 	help := func() {
 		printEnvUsage(stderr, name, positional, cfg)
 		if len(fs) > 0 {
@@ -118,6 +125,9 @@ func LoadConfig(name string, args []string, stderr io.Writer, cfg any, positiona
 	}
 	if err := envconfig.Process(EnvPrefix, cfg); err != nil {
 		return nil, configError(err)
+	}
+	if preset != nil {
+		preset()
 	}
 	if v, ok := cfg.(validator); ok {
 		if err := v.validate(); err != nil {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/clients"
@@ -225,9 +226,11 @@ func RunIssuer(ctx context.Context, args []string, _, stderr io.Writer) error {
 		return err
 	}
 	defer pool.Close()
-	registry := clients.NewRegistry(pool, cfg.ClientCacheTTL)
-	metrics := issuer.NewMetrics(srv.Registry)
-	var iss *issuer.Server
+	pc := PipelineConfig{
+		Issuer: &icfg, Clients: clients.NewRegistry(pool, cfg.ClientCacheTTL), Addr: cfg.HTTPAddr,
+		IssuerGrace: cfg.ShutdownTimeout, Metrics: srv.Registry, Log: log,
+	}
+	var js jetstream.JetStream
 	if cfg.Mode == issuer.ModeAsync {
 		nc, _, err := ConnectNATS(&cfg.Common, "tokenpipe-issuer", log, newConnMetrics(srv.Registry))
 		if err != nil {
@@ -236,17 +239,15 @@ func RunIssuer(ctx context.Context, args []string, _, stderr io.Writer) error {
 		// Runs after the HTTP server stopped: every request's publish was
 		// awaited, so Drain only flushes and closes.
 		defer drainNATS(nc, cfg.ShutdownTimeout, log)
-		js, err := issuer.NewJetStream(nc, icfg)
-		if err != nil {
+		if js, err = issuer.NewJetStream(nc, icfg); err != nil {
 			return err
 		}
 		if _, err := events.Provision(ctx, js, icfg.Topology); err != nil {
 			return err
 		}
 		srv.AddCheck(natsCheck(nc))
-		iss = issuer.New(icfg, registry, nc, js, pool, log, metrics)
+		pc.NC = nc
 	} else {
-		iss = issuer.New(icfg, registry, nil, nil, pool, log, metrics)
 		// Only sync mode needs Postgres for every token. In async mode the
 		// issuer keeps issuing through a database outage (clients are cached),
 		// so a Postgres failure must not take it out of its Service.
@@ -269,17 +270,21 @@ func RunIssuer(ctx context.Context, args []string, _, stderr io.Writer) error {
 	// drain is visible before connections are refused.
 	serveCtx, stopServe := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopServe()
+	pl := StartPipeline(serveCtx, pool, js, pc)
+	watched := make(chan struct{})
 	go func() {
+		defer close(watched)
 		select {
 		case <-ctx.Done():
 			srv.SetDraining()
 			log.Info("draining", "grace", cfg.ShutdownTimeout)
 			stopServe()
-		case <-serveCtx.Done(): // Serve failed on its own
+		case <-pl.Stopped(): // Serve failed on its own
 		}
 	}()
-	err = iss.Serve(serveCtx, cfg.HTTPAddr, cfg.ShutdownTimeout)
+	err = pl.Wait()
 	stopServe()
+	<-watched
 	return err
 }
 

@@ -17,8 +17,6 @@ import (
 	"github.com/tokenpipe/tokenpipe/internal/ops"
 	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/stream"
-	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/recovery"
 )
 
 // WorkerConfig configures the persister and recovery roles.
@@ -168,9 +166,10 @@ func RunPersister(ctx context.Context, args []string, _, stderr io.Writer) error
 	defer stop()
 	stopLag := sampleLag(ctx, env, cfg.Stream, cfg.PersisterName, cfg.LagInterval)
 	defer stopLag()
-	p := persister.New(cfg.Settings(), env.pool, env.js, env.log, persister.NewMetrics(env.ops.Registry))
+	settings := cfg.Settings()
+	pl := StartPipeline(ctx, env.pool, env.js, PipelineConfig{Persister: &settings, Metrics: env.ops.Registry, Log: env.log})
 	defer drainingOnCancel(ctx, env)()
-	return p.Run(ctx)
+	return pl.Wait()
 }
 
 // RecoveryConfig is the recovery role's: a worker pool plus the scheduled
@@ -204,7 +203,6 @@ func RunRecovery(ctx context.Context, args []string, _, stderr io.Writer) error 
 	defer stop()
 	stopLag := sampleLag(ctx, env, cfg.Stream, cfg.RecoveryName, cfg.LagInterval)
 	defer stopLag()
-	r := recovery.New(cfg.Settings(), env.pool, env.js, env.log, recovery.NewMetrics(env.ops.Registry))
 	defer drainingOnCancel(ctx, env)()
 	if cfg.CleanupInterval > 0 {
 		cleanCtx, stopClean := context.WithCancel(ctx)
@@ -215,7 +213,8 @@ func RunRecovery(ctx context.Context, args []string, _, stderr io.Writer) error 
 		}()
 		defer func() { stopClean(); <-done }() // before stop closes the pool
 	}
-	return r.Run(ctx)
+	settings := cfg.Settings()
+	return StartPipeline(ctx, env.pool, env.js, PipelineConfig{Recovery: &settings, Metrics: env.ops.Registry, Log: env.log}).Wait()
 }
 
 // HelpIsNil makes -h exit 0.

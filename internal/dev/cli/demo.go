@@ -4,13 +4,11 @@ import (
 	"github.com/tokenpipe/tokenpipe/internal/app"
 
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"net"
 	"os"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -18,11 +16,10 @@ import (
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/audit"
 	"github.com/tokenpipe/tokenpipe/internal/clients"
+	"github.com/tokenpipe/tokenpipe/internal/consume"
 	"github.com/tokenpipe/tokenpipe/internal/dev/demo"
 	"github.com/tokenpipe/tokenpipe/internal/schema"
 	"github.com/tokenpipe/tokenpipe/issuer"
-	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/recovery"
 )
 
 const demoUsage = `[-requests N] [-races N] [-stay]
@@ -41,23 +38,7 @@ Examples:
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg app.IssuerConfig
 	_, natsSet := os.LookupEnv(app.EnvPrefix + "_NATS_URL")
-	if _, ok := os.LookupEnv(app.EnvPrefix + "_LOG_LEVEL"); !ok {
-		os.Setenv(app.EnvPrefix+"_LOG_LEVEL", "warn") // the summary is the demo's output
-	}
-	if _, ok := os.LookupEnv(app.EnvPrefix + "_LOG_FORMAT"); !ok {
-		os.Setenv(app.EnvPrefix+"_LOG_FORMAT", "text")
-	}
-	if _, ok := os.LookupEnv(app.EnvPrefix + "_HTTP_ADDR"); !ok {
-		os.Setenv(app.EnvPrefix+"_HTTP_ADDR", "127.0.0.1:8080")
-	}
-	// One process, so a key made up for this run is shared by every "issuer"
-	// there is. A real deployment gives all issuers the same configured key.
-	for _, name := range []string{"_TOKEN_KEYS", "_ADMIN_TOKEN"} {
-		if _, ok := os.LookupEnv(app.EnvPrefix + name); !ok {
-			os.Setenv(app.EnvPrefix+name, app.RandomKey())
-		}
-	}
-	rest, err := app.LoadConfig("demo", args, stderr, &cfg, demoUsage)
+	rest, err := app.LoadConfigWith("demo", args, stderr, &cfg, demoUsage, func() { demoDefaults(&cfg) })
 	if err != nil {
 		return app.HelpIsNil(err)
 	}
@@ -128,35 +109,23 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	addr := ln.Addr().String()
 	ln.Close()
 
-	reg := prometheus.NewRegistry()
-	runCtx, stopRoles := context.WithCancel(context.WithoutCancel(ctx))
-	var roles sync.WaitGroup
-	defer func() { stopRoles(); roles.Wait() }()
 	if cfg.IssuerURL == "" {
 		cfg.IssuerURL = "http://" + addr // the demo's own server, for its metadata document
 	}
 	registry := clients.NewRegistry(pool, cfg.ClientCacheTTL)
-	iss := issuer.New(cfg.IssuerSettings(topo), registry, nc, js, pool, log, issuer.NewMetrics(reg))
-	per := persister.New(persister.Config{
-		Pool: (&app.WorkerConfig{Workers: 2, BatchSize: 1000, BatchWait: 20 * time.Millisecond}).PoolConfig(), Retry: (&app.WorkerConfig{RetryMaxElapsed: time.Minute}).RetryPolicy(),
-		Topology: topo, Finish: cfg.ShutdownTimeout, NakDelay: time.Second,
-	}, pool, js, log, persister.NewMetrics(reg))
-	rec := recovery.New(recovery.Config{
-		Pool: (&app.WorkerConfig{Workers: 1, BatchSize: 500, BatchWait: 20 * time.Millisecond}).PoolConfig(), Retry: (&app.WorkerConfig{RetryMaxElapsed: time.Minute}).RetryPolicy(),
-		Topology: topo, Finish: cfg.ShutdownTimeout, NakDelay: time.Second,
-	}, pool, js, log, recovery.NewMetrics(reg))
-	for _, run := range []func(context.Context) error{
-		func(ctx context.Context) error { return iss.Serve(ctx, addr, cfg.ShutdownTimeout) },
-		per.Run, rec.Run,
-	} {
-		roles.Add(1)
-		go func() {
-			defer roles.Done()
-			if err := run(runCtx); err != nil && !errors.Is(err, context.Canceled) {
-				log.Error("demo role stopped", "err", err)
-			}
-		}()
-	}
+	icfg := cfg.IssuerSettings(topo)
+	retry := (&app.WorkerConfig{RetryMaxElapsed: time.Minute}).RetryPolicy()
+	per := consume.Settings{Pool: consume.Config{Workers: 2, BatchSize: 1000, BatchWait: 20 * time.Millisecond},
+		Retry: retry, Topology: topo, Finish: cfg.ShutdownTimeout, NakDelay: time.Second}
+	rec := per
+	rec.Pool = consume.Config{Workers: 1, BatchSize: 500, BatchWait: 20 * time.Millisecond}
+	roles := app.StartPipeline(context.WithoutCancel(ctx), pool, js, app.PipelineConfig{
+		Persister: &per, Recovery: &rec,
+		Issuer: &icfg, Clients: registry, NC: nc, Addr: addr, IssuerGrace: cfg.ShutdownTimeout,
+		Metrics: prometheus.NewRegistry(), Log: log,
+		OnStop: func(_ string, err error) { log.Error("demo role stopped", "err", err) },
+	})
+	defer func() { _ = roles.Stop() }()
 	tokenURL := "http://" + addr + "/oauth2/token"
 	if err := waitHTTP(ctx, addr); err != nil {
 		return err
@@ -171,7 +140,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	say("sent %d requests in %s: %d tokens issued, %d failed %v", out.OK+out.Failed, out.Elapsed.Round(time.Millisecond), out.OK, out.Failed, out.Errors)
-	raced, err := raceDemo(ctx, cfg.IssuerSettings(topo), registry, nc, js, pool, log, tokenURL, clientID, secret, say)
+	raced, err := raceDemo(ctx, icfg, registry, nc, js, pool, log, tokenURL, clientID, secret, say)
 	if err != nil {
 		return fmt.Errorf("race step: %w", err)
 	}
@@ -241,6 +210,30 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		say("(run 'tokenpipe demo -stay' to keep the endpoint up for that)")
 	}
 	return nil
+}
+
+// demoDefaults are the demo's own defaults for variables the environment
+// does not set: quiet text logs (the summary is the demo's output), the usual
+// port, and keys made up for this run. One process, so a made-up key is
+// shared by every "issuer" there is; a real deployment gives all issuers the
+// same configured key.
+func demoDefaults(cfg *app.IssuerConfig) {
+	unset := func(name string) bool { _, ok := os.LookupEnv(app.EnvPrefix + name); return !ok }
+	if unset("_LOG_LEVEL") {
+		cfg.LogLevel = "warn"
+	}
+	if unset("_LOG_FORMAT") {
+		cfg.LogFormat = "text"
+	}
+	if unset("_HTTP_ADDR") {
+		cfg.HTTPAddr = "127.0.0.1:8080"
+	}
+	if unset("_TOKEN_KEYS") {
+		cfg.TokenKeys = app.RandomKey()
+	}
+	if unset("_ADMIN_TOKEN") {
+		cfg.AdminToken = app.RandomKey()
+	}
 }
 
 // waitHTTP waits until something listens on addr.

@@ -1,31 +1,38 @@
 # tokenpipe: the two commands a newcomer needs are `make demo` and `make test`.
 GO        ?= go
 BIN       ?= bin/tokenpipe
+DEV_BIN   ?= bin/tokenpipe-dev
 PKGS      ?= ./...
 STATICCHECK_VERSION ?= v0.8.2
 
-.PHONY: all build test demo bench lint vet staticcheck deploy-check fuzz chaos clean
+.PHONY: all build build-dev test demo bench lint vet staticcheck deploy-check fuzz chaos clean
 
 all: build
 
+## build: the production binary (no demo, bench or loadtest: it links
+## neither an embedded NATS server nor the load generator).
 build:
 	$(GO) build -trimpath -o $(BIN) ./cmd/tokenpipe
+
+## build-dev: the development binary, with demo, bench and loadtest.
+build-dev:
+	$(GO) build -trimpath -tags dev -o $(DEV_BIN) ./cmd/tokenpipe
 
 ## test: every test, against the local Postgres (127.0.0.1:5432) and NATS
 ## JetStream (127.0.0.1:4222); each test makes and removes its own database,
 ## stream and consumers.
 test:
-	$(GO) test -race -count=1 -timeout 20m $(PKGS)
+	$(GO) test -race -count=1 -timeout 20m -tags dev $(PKGS)
 
 ## demo: the whole pipeline in one process (embedded NATS unless
 ## TOKENPIPE_NATS_URL is set; Postgres at TOKENPIPE_DATABASE_URL).
 demo:
-	$(GO) run ./cmd/tokenpipe demo
+	$(GO) run -tags dev ./cmd/tokenpipe demo
 
 ## bench: the scenario matrix (ceilings, drain, async vs sync, conflicts,
 ## growth), medians of 3 runs, written into BENCHMARKS.md; about 6 minutes.
-bench: build
-	$(BIN) bench matrix -runs 3 -write BENCHMARKS.md
+bench: build-dev
+	$(DEV_BIN) bench matrix -runs 3 -write BENCHMARKS.md
 
 ## fuzz: a short run of every fuzz target (their seeds also run in make test).
 FUZZTIME ?= 10s
@@ -40,9 +47,10 @@ fuzz:
 
 vet:
 	$(GO) vet $(PKGS)
+	$(GO) vet -tags dev $(PKGS)
 
 staticcheck:
-	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) $(PKGS)
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) -tags dev $(PKGS)
 
 lint: vet staticcheck
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

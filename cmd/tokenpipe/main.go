@@ -12,38 +12,9 @@ import (
 	"os/signal"
 	"sort"
 	"syscall"
+
+	"github.com/tokenpipe/tokenpipe/internal/app"
 )
-
-// command is one subcommand. run gets a context that is cancelled on SIGINT or
-// SIGTERM; a role treats that as the start of a graceful drain.
-type command struct {
-	summary string
-	run     func(ctx context.Context, args []string, stdout, stderr io.Writer) error
-}
-
-// errUsage asks main to exit 2 without printing the error again.
-var errUsage = errors.New("usage")
-
-func commands() map[string]command {
-	return map[string]command{
-		"issuer":    {"serve the OAuth2 token endpoint", runIssuer},
-		"persister": {"write token events to Postgres in batches", runPersister},
-		"recovery":  {"resolve one-ACTIVE-token conflicts", runRecovery},
-		"migrate":   {"apply or list database migrations (up|status)", runMigrate},
-		"client":    {"manage OAuth clients (add|list|introspect|remove)", runClient},
-		"user":      {"manage password-grant users (add|remove)", runUser},
-		"demo":      {"run the whole pipeline in one process and exercise it", runDemo},
-		"bench":     {"measure the pipeline against raw ceilings (drain)", runBench},
-		"loadtest":  {"drive an issuer at a fixed rate and measure queue lag", runLoadtest},
-		"audit":     {"check that every issued token has exactly one row and one ACTIVE per key", runAudit},
-		"replay":    {"re-drive a range of the token stream through persistence", runReplay},
-		"dlq":       {"list, show, replay or purge dead letters", runDLQ},
-		"status":    {"show the stream, its consumers and row counts", runStatus},
-		"tokens":    {"list a user's applications or a client's tokens; revoke them (apps|list|revoke)", runTokens},
-		"cleanup":   {"delete expired token rows, old rotations and revocations in bounded batches", runCleanup},
-		"keygen":    {"print a new token signing key for TOKENPIPE_TOKEN_KEYS", runKeygen},
-	}
-}
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -53,7 +24,10 @@ func main() {
 }
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	cmds := commands()
+	cmds := app.Commands()
+	for name, c := range devCommands() {
+		cmds[name] = c
+	}
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		usage(stderr, cmds)
 		if len(args) == 0 {
@@ -62,16 +36,20 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	cmd, ok := cmds[args[0]]
+	if !ok && devOnly[args[0]] {
+		fmt.Fprintf(stderr, "tokenpipe %s is available in the development build: make demo, make build-dev, or go build -tags dev ./cmd/tokenpipe\n", args[0])
+		return 2
+	}
 	if !ok {
 		fmt.Fprintf(stderr, "tokenpipe: unknown command %q\n", args[0])
 		usage(stderr, cmds)
 		return 2
 	}
-	err := cmd.run(ctx, args[1:], stdout, stderr)
+	err := cmd.Run(ctx, args[1:], stdout, stderr)
 	switch {
 	case err == nil:
 		return 0
-	case errors.Is(err, errUsage):
+	case errors.Is(err, app.ErrUsage):
 		return 2
 	default:
 		fmt.Fprintf(stderr, "tokenpipe %s: %v\n", args[0], err)
@@ -79,7 +57,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 }
 
-func usage(w io.Writer, cmds map[string]command) {
+func usage(w io.Writer, cmds map[string]app.Command) {
 	fmt.Fprintln(w, "usage: tokenpipe <command> [-h] [args]")
 	fmt.Fprintln(w, "\ncommands:")
 	names := make([]string, 0, len(cmds))
@@ -88,7 +66,10 @@ func usage(w io.Writer, cmds map[string]command) {
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		fmt.Fprintf(w, "  %-10s %s\n", n, cmds[n].summary)
+		fmt.Fprintf(w, "  %-10s %s\n", n, cmds[n].Summary)
+	}
+	if devNote != "" {
+		fmt.Fprintln(w, devNote)
 	}
 	fmt.Fprintln(w, "\nEvery command reads its configuration from TOKENPIPE_* environment variables;")
 	fmt.Fprintln(w, "'tokenpipe <command> -h' lists them with their defaults.")

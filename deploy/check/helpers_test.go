@@ -16,7 +16,7 @@ const repoRoot = "../.."
 
 // pendingEnv are variables the deployment files set for roles whose Go code
 // is still being written (the issuer). Until a matching envconfig tag appears
-// under cmd/tokenpipe they are reported, not failed; once the code exists,
+// under internal/app they are reported, not failed; once the code exists,
 // every TOKENPIPE_* variable the deploy files set must be declared there.
 var pendingEnv = map[string]bool{
 	"TOKENPIPE_HTTP_ADDR": true,
@@ -30,9 +30,9 @@ var envconfigTag = regexp.MustCompile(`envconfig:"([A-Z0-9_]+)"(?:\s+default:"([
 // in the tokenpipe command's sources, with the defaults the tags give it.
 func declaredEnv(t *testing.T) map[string][]string {
 	t.Helper()
-	files, err := filepath.Glob(filepath.Join(repoRoot, "cmd", "tokenpipe", "*.go"))
+	files, err := filepath.Glob(filepath.Join(repoRoot, "internal", "app", "*.go"))
 	if err != nil || len(files) == 0 {
-		t.Fatalf("no Go sources under cmd/tokenpipe (err %v)", err)
+		t.Fatalf("no Go sources under internal/app (err %v)", err)
 	}
 	out := map[string][]string{}
 	for _, f := range files {
@@ -49,7 +49,7 @@ func declaredEnv(t *testing.T) map[string][]string {
 		}
 	}
 	if len(out) == 0 {
-		t.Fatal("found no envconfig tags under cmd/tokenpipe")
+		t.Fatal("found no envconfig tags under internal/app")
 	}
 	return out
 }
@@ -66,9 +66,9 @@ func checkEnvNames(t *testing.T, where string, names []string) {
 			t.Errorf("%s: variable %s: tokenpipe reads only TOKENPIPE_* variables", where, n)
 		case declared[n] != nil:
 		case pendingEnv[n]:
-			t.Logf("%s: %s is not declared in cmd/tokenpipe yet (issuer code pending)", where, n)
+			t.Logf("%s: %s is not declared in internal/app yet (issuer code pending)", where, n)
 		default:
-			t.Errorf("%s: %s is not a variable tokenpipe reads (no envconfig tag in cmd/tokenpipe)", where, n)
+			t.Errorf("%s: %s is not a variable tokenpipe reads (no envconfig tag in internal/app)", where, n)
 		}
 	}
 }
@@ -83,17 +83,17 @@ func goDuration(t *testing.T, where, s string) time.Duration {
 	return d
 }
 
-// codeDefault is the default cmd/tokenpipe gives a variable, read from its
+// codeDefault is the default internal/app gives a variable, read from its
 // envconfig tag, so these checks follow the code when a default changes.
 func codeDefault(t *testing.T, name string) string {
 	t.Helper()
 	defs := declaredEnv(t)[name]
 	if len(defs) == 0 {
-		t.Fatalf("%s is not declared in cmd/tokenpipe", name)
+		t.Fatalf("%s is not declared in internal/app", name)
 	}
 	for _, d := range defs[1:] {
 		if d != defs[0] {
-			t.Fatalf("%s has different defaults in cmd/tokenpipe: %q", name, defs)
+			t.Fatalf("%s has different defaults in internal/app: %q", name, defs)
 		}
 	}
 	return defs[0]

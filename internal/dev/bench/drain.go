@@ -18,13 +18,12 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/app"
 	"github.com/tokenpipe/tokenpipe/internal/consume"
 	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/tokens"
-	"github.com/tokenpipe/tokenpipe/persister"
 )
 
 // DrainOptions configures one drain benchmark.
@@ -225,20 +224,16 @@ func drainOnce(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStream, 
 	if _, err := stream.CreateOrUpdateConsumer(ctx, o.Topology.PersisterConsumerConfig()); err != nil {
 		return 0, fmt.Errorf("recreate consumer: %w", err)
 	}
-	runCtx, cancel := context.WithCancel(ctx)
-	var running sync.WaitGroup
-	// Every return stops the persister and waits for it: none leaves it
-	// writing into the next run's table.
-	defer func() { cancel(); running.Wait() }()
-	p := persister.New(persister.Config{
+	settings := consume.Settings{
 		Pool:     consume.Config{Workers: o.Workers, BatchSize: o.BatchSize, BatchWait: o.BatchWait},
 		Retry:    store.DefaultRetryPolicy(),
 		Topology: o.Topology, Finish: 10 * time.Second, NakDelay: time.Second,
-	}, pool, js, o.Log, persister.NewMetrics(prometheus.NewRegistry()))
-	done := make(chan error, 1)
+	}
 	start := time.Now()
-	running.Add(1)
-	go func() { defer running.Done(); done <- p.Run(runCtx) }()
+	running := app.StartPipeline(ctx, pool, js, app.PipelineConfig{Persister: &settings, Log: o.Log})
+	// Every return stops the persister and waits for it: none leaves it
+	// writing into the next run's table.
+	defer func() { _ = running.Stop() }()
 	cons, err := js.Consumer(ctx, o.Topology.Stream, o.Topology.Persister)
 	if err != nil {
 		return 0, err
@@ -259,16 +254,17 @@ func drainOnce(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStream, 
 			last = time.Now()
 		}
 		select {
-		case err := <-done:
-			return 0, fmt.Errorf("persister stopped early: %v", err)
+		case <-running.Stopped():
+			return 0, fmt.Errorf("persister stopped early: %v", running.Wait())
 		case <-ctx.Done():
 			return 0, ctx.Err()
 		case <-time.After(25 * time.Millisecond):
 		}
 	}
 	elapsed := time.Since(start)
-	cancel()
-	<-done
+	if err := running.Stop(); err != nil {
+		return 0, err
+	}
 	var n int
 	if err := pool.QueryRow(ctx, "SELECT count(*) FROM tokens").Scan(&n); err != nil {
 		return 0, fmt.Errorf("count rows: %w", err)

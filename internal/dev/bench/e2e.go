@@ -7,23 +7,20 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/app"
 	"github.com/tokenpipe/tokenpipe/internal/clients"
 	"github.com/tokenpipe/tokenpipe/internal/consume"
 	"github.com/tokenpipe/tokenpipe/internal/dev/loadgen"
 	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/tokens"
 	"github.com/tokenpipe/tokenpipe/issuer"
-	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/recovery"
 )
 
 // Pipeline is issuer, persister and recovery running in this process on a
@@ -32,8 +29,7 @@ type Pipeline struct {
 	URL      string
 	ClientID string
 	Secret   string
-	stop     context.CancelFunc
-	wg       sync.WaitGroup
+	running  *app.Pipeline
 }
 
 // PipelineOptions configures StartPipeline.
@@ -79,32 +75,20 @@ func StartPipeline(ctx context.Context, pool *pgxpool.Pool, nc *nats.Conn, o Pip
 	if err != nil {
 		return nil, err
 	}
-	reg := prometheus.NewRegistry()
-	iss := issuer.New(issuer.Config{
+	icfg := issuer.Config{
 		Mode: o.Mode, TokenTTL: time.Hour, RefreshTTL: time.Hour, PublishTimeout: 2 * time.Second,
 		SyncConflictRetries: 5, Instance: "bench", MaxBodyBytes: 8192, Topology: o.Topology,
 		Keys: keys, CoalesceWindow: -1, // the matrix measures races, not their coalescing
-	}, clients.NewRegistry(pool, time.Minute), nc, js, pool, o.Log, issuer.NewMetrics(reg))
-	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	p.stop = cancel
-	pc := consume.Config{Workers: o.Workers, BatchSize: o.BatchSize, BatchWait: 20 * time.Millisecond}
-	rc := consume.Config{Workers: 1, BatchSize: o.BatchSize, BatchWait: 20 * time.Millisecond}
-	roles := []func(context.Context) error{
-		func(ctx context.Context) error { return iss.Serve(ctx, addr, 10*time.Second) },
-		persister.New(persister.Config{Pool: pc, Retry: store.DefaultRetryPolicy(), Topology: o.Topology, Finish: 10 * time.Second, NakDelay: time.Second},
-			pool, js, o.Log, persister.NewMetrics(reg)).Run,
-		recovery.New(recovery.Config{Pool: rc, Retry: store.DefaultRetryPolicy(), Topology: o.Topology, Finish: 10 * time.Second, NakDelay: time.Second},
-			pool, js, o.Log, recovery.NewMetrics(reg)).Run,
 	}
-	for _, run := range roles {
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			if err := run(runCtx); err != nil {
-				o.Log.Error("bench role stopped", "err", err)
-			}
-		}()
-	}
+	per := consume.Settings{Pool: consume.Config{Workers: o.Workers, BatchSize: o.BatchSize, BatchWait: 20 * time.Millisecond},
+		Retry: store.DefaultRetryPolicy(), Topology: o.Topology, Finish: 10 * time.Second, NakDelay: time.Second}
+	rec := per
+	rec.Pool.Workers = 1
+	p.running = app.StartPipeline(context.WithoutCancel(ctx), pool, js, app.PipelineConfig{
+		Persister: &per, Recovery: &rec,
+		Issuer: &icfg, Clients: clients.NewRegistry(pool, time.Minute), NC: nc, Addr: addr, IssuerGrace: 10 * time.Second,
+		Log: o.Log, OnStop: func(_ string, err error) { o.Log.Error("bench role stopped", "err", err) },
+	})
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 		if resp, err := http.Get("http://" + addr + "/"); err == nil {
 			resp.Body.Close()
@@ -116,7 +100,7 @@ func StartPipeline(ctx context.Context, pool *pgxpool.Pool, nc *nats.Conn, o Pip
 }
 
 // Stop stops the roles and waits for them.
-func (p *Pipeline) Stop() { p.stop(); p.wg.Wait() }
+func (p *Pipeline) Stop() { _ = p.running.Stop() }
 
 // JetStreamCeiling publishes evs asynchronously (bounded in flight) and then
 // consumes them with Fetch and individual acks, returning each rate: the raw

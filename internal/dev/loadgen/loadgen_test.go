@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/app"
 	"github.com/tokenpipe/tokenpipe/internal/audit"
 	"github.com/tokenpipe/tokenpipe/internal/clients"
 	"github.com/tokenpipe/tokenpipe/internal/consume"
@@ -21,8 +22,6 @@ import (
 	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/issuer"
-	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/recovery"
 )
 
 // slowServer answers every request after delay with a token.
@@ -155,21 +154,10 @@ func TestRunAgainstRealPipeline(t *testing.T) {
 		clients.NewRegistry(pool, time.Minute), nc, js, pool, log, issuer.NewMetrics(reg))
 	srv := httptest.NewServer(iss.Handler())
 	defer srv.Close()
-	pc := consume.Config{Workers: 2, BatchSize: 500, BatchWait: 10 * time.Millisecond}
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		_ = persister.New(persister.Config{Pool: pc, Retry: store.DefaultRetryPolicy(), Topology: topo, Finish: 5 * time.Second, NakDelay: time.Second},
-			pool, js, log, persister.NewMetrics(reg)).Run(ctx)
-	}()
-	go func() {
-		defer wg.Done()
-		_ = recovery.New(recovery.Config{Pool: pc, Retry: store.DefaultRetryPolicy(), Topology: topo, Finish: 5 * time.Second, NakDelay: time.Second},
-			pool, js, log, recovery.NewMetrics(reg)).Run(ctx)
-	}()
-	defer wg.Wait()
-	defer cancel()
+	settings := consume.Settings{Pool: consume.Config{Workers: 2, BatchSize: 500, BatchWait: 10 * time.Millisecond},
+		Retry: store.DefaultRetryPolicy(), Topology: topo, Finish: 5 * time.Second, NakDelay: time.Second}
+	running := app.StartPipeline(ctx, pool, js, app.PipelineConfig{Persister: &settings, Recovery: &settings, Metrics: reg, Log: log})
+	defer func() { _ = running.Stop() }()
 
 	rep, err := loadgen.Run(ctx, loadgen.Options{
 		Target: loadgen.Target{URL: srv.URL + "/oauth2/token", ClientID: "lt", Secret: secret, ScopePool: 50},

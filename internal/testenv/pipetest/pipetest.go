@@ -13,15 +13,13 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/app"
 	"github.com/tokenpipe/tokenpipe/internal/consume"
 	"github.com/tokenpipe/tokenpipe/internal/replay"
 	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
-	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/recovery"
 )
 
 // Pipeline is one test's database and stream.
@@ -43,21 +41,17 @@ func New(t *testing.T) *Pipeline {
 // returned function is called or the test ends, whichever is first.
 func (p *Pipeline) Start(t *testing.T, workers int) (stop func()) {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	per := persister.New(persister.Config{
+	per := consume.Settings{
 		Pool:  consume.Config{Workers: workers, BatchSize: 500, BatchWait: 20 * time.Millisecond},
 		Retry: store.DefaultRetryPolicy(), Topology: p.Topo, Finish: 5 * time.Second, NakDelay: time.Second,
-	}, p.Pool, p.JS, testenv.Logger(t), persister.NewMetrics(prometheus.NewRegistry()))
-	rec := recovery.New(recovery.Config{
+	}
+	rec := consume.Settings{
 		Pool:  consume.Config{Workers: 1, BatchSize: 200, BatchWait: 20 * time.Millisecond},
 		Retry: store.DefaultRetryPolicy(), Topology: p.Topo, Finish: 5 * time.Second, NakDelay: time.Second,
-	}, p.Pool, p.JS, testenv.Logger(t), recovery.NewMetrics(prometheus.NewRegistry()))
-	wg.Add(2)
-	go func() { defer wg.Done(); _ = per.Run(ctx) }()
-	go func() { defer wg.Done(); _ = rec.Run(ctx) }()
+	}
+	pl := app.StartPipeline(context.Background(), p.Pool, p.JS, app.PipelineConfig{Persister: &per, Recovery: &rec, Log: testenv.Logger(t)})
 	var once sync.Once
-	stop = func() { once.Do(func() { cancel(); wg.Wait() }) }
+	stop = func() { once.Do(func() { _ = pl.Stop() }) }
 	t.Cleanup(stop)
 	return stop
 }

@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"context"
@@ -28,23 +28,23 @@ Examples:
   tokenpipe migrate up
   TOKENPIPE_DATABASE_URL=postgres://app@db:5432/tokens tokenpipe migrate status`
 
-func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func RunMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg MigrateConfig
-	rest, err := loadConfig("migrate", args, stderr, &cfg, migrateUsage)
+	rest, err := LoadConfig("migrate", args, stderr, &cfg, migrateUsage)
 	if err != nil {
-		return helpIsNil(err)
+		return HelpIsNil(err)
 	}
 	if len(rest) != 1 || (rest[0] != "up" && rest[0] != "status") {
 		fmt.Fprintln(stderr, "usage: tokenpipe migrate "+migrateUsage)
-		return errUsage
+		return ErrUsage
 	}
 	common := Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: cfg.DBMaxConns}
 	if rest[0] == "up" {
-		if err := ensureDatabase(ctx, cfg.DatabaseURL); err != nil {
+		if err := EnsureDatabase(ctx, cfg.DatabaseURL); err != nil {
 			return err
 		}
 	}
-	pool, err := connectPostgres(ctx, &common)
+	pool, err := ConnectPostgres(ctx, &common)
 	if err != nil {
 		return err
 	}
@@ -78,19 +78,19 @@ func runMigrate(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	return tw.Flush()
 }
 
-// ensureDatabase creates the target database when the server answers but the
+// EnsureDatabase creates the target database when the server answers but the
 // database is missing, so a fresh machine needs no manual createdb.
-func ensureDatabase(ctx context.Context, url string) error {
+func EnsureDatabase(ctx context.Context, url string) error {
 	cfg, err := pgx.ParseConfig(url)
 	if err != nil {
-		return fmt.Errorf("%s_DATABASE_URL: %w", envPrefix, redactErr(err))
+		return fmt.Errorf("%s_DATABASE_URL: %w", EnvPrefix, RedactErr(err))
 	}
 	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err == nil {
 		return conn.Close(ctx)
 	}
 	if !isMissingDatabase(err) {
-		return fmt.Errorf("connect to Postgres at %s: %w", redactURL(url), redactErr(err))
+		return fmt.Errorf("connect to Postgres at %s: %w", RedactURL(url), RedactErr(err))
 	}
 	name := cfg.Database
 	cfg.Database = "postgres"

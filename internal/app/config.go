@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"errors"
@@ -16,7 +16,7 @@ import (
 	"github.com/tokenpipe/tokenpipe/events"
 )
 
-const envPrefix = "TOKENPIPE"
+const EnvPrefix = "TOKENPIPE"
 
 // Common is the configuration every role shares.
 type Common struct {
@@ -68,7 +68,7 @@ func (c *Common) validate() error {
 	if c.LogLevel != "" {
 		var l slog.Level
 		if err := l.UnmarshalText([]byte(c.LogLevel)); err != nil {
-			return fmt.Errorf("%s_LOG_LEVEL: %q is not one of debug, info, warn, error", envPrefix, c.LogLevel)
+			return fmt.Errorf("%s_LOG_LEVEL: %q is not one of debug, info, warn, error", EnvPrefix, c.LogLevel)
 		}
 	}
 	checks := []struct {
@@ -90,7 +90,7 @@ func (c *Common) validate() error {
 	}
 	for _, ch := range checks {
 		if ch.bad {
-			return fmt.Errorf("%s_%s: %s", envPrefix, ch.name, ch.msg)
+			return fmt.Errorf("%s_%s: %s", EnvPrefix, ch.name, ch.msg)
 		}
 	}
 	return nil
@@ -99,11 +99,18 @@ func (c *Common) validate() error {
 // validator is implemented by role configs with their own checks.
 type validator interface{ validate() error }
 
-// loadConfig fills cfg from the environment and, if fs is given, parses the
+// LoadConfig fills cfg from the environment and, if fs is given, parses the
 // command's flags with it. -h as the first argument prints the variables
-// (and the flags) and returns errHelp. On a bad value it returns one line
+// (and the flags) and returns ErrHelp. On a bad value it returns one line
 // naming the variable.
-func loadConfig(name string, args []string, stderr io.Writer, cfg any, positional string, fs ...*flag.FlagSet) ([]string, error) {
+func LoadConfig(name string, args []string, stderr io.Writer, cfg any, positional string, fs ...*flag.FlagSet) ([]string, error) {
+	return LoadConfigWith(name, args, stderr, cfg, positional, nil, fs...)
+}
+
+// LoadConfigWith is LoadConfig with preset run after the environment was
+// read and before validation: a command's own defaults, given as values
+// (the demo's), for variables the environment does not set.
+func LoadConfigWith(name string, args []string, stderr io.Writer, cfg any, positional string, preset func(), fs ...*flag.FlagSet) ([]string, error) {
 	help := func() {
 		printEnvUsage(stderr, name, positional, cfg)
 		if len(fs) > 0 {
@@ -114,10 +121,13 @@ func loadConfig(name string, args []string, stderr io.Writer, cfg any, positiona
 	}
 	if len(args) > 0 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help") {
 		help()
-		return nil, errHelp
+		return nil, ErrHelp
 	}
-	if err := envconfig.Process(envPrefix, cfg); err != nil {
+	if err := envconfig.Process(EnvPrefix, cfg); err != nil {
 		return nil, configError(err)
+	}
+	if preset != nil {
+		preset()
 	}
 	if v, ok := cfg.(validator); ok {
 		if err := v.validate(); err != nil {
@@ -131,15 +141,15 @@ func loadConfig(name string, args []string, stderr io.Writer, cfg any, positiona
 	fs[0].Usage = help
 	if err := fs[0].Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return nil, errHelp
+			return nil, ErrHelp
 		}
-		return nil, errUsage
+		return nil, ErrUsage
 	}
 	return fs[0].Args(), nil
 }
 
-// errHelp means -h was given and usage printed: exit 0.
-var errHelp = errors.New("help requested")
+// ErrHelp means -h was given and usage printed: exit 0.
+var ErrHelp = errors.New("help requested")
 
 // configError turns envconfig's error into one line naming the variable.
 func configError(err error) error {
@@ -153,12 +163,12 @@ func configError(err error) error {
 func printEnvUsage(w io.Writer, name, positional string, cfg any) {
 	fmt.Fprintf(w, "usage: tokenpipe %s %s\n\nEnvironment:\n", name, positional)
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
-	_ = envconfig.Usagef(envPrefix, cfg, tw, "{{range .}}  {{usage_key .}}\t{{usage_default .}}\t{{usage_description .}}\n{{end}}")
+	_ = envconfig.Usagef(EnvPrefix, cfg, tw, "{{range .}}  {{usage_key .}}\t{{usage_default .}}\t{{usage_description .}}\n{{end}}")
 	_ = tw.Flush()
 }
 
-// newLogger builds the structured logger every role writes to stderr.
-func newLogger(c *Common, w io.Writer) *slog.Logger {
+// NewLogger builds the structured logger every role writes to stderr.
+func NewLogger(c *Common, w io.Writer) *slog.Logger {
 	var level slog.Level
 	_ = level.UnmarshalText([]byte(c.LogLevel))
 	opts := &slog.HandlerOptions{Level: level}

@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"context"
@@ -23,9 +23,9 @@ type RegistryConfig struct {
 func (c *RegistryConfig) validate() error {
 	switch {
 	case c.DatabaseURL == "":
-		return fmt.Errorf("%s_DATABASE_URL: is empty", envPrefix)
+		return fmt.Errorf("%s_DATABASE_URL: is empty", EnvPrefix)
 	case c.BcryptCost < 4 || c.BcryptCost > 31:
-		return fmt.Errorf("%s_BCRYPT_COST: %d is not between 4 and 31", envPrefix, c.BcryptCost)
+		return fmt.Errorf("%s_BCRYPT_COST: %d is not between 4 and 31", EnvPrefix, c.BcryptCost)
 	}
 	return nil
 }
@@ -97,24 +97,24 @@ TOKENPIPE_CLIENT_CACHE_TTL; tokens already issued stay as they are.
 Example:
   tokenpipe client remove billing`
 
-func runClient(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func RunClient(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg RegistryConfig
-	rest, err := loadConfig("client", args, stderr, &cfg, clientUsage)
+	rest, err := LoadConfig("client", args, stderr, &cfg, clientUsage)
 	if err != nil {
-		return helpIsNil(err)
+		return HelpIsNil(err)
 	}
 	if len(rest) == 0 {
 		fmt.Fprintln(stderr, "usage: tokenpipe client "+clientUsage)
-		return errUsage
+		return ErrUsage
 	}
 	switch rest[0] {
 	case "add":
 		return clientAdd(ctx, &cfg, rest[1:], stdout, stderr)
 	case "list":
 		if _, err := positional(rest[1:], 0, clientListUsage, stderr); err != nil {
-			return helpIsNil(err)
+			return HelpIsNil(err)
 		}
-		pool, err := connectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
+		pool, err := ConnectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
 		if err != nil {
 			return err
 		}
@@ -139,13 +139,13 @@ func runClient(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	case "introspect":
 		pos, err := positional(rest[1:], 2, clientIntrospectUsage, stderr)
 		if err != nil {
-			return helpIsNil(err)
+			return HelpIsNil(err)
 		}
 		if pos[1] != "on" && pos[1] != "off" {
 			fmt.Fprintln(stderr, clientIntrospectUsage)
-			return errUsage
+			return ErrUsage
 		}
-		pool, err := connectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
+		pool, err := ConnectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
 		if err != nil {
 			return err
 		}
@@ -158,9 +158,9 @@ func runClient(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	case "remove":
 		pos, err := positional(rest[1:], 1, clientRemoveUsage, stderr)
 		if err != nil {
-			return helpIsNil(err)
+			return HelpIsNil(err)
 		}
-		pool, err := connectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
+		pool, err := ConnectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
 		if err != nil {
 			return err
 		}
@@ -172,7 +172,7 @@ func runClient(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return nil
 	}
 	fmt.Fprintf(stderr, "tokenpipe client: unknown subcommand %q\nusage: tokenpipe client %s\n", rest[0], clientUsage)
-	return errUsage
+	return ErrUsage
 }
 
 func clientAdd(ctx context.Context, cfg *RegistryConfig, args []string, stdout, stderr io.Writer) error {
@@ -187,11 +187,11 @@ func clientAdd(ctx context.Context, cfg *RegistryConfig, args []string, stdout, 
 	introspect := fs.Bool("introspect", false, "a resource server: may introspect every client's tokens")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
-		return helpIsNil(flagErr(err))
+		return HelpIsNil(FlagErr(err))
 	}
 	if len(pos) != 1 {
 		fs.Usage()
-		return errUsage
+		return ErrUsage
 	}
 	var grantList []string
 	for _, g := range strings.Split(*grants, ",") {
@@ -199,7 +199,7 @@ func clientAdd(ctx context.Context, cfg *RegistryConfig, args []string, stdout, 
 			grantList = append(grantList, g)
 		}
 	}
-	pool, err := connectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
+	pool, err := ConnectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
 	if err != nil {
 		return err
 	}
@@ -232,18 +232,18 @@ func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
 }
 
 // positional returns the arguments of a subcommand that takes exactly n of
-// them and no flags; -h prints its usage and returns errHelp.
+// them and no flags; -h prints its usage and returns ErrHelp.
 func positional(args []string, n int, usage string, stderr io.Writer) ([]string, error) {
 	fs := flag.NewFlagSet("", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprintln(stderr, usage) }
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
-		return nil, flagErr(err)
+		return nil, FlagErr(err)
 	}
 	if len(pos) != n {
 		fs.Usage()
-		return nil, errUsage
+		return nil, ErrUsage
 	}
 	return pos, nil
 }

@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"bufio"
@@ -42,15 +42,15 @@ Examples:
   tokenpipe dlq replay --all
   tokenpipe dlq purge --yes`
 
-func runDLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func RunDLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg Common
-	rest, err := loadConfig("dlq", args, stderr, &cfg, dlqUsage)
+	rest, err := LoadConfig("dlq", args, stderr, &cfg, dlqUsage)
 	if err != nil {
-		return helpIsNil(err)
+		return HelpIsNil(err)
 	}
 	if len(rest) == 0 {
 		fmt.Fprintln(stderr, "usage: tokenpipe dlq "+dlqUsage)
-		return errUsage
+		return ErrUsage
 	}
 	sub, rest := rest[0], rest[1:]
 	fs := flag.NewFlagSet("dlq "+sub, flag.ContinueOnError)
@@ -74,30 +74,30 @@ func runDLQ(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		yes = fs.Bool("yes", false, "do not ask for confirmation")
 	default:
 		fmt.Fprintf(stderr, "dlq: unknown subcommand %q\nusage: tokenpipe dlq %s\n", sub, dlqUsage)
-		return errUsage
+		return ErrUsage
 	}
 	pos, err := parseInterleaved(fs, rest)
 	if err != nil {
-		return helpIsNil(flagErr(err))
+		return HelpIsNil(FlagErr(err))
 	}
 	seqs, err := parseSeqs(pos)
 	if err != nil {
 		fmt.Fprintf(stderr, "dlq %s: %v\n", sub, err)
-		return errUsage
+		return ErrUsage
 	}
 	switch {
 	case sub == "show" && len(seqs) != 1:
 		fmt.Fprintln(stderr, "usage: tokenpipe dlq show SEQ")
-		return errUsage
+		return ErrUsage
 	case sub == "replay" && (len(seqs) == 0) == !*all:
 		fmt.Fprintln(stderr, "usage: tokenpipe dlq replay SEQ...|--all [--keep]")
-		return errUsage
+		return ErrUsage
 	case (sub == "list" || sub == "purge") && len(seqs) > 0:
 		fmt.Fprintf(stderr, "usage: tokenpipe dlq %s takes no sequences\n", sub)
-		return errUsage
+		return ErrUsage
 	}
 
-	nc, js, err := connectNATS(&cfg, "tokenpipe-dlq", newLogger(&cfg, stderr).With("role", "dlq"), nil)
+	nc, js, err := ConnectNATS(&cfg, "tokenpipe-dlq", NewLogger(&cfg, stderr).With("role", "dlq"), nil)
 	if err != nil {
 		return err
 	}
@@ -180,12 +180,12 @@ func dlqReplay(ctx context.Context, cfg *Common, js jetstream.JetStream, seqs []
 		fmt.Fprintln(stdout, "no dead letters")
 		return nil
 	}
-	pool, err := connectPostgres(ctx, cfg)
+	pool, err := ConnectPostgres(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
-	w := &replay.Writer{DB: pool, JS: js, Topology: topo, Retry: store.DefaultRetryPolicy(), Log: newLogger(cfg, stderr).With("role", "dlq")}
+	w := &replay.Writer{DB: pool, JS: js, Topology: topo, Retry: store.DefaultRetryPolicy(), Log: NewLogger(cfg, stderr).With("role", "dlq")}
 	rep, err := dlq.Replay(ctx, w, letters, keep)
 	if rep == nil {
 		return err
@@ -219,7 +219,7 @@ func dlqPurge(ctx context.Context, cfg *Common, js jetstream.JetStream, yes bool
 	}
 	if !yes {
 		// Only a person at a terminal can answer; a script must say --yes.
-		if !isTerminal(os.Stdin) || !isTerminal(stderr) {
+		if !IsTerminal(os.Stdin) || !IsTerminal(stderr) {
 			return errors.New("not purging without confirmation: run it at a terminal or pass --yes")
 		}
 		fmt.Fprintf(stderr, "Purge %d dead letters (subject %s) from stream %s? They cannot be recovered. Type yes: ", n, topo.DeadSubject(), topo.Stream)

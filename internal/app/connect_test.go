@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"crypto/ecdsa"
@@ -77,12 +77,12 @@ func TestNATSTLSIsWired(t *testing.T) {
 	caFile, tlsCfg := writeCA(t)
 	url := startServer(t, &server.Options{TLSConfig: tlsCfg, TLS: true})
 	c := &Common{NATSURL: url}
-	if nc, _, err := connectNATS(c, "t", discard(), nil); err == nil {
+	if nc, _, err := ConnectNATS(c, "t", discard(), nil); err == nil {
 		nc.Close()
 		t.Fatal("connected to a TLS server whose CA was not configured")
 	}
 	c.NATSTLSCA = caFile
-	nc, _, err := connectNATS(c, "t", discard(), nil)
+	nc, _, err := ConnectNATS(c, "t", discard(), nil)
 	if err != nil {
 		t.Fatalf("with TOKENPIPE_NATS_TLS_CA: %v", err)
 	}
@@ -107,12 +107,12 @@ func TestNATSNKeyIsWired(t *testing.T) {
 	}
 	url := startServer(t, &server.Options{Nkeys: []*server.NkeyUser{{Nkey: pub}}})
 	c := &Common{NATSURL: url}
-	if nc, _, err := connectNATS(c, "t", discard(), nil); err == nil {
+	if nc, _, err := ConnectNATS(c, "t", discard(), nil); err == nil {
 		nc.Close()
 		t.Fatal("connected without the required nkey")
 	}
 	c.NATSNKey = seedFile
-	nc, _, err := connectNATS(c, "t", discard(), nil)
+	nc, _, err := ConnectNATS(c, "t", discard(), nil)
 	if err != nil {
 		t.Fatalf("with TOKENPIPE_NATS_NKEY_FILE: %v", err)
 	}

@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"context"
@@ -34,13 +34,13 @@ Examples:
   tokenpipe audit -digests issued.txt
   tokenpipe audit -since 1h -client mobile`
 
-var errViolations = errors.New("audit found violations")
+var ErrViolations = errors.New("audit found violations")
 
-func runAudit(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func RunAudit(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg Common
-	rest, err := loadConfig("audit", args, stderr, &cfg, auditUsage)
+	rest, err := LoadConfig("audit", args, stderr, &cfg, auditUsage)
 	if err != nil {
-		return helpIsNil(err)
+		return HelpIsNil(err)
 	}
 	fs := flag.NewFlagSet("audit", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -50,19 +50,19 @@ func runAudit(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	client := fs.String("client", "", "count windows of this client only")
 	since := fs.Duration("since", 0, "count windows of rows issued this long ago or later (0: all rows)")
 	if err := fs.Parse(rest); err != nil {
-		return helpIsNil(flagErr(err))
+		return HelpIsNil(FlagErr(err))
 	}
 	windowSet := false
 	fs.Visit(func(f *flag.Flag) { windowSet = windowSet || f.Name == "coalesce-window" })
 	if !windowSet {
-		if *window, err = coalesceWindowFromEnv(); err != nil {
+		if *window, err = CoalesceWindowFromEnv(); err != nil {
 			fmt.Fprintln(stderr, err)
-			return errUsage
+			return ErrUsage
 		}
 	}
 	if *window < 0 || *window%time.Millisecond != 0 || *bound < 1 || *since < 0 {
 		fmt.Fprintln(stderr, "audit: -coalesce-window must be whole milliseconds and not negative, -window-bound at least 1, -since not negative")
-		return errUsage
+		return ErrUsage
 	}
 	var digests []events.Digest
 	if *file != "" {
@@ -79,12 +79,12 @@ func runAudit(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return fmt.Errorf("digests %s: %w", *file, err)
 		}
 	}
-	pool, err := connectPostgres(ctx, &cfg)
+	pool, err := ConnectPostgres(ctx, &cfg)
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
-	nc, js, err := connectNATS(&cfg, "tokenpipe-audit", newLogger(&cfg, stderr), nil)
+	nc, js, err := ConnectNATS(&cfg, "tokenpipe-audit", NewLogger(&cfg, stderr), nil)
 	if err != nil {
 		return err
 	}
@@ -119,21 +119,21 @@ func runAudit(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 	if !clean {
-		return errViolations
+		return ErrViolations
 	}
 	return nil
 }
 
-// coalesceWindowFromEnv is TOKENPIPE_COALESCE_WINDOW as the issuer reads it,
+// CoalesceWindowFromEnv is TOKENPIPE_COALESCE_WINDOW as the issuer reads it,
 // so tools judging coalescing use the issuers' window by default.
-func coalesceWindowFromEnv() (time.Duration, error) {
-	v, ok := os.LookupEnv(envPrefix + "_COALESCE_WINDOW")
+func CoalesceWindowFromEnv() (time.Duration, error) {
+	v, ok := os.LookupEnv(EnvPrefix + "_COALESCE_WINDOW")
 	if !ok || v == "" {
 		return 5 * time.Second, nil
 	}
 	d, err := time.ParseDuration(v)
 	if err != nil || d < 0 {
-		return 0, fmt.Errorf("%s_COALESCE_WINDOW: %q is not a duration of 0 or more", envPrefix, v)
+		return 0, fmt.Errorf("%s_COALESCE_WINDOW: %q is not a duration of 0 or more", EnvPrefix, v)
 	}
 	return d, nil
 }

@@ -1,6 +1,8 @@
-package main
+package cli
 
 import (
+	"github.com/tokenpipe/tokenpipe/internal/app"
+
 	"context"
 	"encoding/json"
 	"fmt"
@@ -20,7 +22,7 @@ import (
 // concurrent refreshes, revocation, and the account API. It returns the curl
 // lines to try by hand.
 func lifecycleDemo(ctx context.Context, pool *pgxpool.Pool, base string, say func(string, ...any)) ([]string, error) {
-	clientID, user, password := "demo-app-"+randomID(), "demo-user-"+randomID(), randomKey()
+	clientID, user, password := "demo-app-"+app.RandomID(), "demo-user-"+app.RandomID(), app.RandomKey()
 	secret, err := clients.Add(ctx, pool, clientID, []string{"profile", "email"}, []string{"password", "refresh_token"})
 	if err != nil {
 		return nil, err
@@ -30,12 +32,12 @@ func lifecycleDemo(ctx context.Context, pool *pgxpool.Pool, base string, say fun
 	}
 	// A resource server checks tokens and obtains none: no grant, only the
 	// permission to introspect every client's tokens.
-	apiID := "demo-api-" + randomID()
+	apiID := "demo-api-" + app.RandomID()
 	apiSecret, err := clients.AddWith(ctx, pool, apiID, nil, nil, clients.Options{Introspect: true})
 	if err != nil {
 		return nil, err
 	}
-	otherID := "demo-other-" + randomID()
+	otherID := "demo-other-" + app.RandomID()
 	otherSecret, err := clients.Add(ctx, pool, otherID, nil, []string{"client_credentials"})
 	if err != nil {
 		return nil, err

@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"context"
@@ -37,7 +37,7 @@ Examples:
   tokenpipe replay --from-seq 1200000 --to-seq 1300000 --workers 4
   tokenpipe replay --all --json > replay.json`
 
-func runReplay(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func RunReplay(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg Common
 	fs := flag.NewFlagSet("replay", flag.ContinueOnError)
 	all := fs.Bool("all", false, "replay everything the stream still holds")
@@ -51,13 +51,13 @@ func runReplay(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	batch := fs.Int("batch", 1000, "events per batch")
 	linger := fs.Duration("linger", 20*time.Millisecond, "longest wait to fill a batch")
 	asJSON := fs.Bool("json", false, "print the summary as JSON")
-	rest, err := loadConfig("replay", args, stderr, &cfg, replayUsage, fs)
+	rest, err := LoadConfig("replay", args, stderr, &cfg, replayUsage, fs)
 	if err != nil {
-		return helpIsNil(err)
+		return HelpIsNil(err)
 	}
 	if len(rest) > 0 {
 		fmt.Fprintf(stderr, "replay: unexpected argument %q\n", rest[0])
-		return errUsage
+		return ErrUsage
 	}
 	o := replay.Options{
 		FromSeq: *fromSeq, ToSeq: *toSeq, Subject: *subject, DryRun: *dryRun,
@@ -73,39 +73,39 @@ func runReplay(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		}
 		if *tf.dst, err = replay.ParseTime(tf.value, now); err != nil {
 			fmt.Fprintf(stderr, "replay: --%s: %v\n", tf.name, err)
-			return errUsage
+			return ErrUsage
 		}
 	}
 	hasRange := o.FromSeq != 0 || o.ToSeq != 0 || !o.Since.IsZero() || !o.Until.IsZero()
 	switch {
 	case *all && hasRange:
 		fmt.Fprintln(stderr, "replay: --all replays everything; give it alone or give a range")
-		return errUsage
+		return ErrUsage
 	case !*all && !hasRange:
 		// A whole-stream replay is safe but heavy: it has to be asked for.
 		fmt.Fprintln(stderr, "replay: give a range (--from-seq/--to-seq or --since/--until) or --all; -h for help")
-		return errUsage
+		return ErrUsage
 	case *workers < 1 || *workers > 64 || *batch < 1 || *batch > 10000 || *linger <= 0:
 		fmt.Fprintln(stderr, "replay: --workers must be 1..64, --batch 1..10000, --linger positive")
-		return errUsage
+		return ErrUsage
 	}
 
-	log := newLogger(&cfg, stderr).With("role", "replay")
+	log := NewLogger(&cfg, stderr).With("role", "replay")
 	if cfg.DBMaxConns < int32(*workers+1) {
 		cfg.DBMaxConns = int32(*workers + 1)
 	}
-	pool, err := connectPostgres(ctx, &cfg)
+	pool, err := ConnectPostgres(ctx, &cfg)
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
-	nc, js, err := connectNATS(&cfg, "tokenpipe-replay", log, nil)
+	nc, js, err := ConnectNATS(&cfg, "tokenpipe-replay", log, nil)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
 
-	o.Progress = replay.ProgressPrinter(stderr, isTerminal(stderr), 5*time.Second)
+	o.Progress = replay.ProgressPrinter(stderr, IsTerminal(stderr), 5*time.Second)
 	w := &replay.Writer{DB: pool, JS: js, Topology: cfg.Topology(), Retry: store.DefaultRetryPolicy(), Log: log}
 	sum, err := replay.Run(ctx, w, o)
 	if sum == nil {

@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"context"
@@ -33,9 +33,9 @@ func newConnMetrics(reg prometheus.Registerer) *connMetrics {
 	return m
 }
 
-// connectNATS dials NATS with endless automatic reconnects (with backoff and
+// ConnectNATS dials NATS with endless automatic reconnects (with backoff and
 // jitter from the client), logging every state change.
-func connectNATS(c *Common, name string, log *slog.Logger, m *connMetrics) (*nats.Conn, jetstream.JetStream, error) {
+func ConnectNATS(c *Common, name string, log *slog.Logger, m *connMetrics) (*nats.Conn, jetstream.JetStream, error) {
 	opts := []nats.Option{
 		nats.Name(name),
 		nats.MaxReconnects(-1),
@@ -53,7 +53,7 @@ func connectNATS(c *Common, name string, log *slog.Logger, m *connMetrics) (*nat
 			}
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
-			log.Info("nats reconnected", "url", redactURL(nc.ConnectedUrl()))
+			log.Info("nats reconnected", "url", RedactURL(nc.ConnectedUrl()))
 			if m != nil {
 				m.natsReconnects.Inc()
 				m.natsConnected.Set(1)
@@ -69,7 +69,7 @@ func connectNATS(c *Common, name string, log *slog.Logger, m *connMetrics) (*nat
 	if c.NATSNKey != "" {
 		opt, err := nats.NkeyOptionFromSeed(c.NATSNKey)
 		if err != nil {
-			return nil, nil, fmt.Errorf("%s_NATS_NKEY_FILE: %w", envPrefix, err)
+			return nil, nil, fmt.Errorf("%s_NATS_NKEY_FILE: %w", EnvPrefix, err)
 		}
 		opts = append(opts, opt)
 	}
@@ -81,7 +81,7 @@ func connectNATS(c *Common, name string, log *slog.Logger, m *connMetrics) (*nat
 	}
 	nc, err := nats.Connect(c.NATSURL, opts...)
 	if err != nil {
-		return nil, nil, fmt.Errorf("connect to NATS at %s: %w", redactURL(c.NATSURL), redactErr(err))
+		return nil, nil, fmt.Errorf("connect to NATS at %s: %w", RedactURL(c.NATSURL), RedactErr(err))
 	}
 	if m != nil {
 		m.natsConnected.Set(1)
@@ -94,24 +94,24 @@ func connectNATS(c *Common, name string, log *slog.Logger, m *connMetrics) (*nat
 	return nc, js, nil
 }
 
-// connectPostgres opens a pool and checks that the server answers. pgxpool
+// ConnectPostgres opens a pool and checks that the server answers. pgxpool
 // reconnects on its own: a broken connection is discarded and a new one dialled
 // on the next acquire.
-func connectPostgres(ctx context.Context, c *Common) (*pgxpool.Pool, error) {
+func ConnectPostgres(ctx context.Context, c *Common) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(c.DatabaseURL)
 	if err != nil {
-		return nil, fmt.Errorf("%s_DATABASE_URL: %w", envPrefix, redactErr(err))
+		return nil, fmt.Errorf("%s_DATABASE_URL: %w", EnvPrefix, RedactErr(err))
 	}
 	cfg.MaxConns = c.DBMaxConns
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("open Postgres pool: %w", redactErr(err))
+		return nil, fmt.Errorf("open Postgres pool: %w", RedactErr(err))
 	}
 	pingCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if err := pool.Ping(pingCtx); err != nil {
 		pool.Close()
-		return nil, fmt.Errorf("connect to Postgres at %s: %w", redactURL(c.DatabaseURL), redactErr(err))
+		return nil, fmt.Errorf("connect to Postgres at %s: %w", RedactURL(c.DatabaseURL), RedactErr(err))
 	}
 	return pool, nil
 }

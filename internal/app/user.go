@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"bufio"
@@ -43,15 +43,15 @@ Deletes USERNAME; tokens already issued to them stay as they are.
 Example:
   tokenpipe user remove alice`
 
-func runUser(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func RunUser(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg RegistryConfig
-	rest, err := loadConfig("user", args, stderr, &cfg, userUsage)
+	rest, err := LoadConfig("user", args, stderr, &cfg, userUsage)
 	if err != nil {
-		return helpIsNil(err)
+		return HelpIsNil(err)
 	}
 	if len(rest) == 0 || (rest[0] != "add" && rest[0] != "remove") {
 		fmt.Fprintln(stderr, "usage: tokenpipe user "+userUsage)
-		return errUsage
+		return ErrUsage
 	}
 	usage := userAddUsage
 	if rest[0] == "remove" {
@@ -59,7 +59,7 @@ func runUser(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	pos, err := positional(rest[1:], 1, usage, stderr)
 	if err != nil {
-		return helpIsNil(err)
+		return HelpIsNil(err)
 	}
 	username := pos[0]
 	var password string
@@ -68,7 +68,7 @@ func runUser(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			return err
 		}
 	}
-	pool, err := connectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
+	pool, err := ConnectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
 	if err != nil {
 		return err
 	}
@@ -90,7 +90,7 @@ func runUser(ctx context.Context, args []string, stdout, stderr io.Writer) error
 // readPassword takes the password from the environment or standard input:
 // an argument would show in ps and shell history.
 func readPassword() (string, error) {
-	if p := os.Getenv(envPrefix + "_USER_PASSWORD"); p != "" {
+	if p := os.Getenv(EnvPrefix + "_USER_PASSWORD"); p != "" {
 		return p, nil
 	}
 	line, err := bufio.NewReader(os.Stdin).ReadString('\n')

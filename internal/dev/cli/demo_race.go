@@ -1,9 +1,8 @@
-package main
+package cli
 
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -11,15 +10,14 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/app"
 	"github.com/tokenpipe/tokenpipe/internal/clients"
 	"github.com/tokenpipe/tokenpipe/issuer"
 )
@@ -39,22 +37,16 @@ const raceScope = "s00 s01 s02"
 func raceDemo(ctx context.Context, cfg issuer.Config, reg *clients.Registry, nc *nats.Conn, js jetstream.JetStream, pool *pgxpool.Pool,
 	log *slog.Logger, tokenURL, clientID, secret string, say func(string, ...any)) ([]events.Digest, error) {
 	cfg.CoalesceWindow, cfg.Instance = -1, cfg.Instance+"-b"
-	second := issuer.New(cfg, reg, nc, js, pool, log, issuer.NewMetrics(prometheus.NewRegistry()))
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, fmt.Errorf("listen: %w", err)
 	}
 	secondURL := "http://" + ln.Addr().String() + "/oauth2/token"
-	serveCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
-	var served sync.WaitGroup
-	served.Add(1)
-	go func() {
-		defer served.Done()
-		if err := second.ServeListener(serveCtx, ln, 5*time.Second); err != nil && !errors.Is(err, context.Canceled) {
-			log.Error("demo: second issuer stopped", "err", err)
-		}
-	}()
-	defer func() { stop(); served.Wait() }()
+	second := app.StartPipeline(context.WithoutCancel(ctx), pool, js, app.PipelineConfig{
+		Issuer: &cfg, Clients: reg, NC: nc, Listener: ln, IssuerGrace: 5 * time.Second, Log: log,
+		OnStop: func(_ string, err error) { log.Error("demo: second issuer stopped", "err", err) },
+	})
+	defer func() { _ = second.Stop() }()
 
 	older, err := demoToken(ctx, tokenURL, clientID, secret, raceScope)
 	if err != nil {

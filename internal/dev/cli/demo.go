@@ -1,14 +1,14 @@
-package main
+package cli
 
 import (
+	"github.com/tokenpipe/tokenpipe/internal/app"
+
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"net"
 	"os"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -16,11 +16,10 @@ import (
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/audit"
 	"github.com/tokenpipe/tokenpipe/internal/clients"
+	"github.com/tokenpipe/tokenpipe/internal/consume"
 	"github.com/tokenpipe/tokenpipe/internal/dev/demo"
 	"github.com/tokenpipe/tokenpipe/internal/schema"
 	"github.com/tokenpipe/tokenpipe/issuer"
-	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/recovery"
 )
 
 const demoUsage = `[-requests N] [-races N] [-stay]
@@ -37,27 +36,11 @@ Examples:
   tokenpipe demo -requests 20000 -races 1000 -stay`
 
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var cfg IssuerConfig
-	_, natsSet := os.LookupEnv(envPrefix + "_NATS_URL")
-	if _, ok := os.LookupEnv(envPrefix + "_LOG_LEVEL"); !ok {
-		os.Setenv(envPrefix+"_LOG_LEVEL", "warn") // the summary is the demo's output
-	}
-	if _, ok := os.LookupEnv(envPrefix + "_LOG_FORMAT"); !ok {
-		os.Setenv(envPrefix+"_LOG_FORMAT", "text")
-	}
-	if _, ok := os.LookupEnv(envPrefix + "_HTTP_ADDR"); !ok {
-		os.Setenv(envPrefix+"_HTTP_ADDR", "127.0.0.1:8080")
-	}
-	// One process, so a key made up for this run is shared by every "issuer"
-	// there is. A real deployment gives all issuers the same configured key.
-	for _, name := range []string{"_TOKEN_KEYS", "_ADMIN_TOKEN"} {
-		if _, ok := os.LookupEnv(envPrefix + name); !ok {
-			os.Setenv(envPrefix+name, randomKey())
-		}
-	}
-	rest, err := loadConfig("demo", args, stderr, &cfg, demoUsage)
+	var cfg app.IssuerConfig
+	_, natsSet := os.LookupEnv(app.EnvPrefix + "_NATS_URL")
+	rest, err := app.LoadConfigWith("demo", args, stderr, &cfg, demoUsage, func() { demoDefaults(&cfg) })
 	if err != nil {
-		return helpIsNil(err)
+		return app.HelpIsNil(err)
 	}
 	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -65,9 +48,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	races := fs.Int("races", 250, "keys requested by 4 simultaneous requests each")
 	stay := fs.Bool("stay", false, "keep the endpoint up after the summary, until Ctrl-C")
 	if err := fs.Parse(rest); err != nil {
-		return helpIsNil(flagErr(err))
+		return app.HelpIsNil(app.FlagErr(err))
 	}
-	log := newLogger(&cfg.Common, stderr)
+	log := app.NewLogger(&cfg.Common, stderr)
 	say := func(format string, a ...any) { fmt.Fprintf(stdout, format+"\n", a...) }
 
 	if !natsSet {
@@ -77,12 +60,12 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}
 		defer srv.Shutdown()
 		cfg.NATSURL = srv.URL()
-		say("started an embedded NATS server with JetStream at %s", redactURL(cfg.NATSURL))
+		say("started an embedded NATS server with JetStream at %s", app.RedactURL(cfg.NATSURL))
 	}
-	if err := ensureDatabase(ctx, cfg.DatabaseURL); err != nil {
+	if err := app.EnsureDatabase(ctx, cfg.DatabaseURL); err != nil {
 		return fmt.Errorf("%w\nno Postgres answered: start one, or point TOKENPIPE_DATABASE_URL at one (e.g. postgres://user@host:5432/tokenpipe)", err)
 	}
-	pool, err := connectPostgres(ctx, &cfg.Common)
+	pool, err := app.ConnectPostgres(ctx, &cfg.Common)
 	if err != nil {
 		return err
 	}
@@ -90,13 +73,13 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if _, err := schema.Up(ctx, pool); err != nil {
 		return err
 	}
-	nc, _, err := connectNATS(&cfg.Common, "tokenpipe-demo", log, nil)
+	nc, _, err := app.ConnectNATS(&cfg.Common, "tokenpipe-demo", log, nil)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
 	topo := cfg.Topology()
-	js, err := issuer.NewJetStream(nc, cfg.issuerConfig(topo))
+	js, err := issuer.NewJetStream(nc, cfg.IssuerSettings(topo))
 	if err != nil {
 		return err
 	}
@@ -105,7 +88,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 
-	clientID := "demo-" + randomID()
+	clientID := "demo-" + app.RandomID()
 	scopes := make([]string, 64)
 	for i := range scopes {
 		scopes[i] = fmt.Sprintf("s%02d", i)
@@ -114,7 +97,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	say("database %s migrated; demo client %s registered", redactURL(cfg.DatabaseURL), clientID)
+	say("database %s migrated; demo client %s registered", app.RedactURL(cfg.DatabaseURL), clientID)
 
 	ln, err := net.Listen("tcp", cfg.HTTPAddr)
 	if err != nil {
@@ -126,35 +109,23 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	addr := ln.Addr().String()
 	ln.Close()
 
-	reg := prometheus.NewRegistry()
-	runCtx, stopRoles := context.WithCancel(context.WithoutCancel(ctx))
-	var roles sync.WaitGroup
-	defer func() { stopRoles(); roles.Wait() }()
 	if cfg.IssuerURL == "" {
 		cfg.IssuerURL = "http://" + addr // the demo's own server, for its metadata document
 	}
 	registry := clients.NewRegistry(pool, cfg.ClientCacheTTL)
-	iss := issuer.New(cfg.issuerConfig(topo), registry, nc, js, pool, log, issuer.NewMetrics(reg))
-	per := persister.New(persister.Config{
-		Pool: (&WorkerConfig{Workers: 2, BatchSize: 1000, BatchWait: 20 * time.Millisecond}).pool(), Retry: (&WorkerConfig{RetryMaxElapsed: time.Minute}).retry(),
-		Topology: topo, Finish: cfg.ShutdownTimeout, NakDelay: time.Second,
-	}, pool, js, log, persister.NewMetrics(reg))
-	rec := recovery.New(recovery.Config{
-		Pool: (&WorkerConfig{Workers: 1, BatchSize: 500, BatchWait: 20 * time.Millisecond}).pool(), Retry: (&WorkerConfig{RetryMaxElapsed: time.Minute}).retry(),
-		Topology: topo, Finish: cfg.ShutdownTimeout, NakDelay: time.Second,
-	}, pool, js, log, recovery.NewMetrics(reg))
-	for _, run := range []func(context.Context) error{
-		func(ctx context.Context) error { return iss.Serve(ctx, addr, cfg.ShutdownTimeout) },
-		per.Run, rec.Run,
-	} {
-		roles.Add(1)
-		go func() {
-			defer roles.Done()
-			if err := run(runCtx); err != nil && !errors.Is(err, context.Canceled) {
-				log.Error("demo role stopped", "err", err)
-			}
-		}()
-	}
+	icfg := cfg.IssuerSettings(topo)
+	retry := (&app.WorkerConfig{RetryMaxElapsed: time.Minute}).RetryPolicy()
+	per := consume.Settings{Pool: consume.Config{Workers: 2, BatchSize: 1000, BatchWait: 20 * time.Millisecond},
+		Retry: retry, Topology: topo, Finish: cfg.ShutdownTimeout, NakDelay: time.Second}
+	rec := per
+	rec.Pool = consume.Config{Workers: 1, BatchSize: 500, BatchWait: 20 * time.Millisecond}
+	roles := app.StartPipeline(context.WithoutCancel(ctx), pool, js, app.PipelineConfig{
+		Persister: &per, Recovery: &rec,
+		Issuer: &icfg, Clients: registry, NC: nc, Addr: addr, IssuerGrace: cfg.ShutdownTimeout,
+		Metrics: prometheus.NewRegistry(), Log: log,
+		OnStop: func(_ string, err error) { log.Error("demo role stopped", "err", err) },
+	})
+	defer func() { _ = roles.Stop() }()
 	tokenURL := "http://" + addr + "/oauth2/token"
 	if err := waitHTTP(ctx, addr); err != nil {
 		return err
@@ -169,7 +140,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	say("sent %d requests in %s: %d tokens issued, %d failed %v", out.OK+out.Failed, out.Elapsed.Round(time.Millisecond), out.OK, out.Failed, out.Errors)
-	raced, err := raceDemo(ctx, cfg.issuerConfig(topo), registry, nc, js, pool, log, tokenURL, clientID, secret, say)
+	raced, err := raceDemo(ctx, icfg, registry, nc, js, pool, log, tokenURL, clientID, secret, say)
 	if err != nil {
 		return fmt.Errorf("race step: %w", err)
 	}
@@ -211,7 +182,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	say("  ACTIVE rows that are not the newest  %d", len(report.ActiveNotNewest))
 	say("  queue drained in                     %s", time.Since(drainStart).Round(time.Millisecond))
 	if !report.Clean() {
-		return errViolations
+		return app.ErrViolations
 	}
 	say("")
 	say("the two tokens of the race step, the older made INACTIVE by recovery:")
@@ -239,6 +210,30 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		say("(run 'tokenpipe demo -stay' to keep the endpoint up for that)")
 	}
 	return nil
+}
+
+// demoDefaults are the demo's own defaults for variables the environment
+// does not set: quiet text logs (the summary is the demo's output), the usual
+// port, and keys made up for this run. One process, so a made-up key is
+// shared by every "issuer" there is; a real deployment gives all issuers the
+// same configured key.
+func demoDefaults(cfg *app.IssuerConfig) {
+	unset := func(name string) bool { _, ok := os.LookupEnv(app.EnvPrefix + name); return !ok }
+	if unset("_LOG_LEVEL") {
+		cfg.LogLevel = "warn"
+	}
+	if unset("_LOG_FORMAT") {
+		cfg.LogFormat = "text"
+	}
+	if unset("_HTTP_ADDR") {
+		cfg.HTTPAddr = "127.0.0.1:8080"
+	}
+	if unset("_TOKEN_KEYS") {
+		cfg.TokenKeys = app.RandomKey()
+	}
+	if unset("_ADMIN_TOKEN") {
+		cfg.AdminToken = app.RandomKey()
+	}
 }
 
 // waitHTTP waits until something listens on addr.

@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"context"
@@ -21,13 +21,13 @@ type CleanupConfig struct {
 func (c *CleanupConfig) validate() error {
 	switch {
 	case c.CleanupRetention < 0:
-		return fmt.Errorf("%s_CLEANUP_RETENTION: must not be negative", envPrefix)
+		return fmt.Errorf("%s_CLEANUP_RETENTION: must not be negative", EnvPrefix)
 	case c.CleanupRevocationRetention < time.Hour:
-		return fmt.Errorf("%s_CLEANUP_REVOCATION_RETENTION: must be at least 1h (and longer than TOKENPIPE_REFRESH_TTL)", envPrefix)
+		return fmt.Errorf("%s_CLEANUP_REVOCATION_RETENTION: must be at least 1h (and longer than TOKENPIPE_REFRESH_TTL)", EnvPrefix)
 	case c.CleanupBatchSize < 1 || c.CleanupBatchSize > 100000:
-		return fmt.Errorf("%s_CLEANUP_BATCH_SIZE: must be between 1 and 100000", envPrefix)
+		return fmt.Errorf("%s_CLEANUP_BATCH_SIZE: must be between 1 and 100000", EnvPrefix)
 	case c.CleanupPause < 0:
-		return fmt.Errorf("%s_CLEANUP_PAUSE: must not be negative", envPrefix)
+		return fmt.Errorf("%s_CLEANUP_PAUSE: must not be negative", EnvPrefix)
 	}
 	return nil
 }
@@ -53,7 +53,7 @@ type CleanupCommandConfig struct {
 
 func (c *CleanupCommandConfig) validate() error {
 	if c.DatabaseURL == "" {
-		return fmt.Errorf("%s_DATABASE_URL: is empty", envPrefix)
+		return fmt.Errorf("%s_DATABASE_URL: is empty", EnvPrefix)
 	}
 	return c.CleanupConfig.validate()
 }
@@ -74,17 +74,17 @@ Examples:
   tokenpipe cleanup
   TOKENPIPE_CLEANUP_RETENTION=0s TOKENPIPE_CLEANUP_PAUSE=0s tokenpipe cleanup`
 
-func runCleanup(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func RunCleanup(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg CleanupCommandConfig
-	rest, err := loadConfig("cleanup", args, stderr, &cfg, cleanupUsage)
+	rest, err := LoadConfig("cleanup", args, stderr, &cfg, cleanupUsage)
 	if err != nil {
-		return helpIsNil(err)
+		return HelpIsNil(err)
 	}
 	if len(rest) != 0 {
 		fmt.Fprintf(stderr, "tokenpipe cleanup takes no arguments (got %q); see tokenpipe cleanup -h\n", rest)
-		return errUsage
+		return ErrUsage
 	}
-	pool, err := connectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
+	pool, err := ConnectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
 	if err != nil {
 		return err
 	}

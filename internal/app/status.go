@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"bytes"
@@ -32,22 +32,22 @@ Examples:
   tokenpipe status --json | jq '.consumers[] | {name, keda_lag}'
   tokenpipe status --watch --json --no-rows > lag.ndjson`
 
-func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func RunStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg Common
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
 	watch := fs.Bool("watch", false, "refresh until Ctrl-C (in place on a terminal; one report per interval otherwise)")
 	interval := fs.Duration("interval", time.Second, "refresh interval for --watch")
 	asJSON := fs.Bool("json", false, "print JSON (with --watch: one object per line)")
 	noRows := fs.Bool("no-rows", false, "do not count the tokens table's rows")
-	rest, err := loadConfig("status", args, stderr, &cfg, statusUsage, fs)
+	rest, err := LoadConfig("status", args, stderr, &cfg, statusUsage, fs)
 	if err != nil {
-		return helpIsNil(err)
+		return HelpIsNil(err)
 	}
 	if len(rest) > 0 || *interval < 100*time.Millisecond {
 		fmt.Fprintln(stderr, "usage: tokenpipe status "+statusUsage)
-		return errUsage
+		return ErrUsage
 	}
-	nc, js, err := connectNATS(&cfg, "tokenpipe-status", newLogger(&cfg, stderr).With("role", "status"), nil)
+	nc, js, err := ConnectNATS(&cfg, "tokenpipe-status", NewLogger(&cfg, stderr).With("role", "status"), nil)
 	if err != nil {
 		return err
 	}
@@ -56,7 +56,7 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	dbErr := ""
 	if !*noRows {
 		cfg.DBMaxConns = 1
-		pool, err := connectPostgres(ctx, &cfg)
+		pool, err := ConnectPostgres(ctx, &cfg)
 		if err != nil {
 			dbErr = err.Error()
 		} else {
@@ -101,7 +101,7 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 
-	inPlace := isTerminal(stdout) && !*asJSON
+	inPlace := IsTerminal(stdout) && !*asJSON
 	t := time.NewTicker(*interval)
 	defer t.Stop()
 	for {

@@ -1,6 +1,8 @@
-package main
+package cli
 
 import (
+	"github.com/tokenpipe/tokenpipe/internal/app"
+
 	"context"
 	"flag"
 	"fmt"
@@ -36,11 +38,11 @@ Examples:
   tokenpipe loadtest -ramp -ramp-start 2000 -ramp-step 2000 -ramp-max 30000 -lag-bound 250ms`
 
 func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var cfg Common
+	var cfg app.Common
 	fs := flag.NewFlagSet("loadtest", flag.ContinueOnError)
 	target := fs.String("target", "http://127.0.0.1:8080/oauth2/token", "token endpoint URL; several, comma-separated, are used round-robin")
-	clientID := fs.String("client", os.Getenv(envPrefix+"_LOADTEST_CLIENT_ID"), "client id (default: create one; env TOKENPIPE_LOADTEST_CLIENT_ID)")
-	secret := fs.String("secret", os.Getenv(envPrefix+"_LOADTEST_CLIENT_SECRET"), "client secret (env TOKENPIPE_LOADTEST_CLIENT_SECRET)")
+	clientID := fs.String("client", os.Getenv(app.EnvPrefix+"_LOADTEST_CLIENT_ID"), "client id (default: create one; env TOKENPIPE_LOADTEST_CLIENT_ID)")
+	secret := fs.String("secret", os.Getenv(app.EnvPrefix+"_LOADTEST_CLIENT_SECRET"), "client secret (env TOKENPIPE_LOADTEST_CLIENT_SECRET)")
 	pool := fs.Int("scope-pool", 1000, "scopes p0000.. the client is allowed; keys are pairs of them")
 	rate := fs.Float64("rate", 1000, "operations per second")
 	duration := fs.Duration("duration", 10*time.Second, "how long to send")
@@ -65,33 +67,33 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	jsonOut := fs.String("json", "", "write the full report as JSON to `file`")
 	csvOut := fs.String("csv", "", "write the per-second series as CSV to `file`")
 	htmlOut := fs.String("html", "", "write a chart page (self-contained HTML) to `file`")
-	if _, err := loadConfig("loadtest", args, stderr, &cfg, loadUsage, fs); err != nil {
-		return helpIsNil(err)
+	if _, err := app.LoadConfig("loadtest", args, stderr, &cfg, loadUsage, fs); err != nil {
+		return app.HelpIsNil(err)
 	}
 	if *reissue < 0 || *dup < 0 || *reissue+*dup > 1 || *rate <= 0 || *conc < 1 || *pool < 2 || *keys < 0 {
 		fmt.Fprintln(stderr, "loadtest: -reissue and -dup must be shares summing to at most 1; -rate, -concurrency and -scope-pool must be positive, -keys not negative")
-		return errUsage
+		return app.ErrUsage
 	}
 	windowSet := false
 	fs.Visit(func(f *flag.Flag) { windowSet = windowSet || f.Name == "coalesce-window" })
 	if !windowSet {
 		var err error
-		if *window, err = coalesceWindowFromEnv(); err != nil {
+		if *window, err = app.CoalesceWindowFromEnv(); err != nil {
 			fmt.Fprintln(stderr, err)
-			return errUsage
+			return app.ErrUsage
 		}
 	}
 	if *window < 0 || *window%time.Millisecond != 0 || *bound < 1 || *deadMargin < 0 {
 		fmt.Fprintln(stderr, "loadtest: -coalesce-window must be whole milliseconds and not negative, -window-bound at least 1, -dead-margin not negative")
-		return errUsage
+		return app.ErrUsage
 	}
 
-	db, err := connectPostgres(ctx, &cfg)
+	db, err := app.ConnectPostgres(ctx, &cfg)
 	if err != nil {
 		return err
 	}
 	defer db.Close()
-	nc, js, err := connectNATS(&cfg, "tokenpipe-loadtest", newLogger(&cfg, stderr), nil)
+	nc, js, err := app.ConnectNATS(&cfg, "tokenpipe-loadtest", app.NewLogger(&cfg, stderr), nil)
 	if err != nil {
 		return err
 	}
@@ -101,7 +103,7 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		for i := range scopes {
 			scopes[i] = fmt.Sprintf("p%04d", i)
 		}
-		*clientID = "loadtest-" + randomID()
+		*clientID = "loadtest-" + app.RandomID()
 		if *secret, err = clients.Add(ctx, db, *clientID, scopes, []string{"client_credentials"}); err != nil {
 			return err
 		}
@@ -114,7 +116,7 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		Rate:   *rate, Duration: *duration, Concurrency: *conc, LagEvery: *lagEvery, Warmup: *warmup,
 		Pool: db, JS: js, Stream: cfg.Stream, Consumers: []string{cfg.PersisterName, cfg.RecoveryName},
 		CoalesceWindow: *window, WindowBound: *bound, DeadMargin: *deadMargin,
-		DrainTimeout: *drain, Progress: stderr, Terminal: isTerminal(stderr),
+		DrainTimeout: *drain, Progress: stderr, Terminal: app.IsTerminal(stderr),
 	}
 	if *ramp {
 		opts.Ramp = &loadgen.Ramp{Start: *rampStart, Step: *rampStep, Max: *rampMax, StepDuration: *stepDur, LagBound: *lagBound, ErrorBound: *errBound}
@@ -145,17 +147,7 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		fmt.Fprintf(stderr, "wrote %s\n", out.path)
 	}
 	if !rep.Clean() {
-		return errViolations
+		return app.ErrViolations
 	}
 	return nil
-}
-
-// isTerminal reports whether w is a character device (a person watching).
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok {
-		return false
-	}
-	fi, err := f.Stat()
-	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }

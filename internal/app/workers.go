@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"context"
@@ -17,8 +17,6 @@ import (
 	"github.com/tokenpipe/tokenpipe/internal/ops"
 	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/stream"
-	"github.com/tokenpipe/tokenpipe/persister"
-	"github.com/tokenpipe/tokenpipe/recovery"
 )
 
 // WorkerConfig configures the persister and recovery roles.
@@ -38,32 +36,32 @@ func (c *WorkerConfig) validate() error {
 	}
 	switch {
 	case c.Workers < 1 || c.Workers > 256:
-		return fmt.Errorf("%s_WORKERS: must be between 1 and 256", envPrefix)
+		return fmt.Errorf("%s_WORKERS: must be between 1 and 256", EnvPrefix)
 	case c.BatchSize < 1 || c.BatchSize > 10000:
-		return fmt.Errorf("%s_BATCH_SIZE: must be between 1 and 10000", envPrefix)
+		return fmt.Errorf("%s_BATCH_SIZE: must be between 1 and 10000", EnvPrefix)
 	case c.BatchWait <= 0:
-		return fmt.Errorf("%s_BATCH_WAIT: must be positive", envPrefix)
+		return fmt.Errorf("%s_BATCH_WAIT: must be positive", EnvPrefix)
 	case c.RetryMaxElapsed <= 0:
-		return fmt.Errorf("%s_RETRY_MAX_ELAPSED: must be positive", envPrefix)
+		return fmt.Errorf("%s_RETRY_MAX_ELAPSED: must be positive", EnvPrefix)
 	case c.Workers*c.BatchSize > c.MaxAckPending:
-		return fmt.Errorf("%s_MAX_ACK_PENDING: %d is less than WORKERS*BATCH_SIZE = %d", envPrefix, c.MaxAckPending, c.Workers*c.BatchSize)
+		return fmt.Errorf("%s_MAX_ACK_PENDING: %d is less than WORKERS*BATCH_SIZE = %d", EnvPrefix, c.MaxAckPending, c.Workers*c.BatchSize)
 	}
 	return nil
 }
 
-func (c *WorkerConfig) pool() consume.Config {
+func (c *WorkerConfig) PoolConfig() consume.Config {
 	return consume.Config{Workers: c.Workers, BatchSize: c.BatchSize, BatchWait: c.BatchWait}
 }
 
 // settings are the persister's and recovery's.
-func (c *WorkerConfig) settings() consume.Settings {
+func (c *WorkerConfig) Settings() consume.Settings {
 	return consume.Settings{
-		Pool: c.pool(), Retry: c.retry(), Topology: c.Topology(),
+		Pool: c.PoolConfig(), Retry: c.RetryPolicy(), Topology: c.Topology(),
 		Finish: c.ShutdownTimeout, NakDelay: c.NakDelay,
 	}
 }
 
-func (c *WorkerConfig) retry() store.RetryPolicy {
+func (c *WorkerConfig) RetryPolicy() store.RetryPolicy {
 	p := store.DefaultRetryPolicy()
 	p.MaxElapsed = c.RetryMaxElapsed
 	return p
@@ -81,10 +79,10 @@ type roleEnv struct {
 // startRole connects to NATS and Postgres, provisions the stream and starts
 // the ops server. The caller runs its loop and then calls stop.
 func startRole(ctx context.Context, name string, c *Common, stderr io.Writer) (*roleEnv, func(), error) {
-	log := newLogger(c, stderr).With("role", name, "instance", instanceName())
+	log := NewLogger(c, stderr).With("role", name, "instance", instanceName())
 	srv := ops.NewServer(log)
 	srv.Profiling = c.Pprof
-	nc, js, err := connectNATS(c, "tokenpipe-"+name, log, newConnMetrics(srv.Registry))
+	nc, js, err := ConnectNATS(c, "tokenpipe-"+name, log, newConnMetrics(srv.Registry))
 	if err != nil {
 		return nil, nil, err
 	}
@@ -92,7 +90,7 @@ func startRole(ctx context.Context, name string, c *Common, stderr io.Writer) (*
 		nc.Close()
 		return nil, nil, err
 	}
-	pool, err := connectPostgres(ctx, c)
+	pool, err := ConnectPostgres(ctx, c)
 	if err != nil {
 		nc.Close()
 		return nil, nil, err
@@ -156,10 +154,10 @@ func drainingOnCancel(ctx context.Context, env *roleEnv) (stop func()) {
 	return func() { close(quit); <-done }
 }
 
-func runPersister(ctx context.Context, args []string, _, stderr io.Writer) error {
+func RunPersister(ctx context.Context, args []string, _, stderr io.Writer) error {
 	var cfg WorkerConfig
-	if _, err := loadConfig("persister", args, stderr, &cfg, ""); err != nil {
-		return helpIsNil(err)
+	if _, err := LoadConfig("persister", args, stderr, &cfg, ""); err != nil {
+		return HelpIsNil(err)
 	}
 	env, stop, err := startRole(ctx, "persister", &cfg.Common, stderr)
 	if err != nil {
@@ -168,9 +166,10 @@ func runPersister(ctx context.Context, args []string, _, stderr io.Writer) error
 	defer stop()
 	stopLag := sampleLag(ctx, env, cfg.Stream, cfg.PersisterName, cfg.LagInterval)
 	defer stopLag()
-	p := persister.New(cfg.settings(), env.pool, env.js, env.log, persister.NewMetrics(env.ops.Registry))
+	settings := cfg.Settings()
+	pl := StartPipeline(ctx, env.pool, env.js, PipelineConfig{Persister: &settings, Metrics: env.ops.Registry, Log: env.log})
 	defer drainingOnCancel(ctx, env)()
-	return p.Run(ctx)
+	return pl.Wait()
 }
 
 // RecoveryConfig is the recovery role's: a worker pool plus the scheduled
@@ -187,15 +186,15 @@ func (c *RecoveryConfig) validate() error {
 		return err
 	}
 	if c.CleanupInterval < 0 {
-		return fmt.Errorf("%s_CLEANUP_INTERVAL: must not be negative", envPrefix)
+		return fmt.Errorf("%s_CLEANUP_INTERVAL: must not be negative", EnvPrefix)
 	}
 	return c.CleanupConfig.validate()
 }
 
-func runRecovery(ctx context.Context, args []string, _, stderr io.Writer) error {
+func RunRecovery(ctx context.Context, args []string, _, stderr io.Writer) error {
 	var cfg RecoveryConfig
-	if _, err := loadConfig("recovery", args, stderr, &cfg, ""); err != nil {
-		return helpIsNil(err)
+	if _, err := LoadConfig("recovery", args, stderr, &cfg, ""); err != nil {
+		return HelpIsNil(err)
 	}
 	env, stop, err := startRole(ctx, "recovery", &cfg.Common, stderr)
 	if err != nil {
@@ -204,7 +203,6 @@ func runRecovery(ctx context.Context, args []string, _, stderr io.Writer) error 
 	defer stop()
 	stopLag := sampleLag(ctx, env, cfg.Stream, cfg.RecoveryName, cfg.LagInterval)
 	defer stopLag()
-	r := recovery.New(cfg.settings(), env.pool, env.js, env.log, recovery.NewMetrics(env.ops.Registry))
 	defer drainingOnCancel(ctx, env)()
 	if cfg.CleanupInterval > 0 {
 		cleanCtx, stopClean := context.WithCancel(ctx)
@@ -215,12 +213,13 @@ func runRecovery(ctx context.Context, args []string, _, stderr io.Writer) error 
 		}()
 		defer func() { stopClean(); <-done }() // before stop closes the pool
 	}
-	return r.Run(ctx)
+	settings := cfg.Settings()
+	return StartPipeline(ctx, env.pool, env.js, PipelineConfig{Recovery: &settings, Metrics: env.ops.Registry, Log: env.log}).Wait()
 }
 
-// helpIsNil makes -h exit 0.
-func helpIsNil(err error) error {
-	if err == errHelp {
+// HelpIsNil makes -h exit 0.
+func HelpIsNil(err error) error {
+	if err == ErrHelp {
 		return nil
 	}
 	return err

@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"context"
@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/clients"
@@ -62,79 +63,79 @@ func (c *IssuerConfig) validate() error {
 	}
 	switch {
 	case c.Mode != issuer.ModeAsync && c.Mode != issuer.ModeSync:
-		return fmt.Errorf("%s_MODE: %q is not async or sync", envPrefix, c.Mode)
+		return fmt.Errorf("%s_MODE: %q is not async or sync", EnvPrefix, c.Mode)
 	case c.TokenTTL < time.Second:
-		return fmt.Errorf("%s_TOKEN_TTL: must be at least 1s", envPrefix)
+		return fmt.Errorf("%s_TOKEN_TTL: must be at least 1s", EnvPrefix)
 	case c.RefreshTTL < time.Second:
-		return fmt.Errorf("%s_REFRESH_TTL: must be at least 1s", envPrefix)
+		return fmt.Errorf("%s_REFRESH_TTL: must be at least 1s", EnvPrefix)
 	case c.ClientCacheTTL <= 0:
-		return fmt.Errorf("%s_CLIENT_CACHE_TTL: must be positive", envPrefix)
+		return fmt.Errorf("%s_CLIENT_CACHE_TTL: must be positive", EnvPrefix)
 	case c.PublishTimeout <= 0:
-		return fmt.Errorf("%s_PUBLISH_TIMEOUT: must be positive", envPrefix)
+		return fmt.Errorf("%s_PUBLISH_TIMEOUT: must be positive", EnvPrefix)
 	case c.PublishMaxInFlight < 1:
-		return fmt.Errorf("%s_PUBLISH_MAX_INFLIGHT: must be at least 1", envPrefix)
+		return fmt.Errorf("%s_PUBLISH_MAX_INFLIGHT: must be at least 1", EnvPrefix)
 	case c.SyncConflictRetries < 0:
-		return fmt.Errorf("%s_SYNC_CONFLICT_RETRIES: must not be negative", envPrefix)
+		return fmt.Errorf("%s_SYNC_CONFLICT_RETRIES: must not be negative", EnvPrefix)
 	case c.MaxBodyBytes < 256:
-		return fmt.Errorf("%s_MAX_BODY_BYTES: must be at least 256", envPrefix)
+		return fmt.Errorf("%s_MAX_BODY_BYTES: must be at least 256", EnvPrefix)
 	case c.HTTPAddr == "":
-		return fmt.Errorf("%s_HTTP_ADDR: is empty", envPrefix)
+		return fmt.Errorf("%s_HTTP_ADDR: is empty", EnvPrefix)
 	case c.TokenKeys == "":
-		return fmt.Errorf("%s_TOKEN_KEYS: is empty; generate a key with 'tokenpipe keygen' and give every issuer the same one", envPrefix)
+		return fmt.Errorf("%s_TOKEN_KEYS: is empty; generate a key with 'tokenpipe keygen' and give every issuer the same one", EnvPrefix)
 	case c.CoalesceWindow < 0:
-		return fmt.Errorf("%s_COALESCE_WINDOW: must not be negative", envPrefix)
+		return fmt.Errorf("%s_COALESCE_WINDOW: must not be negative", EnvPrefix)
 	case c.Mode == issuer.ModeAsync && c.CoalesceWindow >= c.DuplicateWindow:
-		return fmt.Errorf("%s_COALESCE_WINDOW: %s must be shorter than %s_DUPLICATE_WINDOW (%s), which lets JetStream keep one event per coalesced token", envPrefix, c.CoalesceWindow, envPrefix, c.DuplicateWindow)
+		return fmt.Errorf("%s_COALESCE_WINDOW: %s must be shorter than %s_DUPLICATE_WINDOW (%s), which lets JetStream keep one event per coalesced token", EnvPrefix, c.CoalesceWindow, EnvPrefix, c.DuplicateWindow)
 	case c.RefreshGrace < 0 || c.RefreshGrace > 5*time.Minute:
-		return fmt.Errorf("%s_REFRESH_GRACE: must be between 0 and 5m", envPrefix)
+		return fmt.Errorf("%s_REFRESH_GRACE: must be between 0 and 5m", EnvPrefix)
 	case c.Mode == issuer.ModeAsync && c.RefreshGrace >= c.DuplicateWindow:
-		return fmt.Errorf("%s_REFRESH_GRACE: %s must be shorter than %s_DUPLICATE_WINDOW (%s)", envPrefix, c.RefreshGrace, envPrefix, c.DuplicateWindow)
+		return fmt.Errorf("%s_REFRESH_GRACE: %s must be shorter than %s_DUPLICATE_WINDOW (%s)", EnvPrefix, c.RefreshGrace, EnvPrefix, c.DuplicateWindow)
 	case c.IntrospectCacheTTL < 0:
-		return fmt.Errorf("%s_INTROSPECT_CACHE_TTL: must not be negative", envPrefix)
+		return fmt.Errorf("%s_INTROSPECT_CACHE_TTL: must not be negative", EnvPrefix)
 	case c.IntrospectCacheSize < 1:
-		return fmt.Errorf("%s_INTROSPECT_CACHE_SIZE: must be at least 1", envPrefix)
+		return fmt.Errorf("%s_INTROSPECT_CACHE_SIZE: must be at least 1", EnvPrefix)
 	case c.AdminToken != "" && len(c.AdminToken) < 16:
-		return fmt.Errorf("%s_ADMIN_TOKEN: must be at least 16 characters", envPrefix)
+		return fmt.Errorf("%s_ADMIN_TOKEN: must be at least 16 characters", EnvPrefix)
 	case c.LoginFailuresUserSource < 1:
-		return fmt.Errorf("%s_LOGIN_FAILURES_PER_USER_SOURCE: must be at least 1", envPrefix)
+		return fmt.Errorf("%s_LOGIN_FAILURES_PER_USER_SOURCE: must be at least 1", EnvPrefix)
 	case c.LoginFailuresUser < c.LoginFailuresUserSource:
-		return fmt.Errorf("%s_LOGIN_FAILURES_PER_USER: must be at least %s_LOGIN_FAILURES_PER_USER_SOURCE (%d)", envPrefix, envPrefix, c.LoginFailuresUserSource)
+		return fmt.Errorf("%s_LOGIN_FAILURES_PER_USER: must be at least %s_LOGIN_FAILURES_PER_USER_SOURCE (%d)", EnvPrefix, EnvPrefix, c.LoginFailuresUserSource)
 	case c.LoginFailuresSource < c.LoginFailuresUserSource:
-		return fmt.Errorf("%s_LOGIN_FAILURES_PER_SOURCE: must be at least %s_LOGIN_FAILURES_PER_USER_SOURCE (%d)", envPrefix, envPrefix, c.LoginFailuresUserSource)
+		return fmt.Errorf("%s_LOGIN_FAILURES_PER_SOURCE: must be at least %s_LOGIN_FAILURES_PER_USER_SOURCE (%d)", EnvPrefix, EnvPrefix, c.LoginFailuresUserSource)
 	case c.LoginBackoff <= 0:
-		return fmt.Errorf("%s_LOGIN_BACKOFF: must be positive", envPrefix)
+		return fmt.Errorf("%s_LOGIN_BACKOFF: must be positive", EnvPrefix)
 	case c.LoginBackoffMax < c.LoginBackoff:
-		return fmt.Errorf("%s_LOGIN_BACKOFF_MAX: must be at least %s_LOGIN_BACKOFF (%s)", envPrefix, envPrefix, c.LoginBackoff)
+		return fmt.Errorf("%s_LOGIN_BACKOFF_MAX: must be at least %s_LOGIN_BACKOFF (%s)", EnvPrefix, EnvPrefix, c.LoginBackoff)
 	case c.LoginFailureMemory < c.LoginBackoffMax:
 		// Forgetting failures before the longest back-off ends would give a
 		// patient guesser a fresh set of free tries after every one.
-		return fmt.Errorf("%s_LOGIN_FAILURE_MEMORY: must be at least %s_LOGIN_BACKOFF_MAX (%s)", envPrefix, envPrefix, c.LoginBackoffMax)
+		return fmt.Errorf("%s_LOGIN_FAILURE_MEMORY: must be at least %s_LOGIN_BACKOFF_MAX (%s)", EnvPrefix, EnvPrefix, c.LoginBackoffMax)
 	case c.LoginTracked < 1000:
-		return fmt.Errorf("%s_LOGIN_TRACKED: must be at least 1000", envPrefix)
+		return fmt.Errorf("%s_LOGIN_TRACKED: must be at least 1000", EnvPrefix)
 	case c.PasswordChecks < 0:
-		return fmt.Errorf("%s_PASSWORD_CHECKS: must not be negative", envPrefix)
+		return fmt.Errorf("%s_PASSWORD_CHECKS: must not be negative", EnvPrefix)
 	case c.PasswordCheckWait < 0:
-		return fmt.Errorf("%s_PASSWORD_CHECK_WAIT: must not be negative", envPrefix)
+		return fmt.Errorf("%s_PASSWORD_CHECK_WAIT: must not be negative", EnvPrefix)
 	}
 	if _, err := proxy.Parse(c.TrustedProxies); err != nil {
-		return fmt.Errorf("%s_TRUSTED_PROXIES: %v", envPrefix, err)
+		return fmt.Errorf("%s_TRUSTED_PROXIES: %v", EnvPrefix, err)
 	}
 	if _, err := tokens.ParseKeys(c.TokenKeys); err != nil {
-		return fmt.Errorf("%s_TOKEN_KEYS: %v", envPrefix, err)
+		return fmt.Errorf("%s_TOKEN_KEYS: %v", EnvPrefix, err)
 	}
 	if c.IssuerURL != "" {
 		if err := issuer.ValidateIssuerURL(c.IssuerURL); err != nil {
-			return fmt.Errorf("%s_ISSUER_URL: %q %v", envPrefix, c.IssuerURL, err)
+			return fmt.Errorf("%s_ISSUER_URL: %q %v", EnvPrefix, c.IssuerURL, err)
 		}
 	}
 	switch {
 	case c.TLSCertFile == "" && c.TLSKeyFile != "":
-		return fmt.Errorf("%s_TLS_CERT_FILE: is empty but %s_TLS_KEY_FILE is set; give both or neither", envPrefix, envPrefix)
+		return fmt.Errorf("%s_TLS_CERT_FILE: is empty but %s_TLS_KEY_FILE is set; give both or neither", EnvPrefix, EnvPrefix)
 	case c.TLSCertFile != "" && c.TLSKeyFile == "":
-		return fmt.Errorf("%s_TLS_KEY_FILE: is empty but %s_TLS_CERT_FILE is set; give both or neither", envPrefix, envPrefix)
+		return fmt.Errorf("%s_TLS_KEY_FILE: is empty but %s_TLS_CERT_FILE is set; give both or neither", EnvPrefix, EnvPrefix)
 	case c.TLSCertFile != "":
 		if _, err := tls.LoadX509KeyPair(c.TLSCertFile, c.TLSKeyFile); err != nil {
-			return fmt.Errorf("%s_TLS_CERT_FILE: %v", envPrefix, oneLine(err))
+			return fmt.Errorf("%s_TLS_CERT_FILE: %v", EnvPrefix, oneLine(err))
 		}
 	}
 	return nil
@@ -155,7 +156,7 @@ func offIfZero(d time.Duration) time.Duration {
 }
 
 // issuerConfig assumes validate passed.
-func (c *IssuerConfig) issuerConfig(topo events.Topology) issuer.Config {
+func (c *IssuerConfig) IssuerSettings(topo events.Topology) issuer.Config {
 	keys, _ := tokens.ParseKeys(c.TokenKeys)
 	trusted, _ := proxy.Parse(c.TrustedProxies)
 	return issuer.Config{
@@ -206,47 +207,47 @@ Examples:
     TOKENPIPE_ISSUER_URL=https://auth.example.com tokenpipe issuer
   TOKENPIPE_REQUIRE_TLS=true TOKENPIPE_TRUSTED_PROXIES=10.0.0.0/8 tokenpipe issuer`
 
-func runIssuer(ctx context.Context, args []string, _, stderr io.Writer) error {
+func RunIssuer(ctx context.Context, args []string, _, stderr io.Writer) error {
 	var cfg IssuerConfig
-	rest, err := loadConfig("issuer", args, stderr, &cfg, issuerUsage)
+	rest, err := LoadConfig("issuer", args, stderr, &cfg, issuerUsage)
 	if err != nil {
-		return helpIsNil(err)
+		return HelpIsNil(err)
 	}
 	if len(rest) != 0 {
 		fmt.Fprintf(stderr, "tokenpipe issuer takes no arguments (got %q); see tokenpipe issuer -h\n", rest)
-		return errUsage
+		return ErrUsage
 	}
-	icfg := cfg.issuerConfig(cfg.Topology())
-	log := newLogger(&cfg.Common, stderr).With("role", "issuer", "instance", icfg.Instance)
+	icfg := cfg.IssuerSettings(cfg.Topology())
+	log := NewLogger(&cfg.Common, stderr).With("role", "issuer", "instance", icfg.Instance)
 	srv := ops.NewServer(log)
 	srv.Profiling = cfg.Pprof
-	pool, err := connectPostgres(ctx, &cfg.Common)
+	pool, err := ConnectPostgres(ctx, &cfg.Common)
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
-	registry := clients.NewRegistry(pool, cfg.ClientCacheTTL)
-	metrics := issuer.NewMetrics(srv.Registry)
-	var iss *issuer.Server
+	pc := PipelineConfig{
+		Issuer: &icfg, Clients: clients.NewRegistry(pool, cfg.ClientCacheTTL), Addr: cfg.HTTPAddr,
+		IssuerGrace: cfg.ShutdownTimeout, Metrics: srv.Registry, Log: log,
+	}
+	var js jetstream.JetStream
 	if cfg.Mode == issuer.ModeAsync {
-		nc, _, err := connectNATS(&cfg.Common, "tokenpipe-issuer", log, newConnMetrics(srv.Registry))
+		nc, _, err := ConnectNATS(&cfg.Common, "tokenpipe-issuer", log, newConnMetrics(srv.Registry))
 		if err != nil {
 			return err
 		}
 		// Runs after the HTTP server stopped: every request's publish was
 		// awaited, so Drain only flushes and closes.
 		defer drainNATS(nc, cfg.ShutdownTimeout, log)
-		js, err := issuer.NewJetStream(nc, icfg)
-		if err != nil {
+		if js, err = issuer.NewJetStream(nc, icfg); err != nil {
 			return err
 		}
 		if _, err := events.Provision(ctx, js, icfg.Topology); err != nil {
 			return err
 		}
 		srv.AddCheck(natsCheck(nc))
-		iss = issuer.New(icfg, registry, nc, js, pool, log, metrics)
+		pc.NC = nc
 	} else {
-		iss = issuer.New(icfg, registry, nil, nil, pool, log, metrics)
 		// Only sync mode needs Postgres for every token. In async mode the
 		// issuer keeps issuing through a database outage (clients are cached),
 		// so a Postgres failure must not take it out of its Service.
@@ -269,17 +270,21 @@ func runIssuer(ctx context.Context, args []string, _, stderr io.Writer) error {
 	// drain is visible before connections are refused.
 	serveCtx, stopServe := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopServe()
+	pl := StartPipeline(serveCtx, pool, js, pc)
+	watched := make(chan struct{})
 	go func() {
+		defer close(watched)
 		select {
 		case <-ctx.Done():
 			srv.SetDraining()
 			log.Info("draining", "grace", cfg.ShutdownTimeout)
 			stopServe()
-		case <-serveCtx.Done(): // Serve failed on its own
+		case <-pl.Stopped(): // Serve failed on its own
 		}
 	}()
-	err = iss.Serve(serveCtx, cfg.HTTPAddr, cfg.ShutdownTimeout)
+	err = pl.Wait()
 	stopServe()
+	<-watched
 	return err
 }
 

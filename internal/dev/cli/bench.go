@@ -1,9 +1,9 @@
-package main
+package cli
 
 import (
+	"github.com/tokenpipe/tokenpipe/internal/app"
+
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"flag"
 	"fmt"
 	"io"
@@ -37,10 +37,10 @@ Examples:
   tokenpipe bench drain -events 500000 -workers 4 -runs 5`
 
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var cfg Common
-	rest, err := loadConfig("bench", args, stderr, &cfg, benchUsage)
+	var cfg app.Common
+	rest, err := app.LoadConfig("bench", args, stderr, &cfg, benchUsage)
 	if err != nil {
-		return helpIsNil(err)
+		return app.HelpIsNil(err)
 	}
 	if len(rest) > 0 && rest[0] == "matrix" {
 		fs := flag.NewFlagSet("bench matrix", flag.ContinueOnError)
@@ -56,13 +56,13 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fs.IntVar(&o.preload, "preload", 1000000, "rows already in the table for the growth scenario")
 		fs.StringVar(&o.write, "write", "", "also write the table into this Markdown file (between bench markers)")
 		if err := fs.Parse(rest[1:]); err != nil {
-			return helpIsNil(flagErr(err))
+			return app.HelpIsNil(app.FlagErr(err))
 		}
 		return runMatrix(ctx, &cfg, o, stdout, stderr)
 	}
 	if len(rest) == 0 || rest[0] != "drain" {
 		fmt.Fprintln(stderr, "usage: tokenpipe bench "+benchUsage)
-		return errUsage
+		return app.ErrUsage
 	}
 	fs := flag.NewFlagSet("bench drain", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -72,7 +72,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	runs := fs.Int("runs", 3, "paired runs; medians are reported")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of this process to `file`")
 	if err := fs.Parse(rest[1:]); err != nil {
-		return helpIsNil(flagErr(err))
+		return app.HelpIsNil(app.FlagErr(err))
 	}
 	if *cpuProfile != "" {
 		stop, err := startCPUProfile(*cpuProfile)
@@ -81,7 +81,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		defer stop()
 	}
-	log := newLogger(&cfg, stderr)
+	log := app.NewLogger(&cfg, stderr)
 	dbURL, dropDB, err := scratchDatabase(ctx, cfg.DatabaseURL)
 	if err != nil {
 		return err
@@ -90,7 +90,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	scratch := cfg
 	scratch.DatabaseURL = dbURL
 	scratch.DBMaxConns = int32(*workers + 2)
-	pool, err := connectPostgres(ctx, &scratch)
+	pool, err := app.ConnectPostgres(ctx, &scratch)
 	if err != nil {
 		return err
 	}
@@ -98,13 +98,13 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if _, err := schema.Up(ctx, pool); err != nil {
 		return err
 	}
-	nc, js, err := connectNATS(&cfg, "tokenpipe-bench", log, nil)
+	nc, js, err := app.ConnectNATS(&cfg, "tokenpipe-bench", log, nil)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
 	topo := cfg.Topology()
-	id := randomID()
+	id := app.RandomID()
 	topo.Stream, topo.Prefix = "TPBENCH_"+strings.ToUpper(id), "tpbench."+id
 	topo.MaxPending = max(topo.MaxPending, *workers**batch*2)
 	defer func() {
@@ -132,15 +132,15 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 func scratchDatabase(ctx context.Context, url string) (string, func(), error) {
 	cfg, err := pgx.ParseConfig(url)
 	if err != nil {
-		return "", nil, fmt.Errorf("%s_DATABASE_URL: %w", envPrefix, redactErr(err))
+		return "", nil, fmt.Errorf("%s_DATABASE_URL: %w", app.EnvPrefix, app.RedactErr(err))
 	}
 	admin := cfg.Copy()
 	admin.Database = "postgres"
 	conn, err := pgx.ConnectConfig(ctx, admin)
 	if err != nil {
-		return "", nil, fmt.Errorf("connect to Postgres at %s: %w", redactURL(url), redactErr(err))
+		return "", nil, fmt.Errorf("connect to Postgres at %s: %w", app.RedactURL(url), app.RedactErr(err))
 	}
-	name := "tokenpipe_scratch_" + randomID()
+	name := "tokenpipe_scratch_" + app.RandomID()
 	if _, err := conn.Exec(ctx, "CREATE DATABASE "+name); err != nil {
 		conn.Close(ctx)
 		return "", nil, fmt.Errorf("create scratch database: %w", err)
@@ -171,17 +171,4 @@ func startCPUProfile(path string) (stop func(), err error) {
 		return nil, fmt.Errorf("cpu profile: %w", err)
 	}
 	return func() { pprof.StopCPUProfile(); f.Close() }, nil
-}
-
-func randomID() string {
-	b := make([]byte, 5)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
-}
-
-func flagErr(err error) error {
-	if err == flag.ErrHelp {
-		return errHelp
-	}
-	return errUsage
 }

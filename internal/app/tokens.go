@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"context"
@@ -28,20 +28,20 @@ TOKENPIPE_TOKEN_KEYS. Every issuer must have the same keys. To rotate, list
 the new key second, roll it out, move it first, roll out again, and drop the
 old key once the tokens it signed have expired (TOKENPIPE_REFRESH_TTL).`
 
-func runKeygen(_ context.Context, args []string, stdout, stderr io.Writer) error {
+func RunKeygen(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 {
 		fmt.Fprintln(stderr, keygenUsage)
 		if args[0] == "-h" || args[0] == "--help" {
 			return nil
 		}
-		return errUsage
+		return ErrUsage
 	}
-	_, err := fmt.Fprintln(stdout, randomKey())
+	_, err := fmt.Fprintln(stdout, RandomKey())
 	return err
 }
 
-// randomKey returns 32 random bytes, base64url: a token key or admin token.
-func randomKey() string {
+// RandomKey returns 32 random bytes, base64url: a token key or admin token.
+func RandomKey() string {
 	b := make([]byte, tokens.KeyMinBytes)
 	_, _ = rand.Read(b) // never fails (crypto/rand panics instead)
 	return base64.RawURLEncoding.EncodeToString(b)
@@ -72,15 +72,15 @@ Examples:
   tokenpipe tokens revoke -client mobile -user alice
   tokenpipe tokens revoke -user alice`
 
-func runTokens(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func RunTokens(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg Common
-	rest, err := loadConfig("tokens", args, stderr, &cfg, tokensUsage)
+	rest, err := LoadConfig("tokens", args, stderr, &cfg, tokensUsage)
 	if err != nil {
-		return helpIsNil(err)
+		return HelpIsNil(err)
 	}
 	if len(rest) == 0 {
 		fmt.Fprintln(stderr, "usage: tokenpipe tokens "+tokensUsage)
-		return errUsage
+		return ErrUsage
 	}
 	fs := flag.NewFlagSet("tokens "+rest[0], flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -95,20 +95,20 @@ func runTokens(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(rest[1:]); err != nil {
-		return flagErr(err)
+		return FlagErr(err)
 	}
 	if fs.NArg() != 0 {
 		fs.Usage()
-		return errUsage
+		return ErrUsage
 	}
 	need := func(name, v string) error {
 		if v == "" {
 			fmt.Fprintf(stderr, "tokenpipe tokens %s: -%s is required\n", rest[0], name)
-			return errUsage
+			return ErrUsage
 		}
 		return nil
 	}
-	pool, err := connectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
+	pool, err := ConnectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
 	if err != nil {
 		return err
 	}
@@ -156,11 +156,11 @@ func runTokens(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return tokensRevoke(ctx, &cfg, *client, *user, *noStream, stdout, stderr)
 	}
 	fmt.Fprintf(stderr, "tokenpipe tokens: unknown subcommand %q\nusage: tokenpipe tokens %s\n", rest[0], tokensUsage)
-	return errUsage
+	return ErrUsage
 }
 
 func tokensRevoke(ctx context.Context, cfg *Common, client, user string, noStream bool, stdout, stderr io.Writer) error {
-	pool, err := connectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
+	pool, err := ConnectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
 	if err != nil {
 		return err
 	}
@@ -179,7 +179,7 @@ func tokensRevoke(ctx context.Context, cfg *Common, client, user string, noStrea
 		return reportRevoke(stdout, client, user, res)
 	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	nc, js, err := connectNATS(cfg, "tokenpipe-tokens", log, nil)
+	nc, js, err := ConnectNATS(cfg, "tokenpipe-tokens", log, nil)
 	if err != nil {
 		return err
 	}

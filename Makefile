@@ -50,6 +50,7 @@ vet:
 	$(GO) vet -tags dev $(PKGS)
 
 staticcheck:
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) $(PKGS)
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) -tags dev $(PKGS)
 
 lint: vet staticcheck

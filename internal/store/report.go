@@ -210,11 +210,15 @@ type RowState struct {
 	Digest         events.Digest
 	State          string
 	StateChangedAt time.Time
+	PersistedAt    time.Time
+	StreamSeq      int64 // 0 for rows without one (sync mode, revocations)
 }
 
-// RowStates reads the state of the given tokens' rows.
+// RowStates reads the state of the given tokens' rows; tokens without a row
+// are left out.
 func RowStates(ctx context.Context, db Querier, digests []events.Digest) ([]RowState, error) {
-	rows, err := db.Query(ctx, `SELECT token_digest, state, state_changed_at FROM tokens WHERE token_digest = ANY($1::bytea[])`, rawDigests(digests))
+	rows, err := db.Query(ctx, `SELECT token_digest, state, state_changed_at, persisted_at, coalesce(stream_seq, 0)
+		FROM tokens WHERE token_digest = ANY($1::bytea[])`, rawDigests(digests))
 	if err != nil {
 		return nil, err
 	}
@@ -223,7 +227,7 @@ func RowStates(ctx context.Context, db Querier, digests []events.Digest) ([]RowS
 	for rows.Next() {
 		var d []byte
 		var r RowState
-		if err := rows.Scan(&d, &r.State, &r.StateChangedAt); err != nil {
+		if err := rows.Scan(&d, &r.State, &r.StateChangedAt, &r.PersistedAt, &r.StreamSeq); err != nil {
 			return nil, err
 		}
 		r.Digest = events.Digest(d)
@@ -249,6 +253,32 @@ func RowsByState(ctx context.Context, db interface {
 			return nil, err
 		}
 		out[s] = n
+	}
+	return out, rows.Err()
+}
+
+// CountRows counts the rows the given tokens have.
+func CountRows(ctx context.Context, db Querier, digests []events.Digest) (int, error) {
+	var n int
+	err := db.QueryRow(ctx, `SELECT count(*) FROM tokens WHERE token_digest = ANY($1::bytea[])`, rawDigests(digests)).Scan(&n)
+	return n, err
+}
+
+// ClientStates counts a client's rows by state.
+func ClientStates(ctx context.Context, db Querier, client string) (map[string]int64, error) {
+	rows, err := db.Query(ctx, `SELECT state, count(*) FROM tokens WHERE client_id = $1 GROUP BY state`, client)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string]int64{}
+	for rows.Next() {
+		var st string
+		var n int64
+		if err := rows.Scan(&st, &n); err != nil {
+			return nil, err
+		}
+		out[st] = n
 	}
 	return out, rows.Err()
 }

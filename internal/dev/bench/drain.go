@@ -265,9 +265,13 @@ func drainOnce(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStream, 
 	if err := running.Stop(); err != nil {
 		return 0, err
 	}
-	var n int
-	if err := pool.QueryRow(ctx, "SELECT count(*) FROM tokens").Scan(&n); err != nil {
+	states, err := store.RowsByState(ctx, pool)
+	if err != nil {
 		return 0, fmt.Errorf("count rows: %w", err)
+	}
+	var n int
+	for _, c := range states {
+		n += int(c)
 	}
 	if n != o.Events {
 		return 0, fmt.Errorf("drain wrote %d rows for %d events", n, o.Events)

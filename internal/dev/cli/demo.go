@@ -2,6 +2,7 @@ package cli
 
 import (
 	"github.com/tokenpipe/tokenpipe/internal/app"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 
 	"context"
 	"flag"
@@ -166,11 +167,11 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	var active, inactive int
-	if err := pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE state = 'ACTIVE'), count(*) FILTER (WHERE state = 'INACTIVE')
-		FROM tokens WHERE client_id = $1`, clientID).Scan(&active, &inactive); err != nil {
+	states, err := store.ClientStates(ctx, pool, clientID)
+	if err != nil {
 		return err
 	}
+	active, inactive := states["ACTIVE"], states["INACTIVE"]
 	say("")
 	say("summary")
 	say("  issued (HTTP 200)                    %d", out.OK)

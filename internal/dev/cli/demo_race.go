@@ -19,6 +19,7 @@ import (
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/app"
 	"github.com/tokenpipe/tokenpipe/internal/clients"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/issuer"
 )
 
@@ -71,13 +72,11 @@ func raceDemo(ctx context.Context, cfg issuer.Config, reg *clients.Registry, nc 
 // raceRows prints the two tokens' rows.
 func raceRows(ctx context.Context, pool *pgxpool.Pool, ds []events.Digest, say func(string, ...any)) error {
 	for i, d := range ds {
-		var state string
-		var seq int64
-		var persisted, changed time.Time
-		if err := pool.QueryRow(ctx, `SELECT state, stream_seq, persisted_at, state_changed_at FROM tokens WHERE token_digest = $1`, d[:]).
-			Scan(&state, &seq, &persisted, &changed); err != nil {
-			return fmt.Errorf("race row: %w", err)
+		rows, err := store.RowStates(ctx, pool, []events.Digest{d})
+		if err != nil || len(rows) != 1 {
+			return fmt.Errorf("race row: %d rows, %v", len(rows), err)
 		}
+		state, seq, persisted, changed := rows[0].State, rows[0].StreamSeq, rows[0].PersistedAt, rows[0].StateChangedAt
 		line := fmt.Sprintf("  token %c  %s  stream seq %d  %-8s", 'A'+i, d.String()[:12], seq, state)
 		if state != "ACTIVE" {
 			line += fmt.Sprintf("  (made %s %s after it was persisted)", state, changed.Sub(persisted).Round(time.Millisecond))
@@ -92,7 +91,10 @@ func waitState(ctx context.Context, pool *pgxpool.Pool, d events.Digest, state s
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		var got string
-		err := pool.QueryRow(ctx, `SELECT state FROM tokens WHERE token_digest = $1`, d[:]).Scan(&got)
+		rows, err := store.RowStates(ctx, pool, []events.Digest{d})
+		if len(rows) == 1 {
+			got = rows[0].State
+		}
 		if err == nil && got == state {
 			return nil
 		}

@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 
 // QueueSample is the backlog of the durable consumers at one moment.
@@ -134,25 +135,17 @@ func PersistLag(ctx context.Context, pool *pgxpool.Pool, tokens []Token, every i
 	const chunk = 5000
 	for lo := 0; lo < len(sample); lo += chunk {
 		part := sample[lo:min(lo+chunk, len(sample))]
-		raw := make([][]byte, len(part))
+		digests := make([]events.Digest, len(part))
 		for i, tk := range part {
-			raw[i] = tk.Digest[:]
+			digests[i] = tk.Digest
 			received[string(tk.Digest[:])] = tk.Received
 		}
-		rows, err := pool.Query(ctx, `SELECT token_digest, persisted_at FROM tokens WHERE token_digest = ANY($1::bytea[])`, raw)
+		rows, err := store.RowStates(ctx, pool, digests)
 		if err != nil {
 			return LagResult{}, fmt.Errorf("read persisted_at: %w", err)
 		}
-		for rows.Next() {
-			var d []byte
-			var at time.Time
-			if err := rows.Scan(&d, &at); err != nil {
-				return LagResult{}, err
-			}
-			lags = append(lags, max(0, at.Sub(received[string(d)])))
-		}
-		if err := rows.Err(); err != nil {
-			return LagResult{}, err
+		for _, r := range rows {
+			lags = append(lags, max(0, r.PersistedAt.Sub(received[string(r.Digest[:])])))
 		}
 	}
 	r := LagResult{Measured: len(lags), Unpersisted: len(sample) - len(lags)}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/audit"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 
 // Ramp steps the rate up until the lag or error bound is passed.
@@ -182,9 +183,11 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		}
 		rep.Steps[0].Lag = lag
 	}
-	if err := o.Pool.QueryRow(ctx, `SELECT count(*) FROM tokens WHERE state = 'INACTIVE' AND client_id = $1`, o.Target.ClientID).Scan(&rep.Inactive); err != nil {
+	states, err := store.ClientStates(ctx, o.Pool, o.Target.ClientID)
+	if err != nil {
 		return nil, fmt.Errorf("count inactive: %w", err)
 	}
+	rep.Inactive = int(states["INACTIVE"])
 	if rep.ClientVisible, err = clientVisible(ctx, o, all, rep.Started); err != nil {
 		return nil, err
 	}
@@ -233,14 +236,13 @@ func LastSent(tokens []Token) map[events.Digest]time.Time {
 
 // waitPersisted waits until every token of the set has a row, or limit.
 func waitPersisted(ctx context.Context, pool *pgxpool.Pool, tokens []Token, limit time.Duration) {
-	raw := make([][]byte, len(tokens))
+	digests := make([]events.Digest, len(tokens))
 	for i := range tokens {
-		raw[i] = tokens[i].Digest[:]
+		digests[i] = tokens[i].Digest
 	}
 	deadline := time.Now().Add(limit)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
-		var n int
-		err := pool.QueryRow(ctx, `SELECT count(*) FROM tokens WHERE token_digest = ANY($1::bytea[])`, raw).Scan(&n)
+		n, err := store.CountRows(ctx, pool, digests)
 		if err == nil && n >= len(tokens) {
 			return
 		}

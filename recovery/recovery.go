@@ -169,14 +169,8 @@ func PublishDeactivations(ctx context.Context, js jetstream.JetStream, topo even
 		}
 		futures = append(futures, f)
 	}
-	for _, f := range futures {
-		select {
-		case <-f.Ok():
-		case err := <-f.Err():
-			return fmt.Errorf("publish deactivation: %w", err)
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+	if err := stream.WaitAcks(ctx, futures); err != nil {
+		return fmt.Errorf("deactivation notices: %w", err)
 	}
 	return nil
 }

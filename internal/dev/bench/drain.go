@@ -23,6 +23,7 @@ import (
 	"github.com/tokenpipe/tokenpipe/internal/app"
 	"github.com/tokenpipe/tokenpipe/internal/consume"
 	"github.com/tokenpipe/tokenpipe/internal/store"
+	"github.com/tokenpipe/tokenpipe/internal/stream"
 	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
@@ -141,14 +142,8 @@ func Fill(ctx context.Context, js jetstream.JetStream, topo events.Topology, evs
 	const window = 4096
 	futures := make([]jetstream.PubAckFuture, 0, window)
 	wait := func() error {
-		for _, f := range futures {
-			select {
-			case <-f.Ok():
-			case err := <-f.Err():
-				return fmt.Errorf("publish: %w", err)
-			case <-ctx.Done():
-				return ctx.Err()
-			}
+		if err := stream.WaitAcks(ctx, futures); err != nil {
+			return err
 		}
 		futures = futures[:0]
 		return nil

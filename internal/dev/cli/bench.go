@@ -18,7 +18,7 @@ import (
 	"github.com/tokenpipe/tokenpipe/internal/schema"
 )
 
-const benchUsage = `drain|matrix [flags]
+const benchUsage = `drain|matrix|roles [flags]
 
   matrix  the scenario matrix of make bench: ceilings (raw COPY, raw
           JetStream), drain at 1/2/4 workers, async end to end ramped to the
@@ -31,8 +31,17 @@ const benchUsage = `drain|matrix [flags]
           persister drain the stream into it; prints both rates and the ratio.
           Uses a scratch database and stream that are removed afterwards.
 
+  roles   issuer, persister and recovery as separate processes of this
+          binary against a scratch database and stream, driven at -rate by
+          the load generator; prints the CPU each process (and nats-server,
+          the database's Postgres backends and the generator) spends per
+          token, from /proc/<pid>/stat over the measured interval, against
+          the goals. -nats-server module runs a nats-server process built
+          from the linked nats-server/v2 module instead of the machine's.
+
 Examples:
   tokenpipe bench drain
+  tokenpipe bench roles -rate 3000 -duration 20s -runs 3
   tokenpipe bench matrix -runs 3 -write BENCHMARKS.md
   tokenpipe bench drain -events 500000 -workers 4 -runs 5`
 
@@ -59,6 +68,16 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return app.HelpIsNil(app.FlagErr(err))
 		}
 		return runMatrix(ctx, &cfg, o, stdout, stderr)
+	}
+	if len(rest) > 0 && rest[0] == "roles" {
+		o, err := parseRolesFlags(rest[1:], stderr)
+		if err != nil {
+			return err
+		}
+		return runRoles(ctx, &cfg, o, stdout, stderr)
+	}
+	if len(rest) > 0 && rest[0] == "nats-server" {
+		return runNATSServer(ctx, rest[1:], stderr)
 	}
 	if len(rest) == 0 || rest[0] != "drain" {
 		fmt.Fprintln(stderr, "usage: tokenpipe bench "+benchUsage)

@@ -1,0 +1,500 @@
+package cli
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/app"
+	"github.com/tokenpipe/tokenpipe/internal/clients"
+	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
+	"github.com/tokenpipe/tokenpipe/internal/dev/loadgen"
+	"github.com/tokenpipe/tokenpipe/internal/schema"
+	"github.com/tokenpipe/tokenpipe/internal/store"
+)
+
+// benchAppName marks the benchmark's own Postgres connections, so they are
+// not counted as the roles' backends.
+const benchAppName = "tokenpipe-bench-roles"
+
+type rolesOpts struct {
+	rate        float64
+	duration    time.Duration
+	warmup      time.Duration
+	runs        int
+	concurrency int
+	natsServer  string // "machine" (TOKENPIPE_NATS_URL) or "module"
+}
+
+func parseRolesFlags(args []string, stderr io.Writer) (rolesOpts, error) {
+	fs := flag.NewFlagSet("bench roles", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var o rolesOpts
+	fs.Float64Var(&o.rate, "rate", 3000, "tokens per second offered")
+	fs.DurationVar(&o.duration, "duration", 20*time.Second, "measured interval of each run")
+	fs.DurationVar(&o.warmup, "warmup", 5*time.Second, "unmeasured sending at the rate before each measured interval")
+	fs.IntVar(&o.runs, "runs", 3, "runs; medians are reported")
+	fs.IntVar(&o.concurrency, "concurrency", 256, "most requests in flight")
+	fs.StringVar(&o.natsServer, "nats-server", "machine", "machine: the server at TOKENPIPE_NATS_URL; module: a nats-server process built from the nats-server/v2 module this binary links")
+	if err := fs.Parse(args); err != nil {
+		return o, app.HelpIsNil(app.FlagErr(err))
+	}
+	if o.rate <= 0 || o.duration <= 0 || o.warmup < 0 || o.runs < 1 || o.concurrency < 1 || (o.natsServer != "machine" && o.natsServer != "module") {
+		fmt.Fprintln(stderr, "bench roles: -rate, -duration, -runs and -concurrency must be positive, -warmup not negative, -nats-server machine or module")
+		return o, app.ErrUsage
+	}
+	return o, nil
+}
+
+// child is one role running as a process of this binary.
+type child struct {
+	role string
+	cmd  *exec.Cmd
+	ops  string
+	done chan error
+	dead bool
+}
+
+func startChild(ctx context.Context, env []string, stderr io.Writer, role string, args ...string) (*child, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find this binary: %w", err)
+	}
+	ops, err := freeLoopback()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(self, append([]string{role}, args...)...)
+	cmd.Env = append(append([]string{}, env...), app.EnvPrefix+"_OPS_ADDR="+ops)
+	cmd.Stdout, cmd.Stderr = stderr, stderr
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", role, err)
+	}
+	c := &child{role: role, cmd: cmd, ops: ops, done: make(chan error, 1)}
+	go func() { c.done <- cmd.Wait() }()
+	return c, nil
+}
+
+// waitReady polls the child's /readyz until it answers 200.
+func (c *child) waitReady(ctx context.Context, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-c.done:
+			c.done <- err
+			return fmt.Errorf("%s exited during start: %v", c.role, err)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+		resp, err := http.Get("http://" + c.ops + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+	}
+	return fmt.Errorf("%s not ready after %s", c.role, limit)
+}
+
+// stop asks the child to finish (SIGTERM) and kills it if it has not within
+// the limit; it always waits for the process.
+func (c *child) stop(limit time.Duration) {
+	if c.dead {
+		return
+	}
+	c.dead = true
+	_ = c.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-c.done:
+	case <-time.After(limit):
+		_ = c.cmd.Process.Kill()
+		<-c.done
+	}
+}
+
+func freeLoopback() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", fmt.Errorf("find a free port: %w", err)
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}
+
+// runRoles is `tokenpipe bench roles`.
+func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr io.Writer) (err error) {
+	log := app.NewLogger(cfg, stderr)
+	rep := &bench.RolesReport{Rate: o.rate, Duration: o.duration,
+		Notes: []string{fmt.Sprintf("CPU is utime+stime from /proc/<pid>/stat (all threads) in clock ticks of 1/%d s, over the measured interval, divided by the 200 answers in it", bench.ClockTicks)}}
+	natsPID := 0
+	if o.natsServer == "module" {
+		addr, err := freeLoopback()
+		if err != nil {
+			return err
+		}
+		dir, err := os.MkdirTemp("", "tokenpipe-bench-nats-")
+		if err != nil {
+			return fmt.Errorf("nats store: %w", err)
+		}
+		defer os.RemoveAll(dir)
+		c, err := startChild(ctx, os.Environ(), stderr, "bench", "nats-server", "-addr", addr, "-store", dir)
+		if err != nil {
+			return err
+		}
+		defer c.stop(20 * time.Second)
+		if err := waitListening(ctx, c, addr, 20*time.Second); err != nil {
+			return err
+		}
+		natsPID = c.cmd.Process.Pid
+		cfg.NATSURL = "nats://" + addr
+		rep.NATSWhere = "a process built from the nats-server/v2 module, pid " + strconv.Itoa(natsPID)
+	}
+
+	dbURL, dropDB, err := scratchDatabase(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return err
+	}
+	defer dropDB()
+	pcfg, err := pgxpool.ParseConfig(dbURL)
+	if err != nil {
+		return fmt.Errorf("%s_DATABASE_URL: %w", app.EnvPrefix, app.RedactErr(err))
+	}
+	pcfg.MaxConns = 4
+	pcfg.ConnConfig.RuntimeParams["application_name"] = benchAppName
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		return fmt.Errorf("connect to the scratch database: %w", app.RedactErr(err))
+	}
+	defer pool.Close()
+	if _, err := schema.Up(ctx, pool); err != nil {
+		return err
+	}
+	if err := pool.QueryRow(ctx, "SHOW server_version").Scan(&rep.PGVersion); err != nil {
+		return fmt.Errorf("postgres version: %w", err)
+	}
+
+	nc, js, err := app.ConnectNATS(cfg, "tokenpipe-bench-roles", log, nil)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	rep.NATSVersion = nc.ConnectedServerVersion()
+	if natsPID == 0 {
+		natsPID, rep.NATSWhere = findNATSProcess(cfg.NATSURL)
+	}
+
+	id := app.RandomID()
+	topo := cfg.Topology()
+	topo.Stream, topo.Prefix = "TPROLES_"+strings.ToUpper(id), "tproles."+id
+	// Deferred before the roles are started, so it runs after they stopped:
+	// none of them can recreate the stream.
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		_ = js.DeleteStream(dctx, topo.Stream)
+	}()
+
+	keyBytes := make([]byte, 32)
+	if _, err := rand.Read(keyBytes); err != nil {
+		return err
+	}
+	httpAddr, err := freeLoopback()
+	if err != nil {
+		return err
+	}
+	env := append(os.Environ(),
+		app.EnvPrefix+"_DATABASE_URL="+dbURL,
+		app.EnvPrefix+"_NATS_URL="+cfg.NATSURL,
+		app.EnvPrefix+"_STREAM="+topo.Stream,
+		app.EnvPrefix+"_SUBJECT_PREFIX="+topo.Prefix,
+		app.EnvPrefix+"_TOKEN_KEYS="+hex.EncodeToString(keyBytes),
+		app.EnvPrefix+"_HTTP_ADDR="+httpAddr,
+		app.EnvPrefix+"_LOG_LEVEL=warn",
+		app.EnvPrefix+"_LOG_FORMAT=text",
+		// The recovery role's periodic cleanup would be work outside the
+		// per-token path; the issue measures the steady path.
+		app.EnvPrefix+"_CLEANUP_INTERVAL=0s",
+	)
+	roles := map[string]*child{}
+	for _, role := range []string{"issuer", "persister", "recovery"} {
+		c, err := startChild(ctx, env, stderr, role)
+		if err != nil {
+			return err
+		}
+		defer c.stop(20 * time.Second)
+		roles[role] = c
+		// One at a time: the issuer provisions the stream the others consume.
+		if err := c.waitReady(ctx, 60*time.Second); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(stderr, "roles ready: issuer pid %d, persister pid %d, recovery pid %d, nats-server pid %d; database %s, stream %s\n",
+		roles["issuer"].cmd.Process.Pid, roles["persister"].cmd.Process.Pid, roles["recovery"].cmd.Process.Pid, natsPID,
+		app.RedactURL(dbURL), topo.Stream)
+
+	scopes := make([]string, 1000)
+	for i := range scopes {
+		scopes[i] = fmt.Sprintf("p%04d", i)
+	}
+	clientID := "bench-roles-" + id
+	secret, err := clients.Add(ctx, pool, clientID, scopes, []string{"client_credentials"})
+	if err != nil {
+		return err
+	}
+	gen := loadgen.New(loadgen.Target{URL: "http://" + httpAddr + "/oauth2/token", ClientID: clientID, Secret: secret, ScopePool: len(scopes)},
+		loadgen.Mix{}, o.concurrency)
+	defer gen.Close()
+
+	procs := []struct {
+		role string
+		goal float64
+		pid  int
+	}{
+		{"issuer", 40, roles["issuer"].cmd.Process.Pid},
+		{"persister", 20, roles["persister"].cmd.Process.Pid},
+		{"recovery", 0, roles["recovery"].cmd.Process.Pid},
+		{"nats-server", 40, natsPID},
+		{"load generator (this process)", 30, os.Getpid()},
+	}
+	costs := make([]bench.RoleCost, len(procs)+1)
+	for i, p := range procs {
+		costs[i] = bench.RoleCost{Role: p.role, Goal: p.goal}
+		if p.pid == 0 {
+			costs[i].Missing = "no nats-server process found on this machine"
+		}
+	}
+	pgIdx := len(procs)
+	costs[pgIdx] = bench.RoleCost{Role: "Postgres (backends of the scratch database)", Goal: 40}
+
+	for run := 1; run <= o.runs; run++ {
+		if o.warmup > 0 {
+			gen.Run(ctx, loadgen.Step{Rate: o.rate, Duration: o.warmup, Concurrency: o.concurrency}, nil)
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		before := make([]time.Duration, len(procs))
+		for i, p := range procs {
+			if p.pid != 0 {
+				if before[i], err = bench.ProcCPU(p.pid); err != nil {
+					return fmt.Errorf("cpu of %s: %w", p.role, err)
+				}
+			}
+		}
+		pgBefore, err := backendCPU(ctx, pool)
+		if err != nil {
+			return err
+		}
+		res := gen.Run(ctx, loadgen.Step{Rate: o.rate, Duration: o.duration, Concurrency: o.concurrency}, nil)
+		pgAfter, err := backendCPU(ctx, pool)
+		if err != nil {
+			return err
+		}
+		after := make([]time.Duration, len(procs))
+		for i, p := range procs {
+			if p.pid != 0 {
+				if after[i], err = bench.ProcCPU(p.pid); err != nil {
+					return fmt.Errorf("cpu of %s: %w", p.role, err)
+				}
+			}
+		}
+		wall := res.Ended.Sub(res.Started)
+		if res.OK == 0 {
+			return fmt.Errorf("run %d: no request got a token (%v)", run, res.Errors)
+		}
+		add := func(i int, used time.Duration) {
+			costs[i].PerToken = append(costs[i].PerToken, float64(used.Microseconds())/float64(res.OK))
+			costs[i].Cores = append(costs[i].Cores, used.Seconds()/wall.Seconds())
+		}
+		for i, p := range procs {
+			if p.pid != 0 {
+				add(i, after[i]-before[i])
+			}
+		}
+		var pgUsed time.Duration
+		for pid, t := range pgAfter {
+			pgUsed += t - pgBefore[pid] // a backend started in the interval counts whole
+		}
+		add(pgIdx, pgUsed)
+
+		lag, unpersisted, err := persistLag(ctx, pool, res.Tokens)
+		if err != nil {
+			return err
+		}
+		ms := func(q float64) float64 { return float64(res.Latency.ValueAtQuantile(q)) / 1000 }
+		rep.Runs = append(rep.Runs, bench.RolesRun{Rate: res.AchievedRate(), HTTPP50: ms(50), HTTPP99: ms(99),
+			LagP50: lag.P50, LagP99: lag.P99, Tokens: res.OK, Errors: res.Sent - res.OK, Unpersisted: unpersisted})
+		fmt.Fprintf(stderr, "run %d/%d: %d tokens in %s (%.0f/s), issuer %.0f µs, persister %.0f µs, postgres %.0f µs per token\n",
+			run, o.runs, res.OK, wall.Round(time.Millisecond), res.AchievedRate(),
+			last(costs[0].PerToken), last(costs[1].PerToken), last(costs[pgIdx].PerToken))
+	}
+	rep.Roles = costs
+	if o.natsServer == "machine" {
+		rep.Notes = append(rep.Notes, "the machine's nats-server serves every client on it: its figure includes any other traffic during the interval")
+	}
+	rep.Notes = append(rep.Notes, "Postgres is the sum over the scratch database's backends in pg_stat_activity (the benchmark's own connections excluded); the WAL writer, checkpointer and autovacuum are not counted")
+	rep.WriteTable(stdout)
+	return nil
+}
+
+func last(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	return xs[len(xs)-1]
+}
+
+// backendCPU maps every backend of the scratch database but the benchmark's
+// own to its CPU so far.
+func backendCPU(ctx context.Context, pool *pgxpool.Pool) (map[int]time.Duration, error) {
+	rows, err := pool.Query(ctx, `SELECT pid FROM pg_stat_activity
+		WHERE datname = current_database() AND application_name <> $1`, benchAppName)
+	if err != nil {
+		return nil, fmt.Errorf("list backends: %w", err)
+	}
+	var pids []int
+	for rows.Next() {
+		var pid int
+		if err := rows.Scan(&pid); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		pids = append(pids, pid)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list backends: %w", err)
+	}
+	out := make(map[int]time.Duration, len(pids))
+	for _, pid := range pids {
+		t, err := bench.ProcCPU(pid)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // the backend ended since the query
+		}
+		if err != nil {
+			return nil, fmt.Errorf("cpu of backend %d (is Postgres on this machine?): %w", pid, err)
+		}
+		out[pid] = t
+	}
+	return out, nil
+}
+
+// persistLag waits (up to a minute) for the tokens' rows, then measures their
+// issue-to-persisted lag.
+func persistLag(ctx context.Context, pool *pgxpool.Pool, tokens []loadgen.Token) (loadgen.LagResult, int, error) {
+	digests := make([]events.Digest, len(tokens))
+	for i, t := range tokens {
+		digests[i] = t.Digest
+	}
+	for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); {
+		n, err := store.CountRows(ctx, pool, digests)
+		if err != nil {
+			return loadgen.LagResult{}, 0, fmt.Errorf("count rows: %w", err)
+		}
+		if n >= len(digests) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return loadgen.LagResult{}, 0, ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	lag, err := loadgen.PersistLag(ctx, pool, tokens, 1)
+	return lag, lag.Unpersisted, err
+}
+
+// findNATSProcess finds the local process serving url: the owner of its
+// listening port, else the only process whose command line names
+// nats-server. 0 if the server is not on this machine or not found.
+func findNATSProcess(natsURL string) (int, string) {
+	u, err := url.Parse(strings.Split(natsURL, ",")[0])
+	if err != nil {
+		return 0, "not found"
+	}
+	port, err := strconv.Atoi(u.Port())
+	if err != nil {
+		port = 4222
+	}
+	if pid := bench.ListenerPID(port); pid != 0 {
+		return pid, fmt.Sprintf("the machine's server, pid %d, owner of port %d", pid, port)
+	}
+	pids := bench.PIDsByCommand("nats-server")
+	if len(pids) == 1 {
+		return pids[0], fmt.Sprintf("the machine's server, pid %d, the only nats-server process", pids[0])
+	}
+	return 0, fmt.Sprintf("not found (%d nats-server processes, none owning port %d)", len(pids), port)
+}
+
+// waitListening waits for the nats-server child to accept connections.
+func waitListening(ctx context.Context, c *child, addr string, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-c.done:
+			c.done <- err
+			return fmt.Errorf("nats-server exited during start: %v", err)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+		if conn, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+			conn.Close()
+			return nil
+		}
+	}
+	return fmt.Errorf("nats-server not listening on %s after %s", addr, limit)
+}
+
+// runNATSServer is the hidden `bench nats-server`: a JetStream server from
+// the nats-server/v2 module this binary links, in its own process, until
+// SIGTERM. bench roles -nats-server module starts it.
+func runNATSServer(ctx context.Context, args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("bench nats-server", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("addr", "127.0.0.1:4223", "listen address")
+	dir := fs.String("store", "", "JetStream store directory (required)")
+	if err := fs.Parse(args); err != nil {
+		return app.HelpIsNil(app.FlagErr(err))
+	}
+	host, portText, err := net.SplitHostPort(*addr)
+	port, perr := strconv.Atoi(portText)
+	if err != nil || perr != nil || *dir == "" {
+		fmt.Fprintln(stderr, "bench nats-server: -addr must be host:port and -store set")
+		return app.ErrUsage
+	}
+	srv, err := server.NewServer(&server.Options{Host: host, Port: port, JetStream: true,
+		StoreDir: filepath.Clean(*dir), NoSigs: true, NoLog: true})
+	if err != nil {
+		return fmt.Errorf("nats-server: %w", err)
+	}
+	srv.Start()
+	if !srv.ReadyForConnections(15 * time.Second) {
+		srv.Shutdown()
+		return fmt.Errorf("nats-server %s did not become ready", server.VERSION)
+	}
+	<-ctx.Done()
+	srv.Shutdown()
+	srv.WaitForShutdown()
+	return nil
+}

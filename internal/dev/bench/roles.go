@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -48,6 +51,39 @@ func ProcCPU(pid int) (time.Duration, error) {
 		return 0, err
 	}
 	return ParseProcStat(data)
+}
+
+// ParseMachineCPU returns the busy CPU time of all cores (user, nice,
+// system, irq, softirq; not idle, iowait or steal, the time a virtual
+// machine's host kept for itself) from the text of /proc/stat, so a run can show how much
+// of the machine's work was not its own.
+func ParseMachineCPU(data []byte) (time.Duration, error) {
+	line, _, _ := strings.Cut(string(data), "\n")
+	f := strings.Fields(line)
+	if len(f) < 5 || f[0] != "cpu" {
+		return 0, fmt.Errorf("proc stat: no cpu line")
+	}
+	var busy uint64
+	// user nice system idle iowait irq softirq steal (guest is inside user).
+	for i, v := range f[1:min(len(f), 9)] {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("proc stat cpu field %d: %w", i+1, err)
+		}
+		if i != 3 && i != 4 && i != 7 {
+			busy += n
+		}
+	}
+	return time.Duration(busy) * (time.Second / ClockTicks), nil
+}
+
+// MachineCPU is ParseMachineCPU of this machine's /proc/stat.
+func MachineCPU() (time.Duration, error) {
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, err
+	}
+	return ParseMachineCPU(data)
 }
 
 // ListenerPID finds the process listening on TCP port on this machine, from
@@ -141,6 +177,11 @@ type RolesRun struct {
 	LagP50, LagP99      time.Duration
 	Tokens              int
 	Errors, Unpersisted int
+	// MachineCores is the whole machine's busy CPU over the interval, and
+	// MeasuredCores the part the measured processes account for: the rest
+	// is other work competing for the same cores.
+	MachineCores, MeasuredCores float64
+	ErrorKinds                  map[string]int // failed requests by kind (status, transport, dropped)
 }
 
 // RolesReport is the whole benchmark.
@@ -203,16 +244,36 @@ func (r *RolesReport) WriteTable(w io.Writer) {
 		rate := col(func(x RolesRun) float64 { return x.Rate })
 		h50, h99 := col(func(x RolesRun) float64 { return x.HTTPP50 }), col(func(x RolesRun) float64 { return x.HTTPP99 })
 		l50, l99 := col(func(x RolesRun) float64 { return ms(x.LagP50) }), col(func(x RolesRun) float64 { return ms(x.LagP99) })
-		errs := 0
-		unp := 0
+		errs, unp := 0, 0
+		kinds := map[string]int{}
 		for _, x := range r.Runs {
 			errs += x.Errors
 			unp += x.Unpersisted
+			for k, n := range x.ErrorKinds {
+				kinds[k] += n
+			}
+		}
+		failed := strconv.Itoa(errs)
+		if len(kinds) > 0 {
+			var parts []string
+			for _, k := range slices.Sorted(maps.Keys(kinds)) {
+				parts = append(parts, fmt.Sprintf("%s %d", k, kinds[k]))
+			}
+			failed += " (" + strings.Join(parts, ", ") + ")"
 		}
 		fmt.Fprintf(w, "\nachieved %.0f tokens/s [%.0f-%.0f]; HTTP p50 %.1f ms [%.1f-%.1f], p99 %.1f ms [%.1f-%.1f]; "+
-			"persist lag p50 %.0f ms [%.0f-%.0f], p99 %.0f ms [%.0f-%.0f]; failed requests %d, unpersisted tokens %d\n",
+			"persist lag p50 %.0f ms [%.0f-%.0f], p99 %.0f ms [%.0f-%.0f]; failed requests %s, unpersisted tokens %d\n",
 			rate.Median, rate.Min, rate.Max, h50.Median, h50.Min, h50.Max, h99.Median, h99.Min, h99.Max,
-			l50.Median, l50.Min, l50.Max, l99.Median, l99.Min, l99.Max, errs, unp)
+			l50.Median, l50.Min, l50.Max, l99.Median, l99.Min, l99.Max, failed, unp)
+	}
+	if len(r.Runs) > 0 && r.Runs[0].MachineCores > 0 {
+		var mc, me []float64
+		for _, x := range r.Runs {
+			mc, me = append(mc, x.MachineCores), append(me, x.MeasuredCores)
+		}
+		a, b := stat(mc), stat(me)
+		fmt.Fprintf(w, "machine busy %.2f cores [%.2f-%.2f] of %d, of which the measured processes %.2f [%.2f-%.2f]\n",
+			a.Median, a.Min, a.Max, runtime.NumCPU(), b.Median, b.Min, b.Max)
 	}
 	fmt.Fprintf(w, "\nNATS server %s (%s); PostgreSQL %s\n", r.NATSVersion, r.NATSWhere, r.PGVersion)
 	for _, n := range r.Notes {

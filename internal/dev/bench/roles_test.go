@@ -44,6 +44,21 @@ func TestProcCPUGrows(t *testing.T) {
 	}
 }
 
+func TestParseMachineCPU(t *testing.T) {
+	stat := "cpu  100 5 50 1000 20 3 2 1 0 0\ncpu0 50 2 25 500 10 1 1 0 0 0\nintr 1 2 3\n"
+	got, err := ParseMachineCPU([]byte(stat))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// user+nice+system+irq+softirq = 160 ticks; idle, iowait and steal are not busy.
+	if want := 160 * 10 * time.Millisecond; got != want {
+		t.Fatalf("busy = %s, want %s", got, want)
+	}
+	if _, err := ParseMachineCPU([]byte("intr 1 2 3\n")); err == nil {
+		t.Fatal("no error without a cpu line")
+	}
+}
+
 func TestListenInodes(t *testing.T) {
 	tcp := `  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0100007F:107E 00000000:0000 0A 00000000:00000000 00:00000000 00000000   105        0 31337 1 0000000000000000 100 0 0 10 0
@@ -62,7 +77,8 @@ func TestListenInodes(t *testing.T) {
 func TestRolesTable(t *testing.T) {
 	r := &RolesReport{Rate: 3000, Duration: 20 * time.Second, NATSVersion: "2.9.10", NATSWhere: "pid 1", PGVersion: "15.20",
 		Runs: []RolesRun{{Rate: 2990, HTTPP50: 1, HTTPP99: 9, LagP50: 5 * time.Millisecond, LagP99: 30 * time.Millisecond, Tokens: 59800},
-			{Rate: 2995, HTTPP50: 2, HTTPP99: 8, LagP50: 6 * time.Millisecond, LagP99: 40 * time.Millisecond, Tokens: 59900},
+			{Rate: 2995, HTTPP50: 2, HTTPP99: 8, LagP50: 6 * time.Millisecond, LagP99: 40 * time.Millisecond, Tokens: 59900,
+				Errors: 7, ErrorKinds: map[string]int{"dropped": 5, "http 503": 2}},
 			{Rate: 2980, HTTPP50: 3, HTTPP99: 7, LagP50: 7 * time.Millisecond, LagP99: 50 * time.Millisecond, Tokens: 59600}},
 		Roles: []RoleCost{
 			{Role: "issuer", Goal: 40, PerToken: []float64{170, 160, 180}, Cores: []float64{0.5, 0.48, 0.54}},
@@ -70,6 +86,9 @@ func TestRolesTable(t *testing.T) {
 			{Role: "recovery", PerToken: []float64{11, 10, 12}, Cores: []float64{0.03, 0.03, 0.04}},
 			{Role: "nats-server", Goal: 40, Missing: "not on this machine"},
 		}}
+	for i := range r.Runs {
+		r.Runs[i].MachineCores, r.Runs[i].MeasuredCores = 1.7+0.1*float64(i), 1.2
+	}
 	var b bytes.Buffer
 	r.WriteTable(&b)
 	out := b.String()
@@ -82,6 +101,9 @@ func TestRolesTable(t *testing.T) {
 		"achieved 2990 tokens/s [2980-2995]",
 		"HTTP p50 2.0 ms [1.0-3.0], p99 8.0 ms [7.0-9.0]",
 		"persist lag p50 6 ms [5-7], p99 40 ms [30-50]",
+		"machine busy 1.80 cores [1.70-1.90] of",
+		"of which the measured processes 1.20 [1.20-1.20]",
+		"failed requests 7 (dropped 5, http 503 2), unpersisted tokens 0",
 		"NATS server 2.9.10 (pid 1); PostgreSQL 15.20",
 	} {
 		if !strings.Contains(out, want) {

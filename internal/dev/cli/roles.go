@@ -305,7 +305,15 @@ func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr 
 		if err != nil {
 			return err
 		}
+		machineBefore, err := bench.MachineCPU()
+		if err != nil {
+			return fmt.Errorf("machine cpu: %w", err)
+		}
 		res := gen.Run(ctx, loadgen.Step{Rate: o.rate, Duration: o.duration, Concurrency: o.concurrency}, nil)
+		machineAfter, err := bench.MachineCPU()
+		if err != nil {
+			return fmt.Errorf("machine cpu: %w", err)
+		}
 		pgAfter, err := backendCPU(ctx, pool)
 		if err != nil {
 			return err
@@ -322,7 +330,9 @@ func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr 
 		if res.OK == 0 {
 			return fmt.Errorf("run %d: no request got a token (%v)", run, res.Errors)
 		}
+		var measured time.Duration
 		add := func(i int, used time.Duration) {
+			measured += used
 			costs[i].PerToken = append(costs[i].PerToken, float64(used.Microseconds())/float64(res.OK))
 			costs[i].Cores = append(costs[i].Cores, used.Seconds()/wall.Seconds())
 		}
@@ -343,10 +353,11 @@ func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr 
 		}
 		ms := func(q float64) float64 { return float64(res.Latency.ValueAtQuantile(q)) / 1000 }
 		rep.Runs = append(rep.Runs, bench.RolesRun{Rate: res.AchievedRate(), HTTPP50: ms(50), HTTPP99: ms(99),
-			LagP50: lag.P50, LagP99: lag.P99, Tokens: res.OK, Errors: res.Sent - res.OK, Unpersisted: unpersisted})
-		fmt.Fprintf(stderr, "run %d/%d: %d tokens in %s (%.0f/s), issuer %.0f µs, persister %.0f µs, postgres %.0f µs per token\n",
+			LagP50: lag.P50, LagP99: lag.P99,
+			MachineCores: (machineAfter - machineBefore).Seconds() / wall.Seconds(), MeasuredCores: measured.Seconds() / wall.Seconds(), Tokens: res.OK, Errors: res.Sent - res.OK, Unpersisted: unpersisted, ErrorKinds: res.Errors})
+		fmt.Fprintf(stderr, "run %d/%d: %d tokens in %s (%.0f/s), issuer %.0f µs, persister %.0f µs, postgres %.0f µs per token; failed %v\n",
 			run, o.runs, res.OK, wall.Round(time.Millisecond), res.AchievedRate(),
-			last(costs[0].PerToken), last(costs[1].PerToken), last(costs[pgIdx].PerToken))
+			last(costs[0].PerToken), last(costs[1].PerToken), last(costs[pgIdx].PerToken), res.Errors)
 	}
 	rep.Roles = costs
 	if o.natsServer == "machine" {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -25,22 +26,37 @@ func TestParseProcStat(t *testing.T) {
 	}
 }
 
-func TestProcCPUGrows(t *testing.T) {
-	before, err := ProcCPU(os.Getpid())
+// TestProcCPUMatchesRusage checks that the fields read from this process's
+// /proc/self/stat are its own CPU time, as getrusage counts it.
+func TestProcCPUMatchesRusage(t *testing.T) {
+	rusage := func() time.Duration {
+		var ru syscall.Rusage
+		if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+			t.Fatal(err)
+		}
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	p0, err := ProcCPU(os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
+	r0 := rusage()
+	// Spin until 300 ms of CPU are used, however long a busy machine takes.
 	x := 0
-	for start := time.Now(); time.Since(start) < 100*time.Millisecond; {
+	for deadline := time.Now().Add(20 * time.Second); rusage()-r0 < 300*time.Millisecond && time.Now().Before(deadline); {
 		x++
 	}
-	after, err := ProcCPU(os.Getpid())
+	r1 := rusage()
+	p1, err := ProcCPU(os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}
-	// 100 ms of spinning is 10 ticks; allow for a busy machine's scheduling.
-	if after-before < 30*time.Millisecond {
-		t.Fatalf("100 ms of spinning (%d loops) counted %s of CPU", x, after-before)
+	// Both ends read in 10 ms ticks, and the two reads are not simultaneous.
+	if d := (p1 - p0) - (r1 - r0); d < -40*time.Millisecond || d > 40*time.Millisecond {
+		t.Fatalf("/proc counted %s, getrusage %s (%d loops)", p1-p0, r1-r0, x)
+	}
+	if p1-p0 < 250*time.Millisecond {
+		t.Fatalf("/proc counted %s for 300 ms of spinning", p1-p0)
 	}
 }
 

@@ -72,7 +72,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if len(rest) > 0 && rest[0] == "roles" {
 		o, err := parseRolesFlags(rest[1:], stderr)
 		if err != nil {
-			return err
+			return app.HelpIsNil(err)
 		}
 		return runRoles(ctx, &cfg, o, stdout, stderr)
 	}

@@ -55,7 +55,7 @@ func parseRolesFlags(args []string, stderr io.Writer) (rolesOpts, error) {
 	fs.IntVar(&o.concurrency, "concurrency", 256, "most requests in flight")
 	fs.StringVar(&o.natsServer, "nats-server", "machine", "machine: the server at TOKENPIPE_NATS_URL; module: a nats-server process built from the nats-server/v2 module this binary links")
 	if err := fs.Parse(args); err != nil {
-		return o, app.HelpIsNil(app.FlagErr(err))
+		return o, app.FlagErr(err) // app.ErrHelp for -h: the caller stops there
 	}
 	if o.rate <= 0 || o.duration <= 0 || o.warmup < 0 || o.runs < 1 || o.concurrency < 1 || (o.natsServer != "machine" && o.natsServer != "module") {
 		fmt.Fprintln(stderr, "bench roles: -rate, -duration, -runs and -concurrency must be positive, -warmup not negative, -nats-server machine or module")
@@ -73,7 +73,7 @@ type child struct {
 	dead bool
 }
 
-func startChild(ctx context.Context, env []string, stderr io.Writer, role string, args ...string) (*child, error) {
+func startChild(env []string, stderr io.Writer, role string, args ...string) (*child, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, fmt.Errorf("find this binary: %w", err)
@@ -157,7 +157,7 @@ func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr 
 			return fmt.Errorf("nats store: %w", err)
 		}
 		defer os.RemoveAll(dir)
-		c, err := startChild(ctx, os.Environ(), stderr, "bench", "nats-server", "-addr", addr, "-store", dir)
+		c, err := startChild(os.Environ(), stderr, "bench", "nats-server", "-addr", addr, "-store", dir)
 		if err != nil {
 			return err
 		}
@@ -237,7 +237,7 @@ func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr 
 	)
 	roles := map[string]*child{}
 	for _, role := range []string{"issuer", "persister", "recovery"} {
-		c, err := startChild(ctx, env, stderr, role)
+		c, err := startChild(env, stderr, role)
 		if err != nil {
 			return err
 		}
@@ -310,6 +310,9 @@ func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr 
 			return fmt.Errorf("machine cpu: %w", err)
 		}
 		res := gen.Run(ctx, loadgen.Step{Rate: o.rate, Duration: o.duration, Concurrency: o.concurrency}, nil)
+		if err := ctx.Err(); err != nil {
+			return err // an interrupted interval measures nothing
+		}
 		machineAfter, err := bench.MachineCPU()
 		if err != nil {
 			return fmt.Errorf("machine cpu: %w", err)

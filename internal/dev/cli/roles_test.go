@@ -17,6 +17,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/tokenpipe/tokenpipe/internal/app"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 )
 
@@ -93,5 +94,26 @@ func TestBenchRolesProcesses(t *testing.T) {
 	}
 	if _, err := js.Stream(ctx, stream[1]); !errors.Is(err, jetstream.ErrStreamNotFound) {
 		t.Errorf("scratch stream %s: %v, want it removed", stream[1], err)
+	}
+}
+
+// TestBenchRolesHelpDoesNotRun: -h prints the flags and returns without
+// starting anything (it once went on to run the whole benchmark).
+func TestBenchRolesHelpDoesNotRun(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	// An unreachable database: a benchmark that starts fails on it.
+	t.Setenv("TOKENPIPE_DATABASE_URL", "postgres://nobody@127.0.0.1:1/none?sslmode=disable&connect_timeout=1")
+	err := runBench(ctx, []string{"roles", "-h"}, &stdout, &stderr)
+	if err != nil {
+		t.Fatalf("bench roles -h: %v\n%s", err, stderr.String())
+	}
+	if !strings.Contains(stderr.String(), "-rate") || stdout.Len() != 0 {
+		t.Fatalf("bench roles -h: stdout %q, stderr %q; want the flags on stderr only", stdout.String(), stderr.String())
+	}
+	err = runBench(ctx, []string{"roles", "-rate", "0"}, &stdout, &stderr)
+	if !errors.Is(err, app.ErrUsage) {
+		t.Fatalf("bench roles -rate 0: %v, want a usage error", err)
 	}
 }

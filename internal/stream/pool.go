@@ -29,10 +29,25 @@ type Handler func(ctx context.Context, msgs []jetstream.Msg) []Verdict
 
 // Config sizes a pool.
 type Config struct {
-	Workers   int           // concurrent batches per process
-	BatchSize int           // most messages per batch
-	BatchWait time.Duration // pause before asking again when the queue was empty
+	Workers   int // concurrent batches per process
+	BatchSize int // most messages per batch
+	// BatchWait is how long a worker woken from idle by a message lets the
+	// batch gather before taking it: it bounds the latency added at low load
+	// and keeps batches (and the cost per row) from shrinking to one message.
+	BatchWait time.Duration
+	// IdleWait is how long an idle worker's pull request waits at the server
+	// before it is renewed; 0 means DefaultIdleWait.
+	IdleWait time.Duration
 }
+
+// DefaultIdleWait is the life of an idle worker's pull request. An idle
+// worker costs one pull request and one heartbeat per IdleWait instead of a
+// poll every BatchWait; a stop does not wait for it (see await).
+const DefaultIdleWait = 5 * time.Second
+
+// drainWait bounds how long a stopping worker waits for its idle pull
+// request to be withdrawn (one round trip to the server when it is up).
+const drainWait = 5 * time.Second
 
 // Pool is a consumer's worker pool.
 type Pool struct {
@@ -87,7 +102,10 @@ func (p *Pool) Run(ctx context.Context) error {
 func (p *Pool) worker(ctx, work context.Context, log *slog.Logger) {
 	failures := 0
 	for ctx.Err() == nil {
-		msgs, err := fetch(p.Consumer, p.Config)
+		msgs, err := fetch(p.Consumer, p.Config.BatchSize)
+		if err == nil && len(msgs) == 0 {
+			msgs, err = p.awaitBatch(ctx, log)
+		}
 		if err != nil {
 			failures++
 			delay := min(time.Duration(failures)*200*time.Millisecond, 5*time.Second)
@@ -98,12 +116,74 @@ func (p *Pool) worker(ctx, work context.Context, log *slog.Logger) {
 			continue
 		}
 		failures = 0
-		if len(msgs) == 0 {
-			sleep(ctx, p.Config.BatchWait)
-			continue
+		if len(msgs) > 0 {
+			p.handle(work, msgs)
 		}
-		p.handle(work, msgs)
 	}
+}
+
+// awaitBatch is what a worker does when the queue was empty: it waits at the
+// server for the next message (see await), then lets the batch gather for
+// BatchWait and takes the rest of it without waiting. Messages it returns
+// must be handled, also after ctx ends: they are delivered to this worker.
+func (p *Pool) awaitBatch(ctx context.Context, log *slog.Logger) ([]jetstream.Msg, error) {
+	msgs, err := p.await(ctx, log)
+	if err != nil || len(msgs) == 0 || len(msgs) >= p.Config.BatchSize {
+		return msgs, err
+	}
+	sleep(ctx, p.Config.BatchWait)
+	if ctx.Err() != nil {
+		return msgs, nil // stopping: no new pull request
+	}
+	more, err := fetch(p.Consumer, p.Config.BatchSize-len(msgs))
+	if err != nil {
+		// The messages held are handled; the next fetch meets the error again.
+		log.Warn("fetch after idle failed", "err", err)
+	}
+	return append(msgs, more...), nil
+}
+
+// await waits until the consumer has a message for this worker, holding one
+// pull request for a single message at the server (renewed every IdleWait),
+// so an idle worker costs the server and itself next to nothing. A stop
+// withdraws the request: Drain unsubscribes and then flushes, so a message
+// the server delivered before it saw the unsubscribe still arrives and is
+// returned, and the server drops a request nobody listens to. Nothing is
+// left delivered-but-unread to wait for the ack timeout, and no request
+// stays open.
+func (p *Pool) await(ctx context.Context, log *slog.Logger) ([]jetstream.Msg, error) {
+	wait := p.Config.IdleWait
+	if wait <= 0 {
+		wait = DefaultIdleWait
+	}
+	it, err := p.Consumer.Messages(jetstream.PullMaxMessages(1), jetstream.PullExpiry(wait))
+	if err != nil {
+		return nil, fmt.Errorf("idle pull: %w", err)
+	}
+	var msgs []jetstream.Msg
+	first, waitErr := it.Next(jetstream.NextContext(ctx))
+	if waitErr == nil {
+		msgs = append(msgs, first)
+	}
+	it.Drain()
+	for {
+		m, err := it.Next(jetstream.NextMaxWait(drainWait))
+		if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+			break
+		}
+		if err != nil {
+			// The server did not confirm the unsubscribe: a message it may
+			// still deliver is redelivered after the ack wait.
+			log.Warn("idle pull request not withdrawn", "err", err)
+			it.Stop()
+			break
+		}
+		msgs = append(msgs, m)
+	}
+	if len(msgs) == 0 && waitErr != nil && ctx.Err() == nil {
+		return nil, fmt.Errorf("idle pull: %w", waitErr)
+	}
+	return msgs, nil
 }
 
 // handle runs the handler on one batch, keeping its messages in progress
@@ -127,7 +207,7 @@ func sleep(ctx context.Context, d time.Duration) {
 	}
 }
 
-// fetch takes what is available now, up to BatchSize, without waiting. The
+// fetch takes what is available now, up to n, without waiting. The
 // server answers a no-wait pull at once and ends it, so no request of ours is
 // left open at the server (a stopped worker leaves nothing to redeliver after
 // an ack timeout), and batching needs no server-side expiry: under load,
@@ -135,12 +215,12 @@ func sleep(ctx context.Context, d time.Duration) {
 // them all. (A short FetchMaxWait relies on the server's expiry notice; when
 // that comes late the client waits a further second, which showed as a
 // one-second p99 lag.)
-func fetch(cons jetstream.Consumer, cfg Config) ([]jetstream.Msg, error) {
-	batch, err := cons.FetchNoWait(cfg.BatchSize)
+func fetch(cons jetstream.Consumer, n int) ([]jetstream.Msg, error) {
+	batch, err := cons.FetchNoWait(n)
 	if err != nil {
 		return nil, err
 	}
-	msgs := make([]jetstream.Msg, 0, cfg.BatchSize)
+	msgs := make([]jetstream.Msg, 0, n)
 	for m := range batch.Messages() {
 		msgs = append(msgs, m)
 	}

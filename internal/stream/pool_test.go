@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -48,7 +49,7 @@ func TestPoolSettlesEachVerdict(t *testing.T) {
 	deliveries := map[string]int{}
 	s := settler(t, js, topo)
 	pool := &stream.Pool{
-		Consumer: cons, Config: stream.Config{Workers: 2, BatchSize: 10, BatchWait: 10 * time.Millisecond},
+		Consumer: cons, Config: stream.Config{Workers: 2, BatchSize: 10, BatchWait: 10 * time.Millisecond, IdleWait: 30 * time.Second},
 		Finish: time.Second, InProgressEvery: time.Second, Settler: s, Log: testenv.Logger(t),
 		Handler: func(_ context.Context, msgs []jetstream.Msg) []stream.Verdict {
 			mu.Lock()
@@ -146,4 +147,120 @@ func TestSettleCountsFailuresAndNaksUnsettled(t *testing.T) {
 		t.Errorf("redelivered %q, want the message without a verdict", m.Data())
 	}
 	testenv.Must(t, m.Ack(), "ack redelivery")
+}
+
+// idlePool is a pool whose handler acks everything and counts what it saw.
+func idlePool(t *testing.T, cons jetstream.Consumer, s *stream.Settler, workers int, handled *sync.Map) *stream.Pool {
+	return &stream.Pool{
+		Consumer: cons, Config: stream.Config{Workers: workers, BatchSize: 100, BatchWait: 10 * time.Millisecond, IdleWait: 30 * time.Second},
+		Finish: time.Second, Settler: s, Log: testenv.Logger(t),
+		Handler: func(_ context.Context, msgs []jetstream.Msg) []stream.Verdict {
+			out := make([]stream.Verdict, len(msgs))
+			for i, m := range msgs {
+				handled.Store(string(m.Data()), true)
+				out[i] = stream.Ack()
+			}
+			return out
+		},
+	}
+}
+
+// An idle pool waits at the server instead of polling: over two seconds its
+// two workers send at most a pull request each (and a renewal), not one
+// every BatchWait; a message published meanwhile is handled at once.
+func TestIdlePoolWaitsAtTheServer(t *testing.T) {
+	nc, js, topo := testenv.JetStream(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cons, err := js.Consumer(ctx, topo.Stream, topo.Persister)
+	testenv.Must(t, err, "open consumer")
+	var npulls int64
+	var mu sync.Mutex
+	sub, err := nc.Subscribe("$JS.API.CONSUMER.MSG.NEXT."+topo.Stream+"."+topo.Persister, func(*nats.Msg) {
+		mu.Lock()
+		defer mu.Unlock()
+		npulls++
+	})
+	testenv.Must(t, err, "watch pull requests")
+	defer sub.Unsubscribe()
+	testenv.Must(t, nc.Flush(), "flush")
+
+	var handled sync.Map
+	pool := idlePool(t, cons, settler(t, js, topo), 2, &handled)
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- pool.Run(runCtx) }()
+	defer func() { stop(); <-done }()
+	time.Sleep(2 * time.Second)
+	mu.Lock()
+	n := npulls
+	mu.Unlock()
+	// Per worker: the no-wait fetch that found the queue empty and the pull
+	// request that waits.
+	if n > 4 {
+		t.Fatalf("idle for 2 s, two workers sent %d pull requests; want at most 4", n)
+	}
+
+	start := time.Now()
+	testenv.PublishRaw(t, js, topo.IssuedSubject(), []byte("wake"))
+	testenv.Eventually(t, 5*time.Second, "the message handled", func() (bool, error) {
+		_, ok := handled.Load("wake")
+		return ok, nil
+	})
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("an idle pool took %v to handle a message; want well under a second", took)
+	}
+}
+
+// A stop while the workers wait at the server returns at once and leaves no
+// pull request open and nothing delivered but unsettled, also when a message
+// arrives just as the stop begins.
+func TestIdlePoolStopsPromptlyLeavingNothingOpen(t *testing.T) {
+	nc, js, topo := testenv.JetStream(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cons, err := js.Consumer(ctx, topo.Stream, topo.Persister)
+	testenv.Must(t, err, "open consumer")
+	s := settler(t, js, topo)
+	var handled sync.Map
+	published := 0
+	for round := range 15 {
+		pool := idlePool(t, cons, s, 2, &handled)
+		runCtx, stop := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- pool.Run(runCtx) }()
+		testenv.Eventually(t, 10*time.Second, "both workers waiting at the server", func() (bool, error) {
+			info, err := cons.Info(ctx)
+			if err != nil {
+				return false, err
+			}
+			return info.NumWaiting == 2, nil
+		})
+		if round%3 != 0 { // a message racing the stop in most rounds
+			testenv.PublishRaw(t, js, topo.IssuedSubject(), []byte("race"))
+			published++
+		}
+		stopped := time.Now()
+		stop()
+		select {
+		case err := <-done:
+			testenv.Must(t, err, "pool run")
+		case <-time.After(10 * time.Second):
+			t.Fatal("an idle pool did not stop within 10 s")
+		}
+		if took := time.Since(stopped); took > 2*time.Second {
+			t.Errorf("round %d: an idle pool took %v to stop; want well under its 30 s idle wait", round, took)
+		}
+		testenv.Must(t, nc.Flush(), "flush")
+		info, err := cons.Info(ctx)
+		testenv.Must(t, err, "consumer info")
+		if info.NumAckPending != 0 || info.NumWaiting != 0 {
+			t.Fatalf("round %d, after stop: %d ack pending, %d pull requests waiting; want 0 and 0", round, info.NumAckPending, info.NumWaiting)
+		}
+	}
+	info, err := cons.Info(ctx)
+	testenv.Must(t, err, "consumer info")
+	if got := info.AckFloor.Stream + info.NumPending; got != uint64(published) {
+		t.Errorf("acked %d + pending %d, want the %d published", info.AckFloor.Stream, info.NumPending, published)
+	}
 }

@@ -30,9 +30,11 @@ demo:
 	$(GO) run -tags dev ./cmd/tokenpipe demo
 
 ## bench: the scenario matrix (ceilings, drain, async vs sync, conflicts,
-## growth), medians of 3 runs, written into BENCHMARKS.md; about 6 minutes.
+## growth), medians of 3 runs, written into BENCHMARKS.md; then CPU per token
+## per role with the roles as separate processes; about 8 minutes.
 bench: build-dev
 	$(DEV_BIN) bench matrix -runs 3 -write BENCHMARKS.md
+	$(DEV_BIN) bench roles -rate 3000 -duration 20s -runs 3
 
 ## fuzz: a short run of every fuzz target (their seeds also run in make test).
 ## The budget is a count of executions, not a duration: Go 1.26's fuzzing

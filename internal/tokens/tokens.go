@@ -23,7 +23,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
+	"io"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -106,7 +109,19 @@ const KeyMinBytes = 32
 type key struct {
 	id     [kidSize]byte
 	secret []byte
+	// macs holds keyed HMAC states: hmac.New costs two allocations and two
+	// SHA-256 blocks for the pads on every token, Reset on a used one none.
+	macs *sync.Pool
 }
+
+// newMAC returns a reset HMAC-SHA256 keyed with k; hand it back with putMAC.
+func (k key) newMAC() hash.Hash {
+	h := k.macs.Get().(hash.Hash)
+	h.Reset()
+	return h
+}
+
+func (k key) putMAC(h hash.Hash) { k.macs.Put(h) }
 
 // Keyring signs with its first key and verifies with any of them, so keys
 // can be rotated: add the new key second, roll it out, then move it first,
@@ -133,7 +148,9 @@ func NewKeyring(secrets ...[]byte) (*Keyring, error) {
 			return nil, fmt.Errorf("token key %d is listed twice", i+1)
 		}
 		seen[id] = true
-		kr.keys = append(kr.keys, key{id: id, secret: append([]byte(nil), s...)})
+		secret := append([]byte(nil), s...)
+		macs := &sync.Pool{New: func() any { return hmac.New(sha256.New, secret) }}
+		kr.keys = append(kr.keys, key{id: id, secret: secret, macs: macs})
 	}
 	return kr, nil
 }
@@ -190,7 +207,7 @@ func (kr *Keyring) Encode(c Claims) (string, error) {
 		b = binary.AppendUvarint(b, uint64(len(s)))
 		b = append(b, s...)
 	}
-	b = append(b, mac(k.secret, b)...)
+	b = k.mac(b, b)
 	text := base64.RawURLEncoding.EncodeToString(b)
 	if len(text) > MaxLen {
 		return "", fmt.Errorf("encode token: %d characters exceed %d", len(text), MaxLen)
@@ -216,7 +233,7 @@ func (kr *Keyring) Decode(text string) (Claims, error) {
 			k = &kr.keys[i]
 		}
 	}
-	if k == nil || !hmac.Equal(sum, mac(k.secret, body)) {
+	if k == nil || !hmac.Equal(sum, k.mac(nil, body)) {
 		return c, ErrInvalid
 	}
 	p := body[1+kidSize:]
@@ -256,20 +273,27 @@ func (c Claims) Expired(now time.Time) bool { return !now.Before(c.ExpiresAt) }
 // parts. Instances that share the key derive the same value from the same
 // inputs; nobody without the key can.
 func (kr *Keyring) Derive(label string, parts ...[]byte) [16]byte {
-	h := hmac.New(sha256.New, kr.keys[0].secret)
-	h.Write([]byte("tokenpipe derive\x00" + label + "\x00"))
+	k := kr.keys[0]
+	h := k.newMAC()
+	defer k.putMAC(h)
+	io.WriteString(h, "tokenpipe derive\x00")
+	io.WriteString(h, label)
+	var buf [macSize]byte
+	h.Write(buf[:1]) // the 0 byte after the label
 	for _, p := range parts {
 		// Length prefixes keep ("ab","c") and ("a","bc") apart.
-		h.Write(binary.BigEndian.AppendUint32(nil, uint32(len(p))))
+		h.Write(binary.BigEndian.AppendUint32(buf[:0], uint32(len(p))))
 		h.Write(p)
 	}
 	var out [16]byte
-	copy(out[:], h.Sum(nil))
+	copy(out[:], h.Sum(buf[:0]))
 	return out
 }
 
-func mac(secret, body []byte) []byte {
-	h := hmac.New(sha256.New, secret)
+// mac appends the HMAC-SHA256 of body under k to dst.
+func (k key) mac(dst, body []byte) []byte {
+	h := k.newMAC()
+	defer k.putMAC(h)
 	h.Write(body)
-	return h.Sum(nil)
+	return h.Sum(dst)
 }

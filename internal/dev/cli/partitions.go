@@ -7,6 +7,8 @@ import (
 	"io"
 	"strings"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	"github.com/tokenpipe/tokenpipe/internal/app"
 	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
 	"github.com/tokenpipe/tokenpipe/internal/schema"
@@ -57,11 +59,17 @@ func runPartitions(ctx context.Context, cfg *app.Common, args []string, stdout, 
 	if _, err := schema.Up(ctx, pool); err != nil {
 		return err
 	}
-	nc, js, err := app.ConnectNATS(cfg, "tokenpipe-bench", log, nil)
+	nc, _, err := app.ConnectNATS(cfg, "tokenpipe-bench", log, nil)
 	if err != nil {
 		return err
 	}
 	defer nc.Close()
+	// Fill keeps 4,096 publishes in flight; the default limit is 4,000, and
+	// on a busy machine the 200 ms stall allowance runs out.
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(8192))
+	if err != nil {
+		return err
+	}
 	topo := cfg.Topology()
 	id := app.RandomID()
 	topo.Stream, topo.Prefix = "TPPART_"+strings.ToUpper(id), "tppart."+id

@@ -39,7 +39,7 @@ func TestPersisterPools(t *testing.T) {
 	t.Parallel()
 	topo := testenv.Topology()
 	s := consume.Settings{Pool: consume.Config{Workers: 3, BatchSize: 100}, Topology: topo}
-	if pools := PersisterPools(s, nil); len(pools) != 1 || pools[0].Pool.Workers != 3 || pools[0].Topology.Persister != topo.Persister {
+	if pools := persisterPools(s, nil); len(pools) != 1 || pools[0].Pool.Workers != 3 || pools[0].Topology.Persister != topo.Persister {
 		t.Fatalf("unpartitioned: %+v, want today's one pool of 3 workers", pools)
 	}
 	s.Topology.Partitions = 4
@@ -53,13 +53,13 @@ func TestPersisterPools(t *testing.T) {
 		}
 		return out
 	}
-	if got, want := names(PersisterPools(s, []int{0, 2})), []string{topo.Persister + "-p0", topo.Persister, topo.Persister + "-p2"}; !slices.Equal(got, want) {
+	if got, want := names(persisterPools(s, []int{0, 2})), []string{topo.Persister + "-p0", topo.Persister, topo.Persister + "-p2"}; !slices.Equal(got, want) {
 		t.Errorf("bound to 0,2: %v, want %v", got, want)
 	}
-	if got := names(PersisterPools(s, nil)); len(got) != 5 {
+	if got := names(persisterPools(s, nil)); len(got) != 5 {
 		t.Errorf("bound to all: %v, want 4 partitions and the unpartitioned consumer", got)
 	}
-	if got := names(PersisterPools(s, []int{3})); !slices.Equal(got, []string{topo.Persister + "-p3"}) {
+	if got := names(persisterPools(s, []int{3})); !slices.Equal(got, []string{topo.Persister + "-p3"}) {
 		t.Errorf("bound to 3: %v", got)
 	}
 }

@@ -83,7 +83,7 @@ func StartPipeline(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStre
 	}
 	if c.Persister != nil {
 		metrics := persister.NewMetrics(reg)
-		for _, s := range PersisterPools(*c.Persister, c.PersisterPartitions) {
+		for _, s := range persisterPools(*c.Persister, c.PersisterPartitions) {
 			per := persister.New(s, pool, js, c.Log, metrics)
 			p.start(runCtx, "persister", per.Run, c.OnStop)
 		}
@@ -95,13 +95,13 @@ func StartPipeline(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStre
 	return p
 }
 
-// PersisterPools are the worker pools a persister runs. Unpartitioned: one
+// persisterPools are the worker pools a persister runs. Unpartitioned: one
 // pool on the shared consumer, as configured. Partitioned: one writer (one
 // batch in flight) per bound partition, so no two transactions ever hold
 // events of one key at once, and, with partition 0, one more on the
 // unpartitioned consumer, which drains the events published before
 // partitioning was turned on and is idle after.
-func PersisterPools(s consume.Settings, bound []int) []consume.Settings {
+func persisterPools(s consume.Settings, bound []int) []consume.Settings {
 	if !s.Topology.Partitioned() {
 		return []consume.Settings{s}
 	}

@@ -217,7 +217,7 @@ func ParsePartitionSet(s string, n int) ([]int, error) {
 // boundConsumers names the consumers this persister reads.
 func (c *PersisterConfig) boundConsumers() []string {
 	var names []string
-	for _, s := range PersisterPools(c.Settings(), c.partitions) {
+	for _, s := range persisterPools(c.Settings(), c.partitions) {
 		names = append(names, s.Topology.Persister)
 	}
 	return names

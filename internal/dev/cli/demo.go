@@ -151,11 +151,15 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	drainStart := time.Now()
 	var report *audit.Report
 	for {
-		report, err = audit.Check(ctx, pool, out.Digests, stream, topo.Persister, topo.Recovery)
+		report, err = audit.Check(ctx, pool, out.Digests, stream, append(topo.PersisterConsumers(), topo.Recovery)...)
 		if err != nil {
 			return err
 		}
-		if report.Pending[topo.Persister]+report.Pending[topo.Recovery] == 0 && len(report.Missing) == 0 {
+		var pending uint64
+		for _, n := range report.Pending {
+			pending += n
+		}
+		if pending == 0 && len(report.Missing) == 0 {
 			break
 		}
 		if time.Since(drainStart) > time.Minute {

@@ -53,9 +53,12 @@ type PartitionsOptions struct {
 // PartitionsRun is one layout's drain.
 type PartitionsRun struct {
 	RowsPerSec float64 // every event has its row and every conflict is resolved
-	Conflicts  float64 // events the persisters forwarded to recovery
-	Deadlocks  float64 // deadlock retries, persisters and recovery
-	Retries    float64 // all other retries (concurrent activation, ...)
+	// PersistedPerSec counts until the persisters are done: every event has
+	// its row or waits on the conflict subject.
+	PersistedPerSec float64
+	Conflicts       float64 // events the persisters forwarded to recovery
+	Deadlocks       float64 // deadlock retries, persisters and recovery
+	Retries         float64 // all other retries (concurrent activation, ...)
 }
 
 // PartitionsResult holds every run of every layout, in layout order.
@@ -91,8 +94,8 @@ func Partitions(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStream,
 				return nil, fmt.Errorf("%s, run %d: %w", l.Name, run, err)
 			}
 			res.Runs[i] = append(res.Runs[i], r)
-			progress(o.Progress, "run %d/%d %-18s %8.0f rows/s, %6.0f conflicts, %4.0f deadlock retries, %4.0f other retries",
-				run, o.Runs, l.Name, r.RowsPerSec, r.Conflicts, r.Deadlocks, r.Retries)
+			progress(o.Progress, "run %d/%d %-18s %8.0f rows/s persisted, %8.0f resolved, %6.0f conflicts, %4.0f deadlock retries, %4.0f other retries",
+				run, o.Runs, l.Name, r.PersistedPerSec, r.RowsPerSec, r.Conflicts, r.Deadlocks, r.Retries)
 		}
 	}
 	return res, nil
@@ -157,7 +160,8 @@ func partitionDrain(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStr
 	start := time.Now()
 	running := app.StartPipeline(ctx, pool, js, app.PipelineConfig{Persister: &per, Recovery: &rec, Metrics: reg, Log: o.Log})
 	defer func() { _ = running.Stop() }()
-	if err := waitDrained(ctx, js, topo, running, o.Progress); err != nil {
+	persisted, err := waitDrained(ctx, js, topo, running, o.Progress)
+	if err != nil {
 		return PartitionsRun{}, err
 	}
 	elapsed := time.Since(start)
@@ -167,7 +171,10 @@ func partitionDrain(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStr
 	if err := checkTable(ctx, pool, len(evs)); err != nil {
 		return PartitionsRun{}, err
 	}
-	r := PartitionsRun{RowsPerSec: float64(len(evs)) / elapsed.Seconds()}
+	r := PartitionsRun{
+		RowsPerSec:      float64(len(evs)) / elapsed.Seconds(),
+		PersistedPerSec: float64(len(evs)) / persisted.Sub(start).Seconds(),
+	}
 	if err := readCounters(reg, &r); err != nil {
 		return PartitionsRun{}, err
 	}
@@ -175,39 +182,57 @@ func partitionDrain(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStr
 }
 
 // waitDrained polls every persister consumer and recovery's until none has
-// anything pending. Persisters ack a conflict only after its copy is on the
-// conflict subject, so once they are drained, recovery's count is final.
-func waitDrained(ctx context.Context, js jetstream.JetStream, topo events.Topology, running *app.Pipeline, w io.Writer) error {
-	names := append(topo.PersisterConsumers(), topo.Recovery)
+// anything pending, and returns when the persisters' were first empty.
+// Persisters ack a conflict only after its copy is on the conflict subject,
+// so once they are drained, recovery's count is final.
+func waitDrained(ctx context.Context, js jetstream.JetStream, topo events.Topology, running *app.Pipeline, w io.Writer) (time.Time, error) {
+	var persisted time.Time
 	last := time.Now()
 	for {
-		var left uint64
-		for _, name := range names {
-			cons, err := js.Consumer(ctx, topo.Stream, name)
-			if err != nil {
-				return err
-			}
-			info, err := cons.Info(ctx)
-			if err != nil {
-				return fmt.Errorf("consumer info: %w", err)
-			}
-			left += info.NumPending + uint64(info.NumAckPending)
+		perLeft, err := pendingOf(ctx, js, topo.Stream, topo.PersisterConsumers())
+		if err != nil {
+			return persisted, err
 		}
-		if left == 0 {
-			return nil
+		if perLeft == 0 && persisted.IsZero() {
+			persisted = time.Now()
+		}
+		recLeft, err := pendingOf(ctx, js, topo.Stream, []string{topo.Recovery})
+		if err != nil {
+			return persisted, err
+		}
+		if perLeft+recLeft == 0 {
+			return persisted, nil
 		}
 		if time.Since(last) > 2*time.Second {
-			progress(w, "  %d events and conflicts left", left)
+			progress(w, "  %d events and %d conflicts left", perLeft, recLeft)
 			last = time.Now()
 		}
 		select {
 		case <-running.Stopped():
-			return fmt.Errorf("pipeline stopped early: %v", running.Wait())
+			return persisted, fmt.Errorf("pipeline stopped early: %v", running.Wait())
 		case <-ctx.Done():
-			return ctx.Err()
+			return persisted, ctx.Err()
 		case <-time.After(25 * time.Millisecond):
 		}
 	}
+}
+
+// pendingOf sums the named consumers' undelivered and unacknowledged
+// messages.
+func pendingOf(ctx context.Context, js jetstream.JetStream, stream string, names []string) (uint64, error) {
+	var left uint64
+	for _, name := range names {
+		cons, err := js.Consumer(ctx, stream, name)
+		if err != nil {
+			return 0, err
+		}
+		info, err := cons.Info(ctx)
+		if err != nil {
+			return 0, fmt.Errorf("consumer info: %w", err)
+		}
+		left += info.NumPending + uint64(info.NumAckPending)
+	}
+	return left, nil
 }
 
 // checkTable fails a run whose table is not what every layout must leave:

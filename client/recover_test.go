@@ -164,27 +164,51 @@ func TestRetryReplaysTheBody(t *testing.T) {
 
 // TestRefusedNewTokenDoesNotLoop: a resource server that refuses every token
 // costs at most one token request per request, and the application gets the
-// 401.
+// 401. A request is retried only with a token other than the refused one:
+// client_credentials requests in one coalescing window get the same token.
 func TestRefusedNewTokenDoesNotLoop(t *testing.T) {
 	t.Parallel()
 	w := newWorld(t, false)
+	var mu sync.Mutex
+	var presented []string
 	refuseAll := httptestServer(t, func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		presented = append(presented, r.Header.Get("Authorization"))
+		mu.Unlock()
 		http.Error(w, "no", http.StatusUnauthorized)
 	})
-	d := w.device(t, client.Password(user, password))
-	for i := range 3 {
-		resp, err := d.http.Get(refuseAll.URL)
-		testenv.Must(t, err, "get")
-		_ = resp.Body.Close()
-		if resp.StatusCode != http.StatusUnauthorized {
-			t.Fatalf("call %d: %d, want 401", i, resp.StatusCode)
+	for _, c := range []struct {
+		grant client.Grant
+		want  []string
+	}{
+		// The first call's token was obtained for it: no second one.
+		// Each later call renews once.
+		{client.Password(user, password), []string{"password", "refresh_token", "refresh_token"}},
+		{client.ClientCredentials(), []string{"client_credentials", "client_credentials", "client_credentials"}},
+	} {
+		mu.Lock()
+		presented = nil
+		mu.Unlock()
+		d := w.device(t, c.grant)
+		for i := range 3 {
+			resp, err := d.http.Get(refuseAll.URL)
+			testenv.Must(t, err, "get")
+			_ = resp.Body.Close()
+			if resp.StatusCode != http.StatusUnauthorized {
+				t.Fatalf("call %d: %d, want 401", i, resp.StatusCode)
+			}
 		}
-	}
-	// The first call's token was obtained for it: no second one. Each
-	// later call refreshes once and retries once.
-	want := []string{"password", "refresh_token", "refresh_token"}
-	if got := d.issuerLog.requests(); !slices.Equal(got, want) {
-		t.Fatalf("token requests %v, want %v", got, want)
+		if got := d.issuerLog.requests(); !slices.Equal(got, c.want) {
+			t.Fatalf("token requests %v, want %v", got, c.want)
+		}
+		// One presentation per call, plus one retry per new token.
+		distinct := slices.Compact(d.issuerLog.tokens()[:len(c.want)])
+		mu.Lock()
+		n := len(presented)
+		mu.Unlock()
+		if want := 3 + len(distinct) - 1; n != want {
+			t.Fatalf("%v: %d requests reached the resource server with %d distinct tokens, want %d", c.want[0], n, len(distinct), want)
+		}
 	}
 }
 
@@ -271,9 +295,10 @@ func TestIssuerUnavailableWaitIsBounded(t *testing.T) {
 }
 
 // TestCancelledRequestDoesNotAbandonTheRefresh: a request cancelled while its
-// refresh is in flight gives up at once, but the refresh completes and its
-// pair is kept, so the next request needs no token request (an abandoned
-// rotation would cost the family once its grace window passed).
+// refresh is in flight gives up at once, but the refresh is not cancelled
+// with it: it completes and its pair is kept, so the next request needs no
+// token request. (A refresh abandoned after the issuer rotated would lose the
+// new pair, and the family with it once the grace window passed.)
 func TestCancelledRequestDoesNotAbandonTheRefresh(t *testing.T) {
 	t.Parallel()
 	w := newWorld(t, false)
@@ -284,20 +309,20 @@ func TestCancelledRequestDoesNotAbandonTheRefresh(t *testing.T) {
 	w.revoke(t, d.issuerLog.lastAccess(t), "access_token")
 
 	ctx, cancel := context.WithCancel(context.Background())
-	release := make(chan struct{})
-	d.issuerLog.onAnswer = func(int) {
-		cancel() // the application gives up while the issuer answers
-		<-release
+	returned := make(chan struct{})
+	d.issuerLog.onSend = func() {
+		cancel() // the application gives up as the refresh leaves
+		<-returned
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, w.resource.srv.URL+"/hello", nil)
 	testenv.Must(t, err, "request")
 	_, err = d.http.Do(req)
+	close(returned)
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("cancelled call: %v, want context.Canceled", err)
 	}
-	close(release)
 	d.Close() // waits for the token request
-	d.issuerLog.onAnswer = nil
+	d.issuerLog.onSend = nil
 	if status, _ := d.get(t, w); status != http.StatusOK {
 		t.Fatalf("call after the cancelled one: %d", status)
 	}

@@ -147,7 +147,8 @@ func (d *device) assertNoSecretsLogged(t *testing.T, w *world) {
 // status) and every token the issuer returns.
 type issuerLog struct {
 	next     http.RoundTripper
-	onAnswer func(status int) // called before the device sees the answer
+	onAnswer  func(status int) // called before the device sees the answer
+	onSend    func()           // called before the request is sent
 
 	mu       sync.Mutex
 	grants   []string
@@ -163,6 +164,12 @@ func (l *issuerLog) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	form, _ := url.ParseQuery(string(body))
 	req.Body = io.NopCloser(bytes.NewReader(body))
+	l.mu.Lock()
+	l.grants = append(l.grants, form.Get("grant_type"))
+	l.mu.Unlock()
+	if l.onSend != nil {
+		l.onSend()
+	}
 	resp, err := l.next.RoundTrip(req)
 	if err != nil {
 		return nil, err
@@ -179,7 +186,6 @@ func (l *issuerLog) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	_ = json.Unmarshal(answer, &tok)
 	l.mu.Lock()
-	l.grants = append(l.grants, form.Get("grant_type"))
 	l.statuses = append(l.statuses, resp.StatusCode)
 	if tok.AccessToken != "" {
 		l.access = append(l.access, tok.AccessToken)
@@ -194,7 +200,7 @@ func (l *issuerLog) RoundTrip(req *http.Request) (*http.Response, error) {
 	return resp, nil
 }
 
-// requests returns the grant types of the token requests so far.
+// requests returns the grant types of the token requests sent so far.
 func (l *issuerLog) requests() []string {
 	l.mu.Lock()
 	defer l.mu.Unlock()

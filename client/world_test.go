@@ -147,8 +147,8 @@ func (d *device) assertNoSecretsLogged(t *testing.T, w *world) {
 // status) and every token the issuer returns.
 type issuerLog struct {
 	next     http.RoundTripper
-	onAnswer  func(status int) // called before the device sees the answer
-	onSend    func()           // called before the request is sent
+	onAnswer func(status int) // called before the device sees the answer
+	onSend   func()           // called before the request is sent
 
 	mu       sync.Mutex
 	grants   []string

@@ -107,6 +107,8 @@ func TestConcurrent401sShareOneTokenRequest(t *testing.T) {
 			t.Fatalf("a request ended with %d, want every one retried to 200", s)
 		}
 	}
+	mu.Lock()
+	defer mu.Unlock()
 	if arrived != n {
 		t.Fatalf("%d requests presented the revoked token at once, want %d", arrived, n)
 	}

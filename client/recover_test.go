@@ -22,12 +22,16 @@ import (
 // same application. The first device's token becomes INACTIVE; its next call
 // succeeds without the application noticing, with exactly one token request
 // (a refresh). The two sign-ins are never coalesced: a sign-in that returns a
-// refresh token gets its own family, which is what a second device is.
+// refresh token gets its own family, which is what a second device is. The
+// second device signs in through another issuer instance than the one the
+// resource server asks, which had the first device's token cached as active.
 func TestAnotherDeviceTakesTheToken(t *testing.T) {
 	t.Parallel()
 	w := newWorld(t, false)
 	first := w.device(t, client.Password(user, password))
-	second := w.device(t, client.Password(user, password))
+	second := w.device(t, client.Password(user, password), func(c *client.Config) {
+		c.OAuth2.Endpoint.TokenURL = w.issuer2.URL + "/oauth2/token"
+	})
 
 	if status, body := first.get(t, w); status != http.StatusOK || body != "hello "+user {
 		t.Fatalf("first device's first call: %d %q", status, body)

@@ -36,6 +36,7 @@ const (
 type world struct {
 	pipe     *pipetest.Pipeline
 	issuer   *httptest.Server
+	issuer2  *httptest.Server // a second instance over the same database and stream
 	secret   string // client "app": client_credentials, password, refresh_token; scopes read write
 	topo     events.Topology
 	resource *resourceServer
@@ -55,7 +56,7 @@ func newWorld(t *testing.T, unprovisioned bool) *world {
 	} else {
 		w.pipe.Start(t, 1)
 	}
-	cfg := issuer.Config{Mode: issuer.ModeAsync, Keys: testenv.Keys(), Topology: w.topo, Instance: "test"}
+	cfg := issuer.Config{Mode: issuer.ModeAsync, Keys: testenv.Keys(), Topology: w.topo}
 	bounded, err := issuer.NewJetStream(nc, cfg)
 	testenv.Must(t, err, "jetstream")
 	var api string
@@ -64,12 +65,17 @@ func newWorld(t *testing.T, unprovisioned bool) *world {
 	api, err = clients.AddWith(ctx, pool, "api", nil, nil, clients.Options{Introspect: true})
 	testenv.Must(t, err, "add resource server")
 	testenv.Must(t, clients.AddUser(ctx, pool, user, password, 4), "add user")
-	iss := issuer.New(cfg, clients.NewRegistry(pool, time.Minute), nc, bounded, pool, testenv.Logger(t), issuer.NewMetrics(prometheus.NewRegistry()))
-	stop, err := iss.WatchNotices()
-	testenv.Must(t, err, "watch notices")
-	t.Cleanup(stop)
-	w.issuer = httptest.NewServer(iss.Handler())
-	t.Cleanup(w.issuer.Close)
+	serve := func(instance string) *httptest.Server {
+		cfg.Instance = instance
+		iss := issuer.New(cfg, clients.NewRegistry(pool, time.Minute), nc, bounded, pool, testenv.Logger(t), issuer.NewMetrics(prometheus.NewRegistry()))
+		stop, err := iss.WatchNotices()
+		testenv.Must(t, err, "watch notices")
+		t.Cleanup(stop)
+		srv := httptest.NewServer(iss.Handler())
+		t.Cleanup(srv.Close)
+		return srv
+	}
+	w.issuer, w.issuer2 = serve("issuer-1"), serve("issuer-2")
 	w.resource = newResourceServer(t, w.issuer.URL, api)
 	return w
 }

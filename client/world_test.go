@@ -37,7 +37,7 @@ type world struct {
 	pipe     *pipetest.Pipeline
 	issuer   *httptest.Server
 	issuer2  *httptest.Server // a second instance over the same database and stream
-	secret   string // client "app": client_credentials, password, refresh_token; scopes read write
+	secret   string           // client "app": client_credentials, password, refresh_token; scopes read write
 	topo     events.Topology
 	resource *resourceServer
 }

@@ -110,7 +110,7 @@ type Transport struct {
 	grant  Grant         // how to sign in again; zero once a refresh token replaced it
 	epoch  uint64        // incremented by SignIn: an older fetch's result is stale
 	fetch  *fetchCall    // the token request in flight, shared by every waiter
-	fetchs sync.WaitGroup
+	fetching sync.WaitGroup
 }
 
 // New returns a Transport. It makes no request: the first RoundTrip obtains
@@ -142,7 +142,7 @@ func New(cfg Config) *Transport {
 func (t *Transport) Client() *http.Client { return &http.Client{Transport: t} }
 
 // Close waits for a token request in flight to finish.
-func (t *Transport) Close() { t.fetchs.Wait() }
+func (t *Transport) Close() { t.fetching.Wait() }
 
 // RoundTrip sends req with the current token. On a 401 it obtains a new
 // token (at most one per request, shared with concurrent requests) and, if

@@ -55,7 +55,7 @@ func (t *Transport) renew(ctx context.Context, stale string) (*oauth2.Token, err
 	if c == nil {
 		c = &fetchCall{done: make(chan struct{})}
 		t.fetch = c
-		t.fetchs.Add(1)
+		t.fetching.Add(1)
 		go t.runFetch(context.WithoutCancel(ctx), c, t.epoch)
 	}
 	t.mu.Unlock()
@@ -70,7 +70,7 @@ func (t *Transport) renew(ctx context.Context, stale string) (*oauth2.Token, err
 // runFetch makes the token request of c and installs its token, unless the
 // application signed in anew meanwhile (epoch).
 func (t *Transport) runFetch(ctx context.Context, c *fetchCall, epoch uint64) {
-	defer t.fetchs.Done()
+	defer t.fetching.Done()
 	ctx, cancel := context.WithTimeout(ctx, t.cfg.TokenTimeout)
 	defer cancel()
 	tok, err := t.obtain(ctx)

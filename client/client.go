@@ -105,11 +105,11 @@ type Transport struct {
 	base http.RoundTripper
 	log  *slog.Logger
 
-	mu     sync.Mutex
-	tok    *oauth2.Token // the current token; nil before sign-in
-	grant  Grant         // how to sign in again; zero once a refresh token replaced it
-	epoch  uint64        // incremented by SignIn: an older fetch's result is stale
-	fetch  *fetchCall    // the token request in flight, shared by every waiter
+	mu       sync.Mutex
+	tok      *oauth2.Token // the current token; nil before sign-in
+	grant    Grant         // how to sign in again; zero once a refresh token replaced it
+	epoch    uint64        // incremented by SignIn: an older fetch's result is stale
+	fetch    *fetchCall    // the token request in flight, shared by every waiter
 	fetching sync.WaitGroup
 }
 

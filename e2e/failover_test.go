@@ -275,4 +275,3 @@ func runTool(t *testing.T, ctx context.Context, d *deployment, args ...string) s
 	}
 	return string(out)
 }
-

@@ -29,17 +29,20 @@ import (
 //     back to back, until the last row is committed;
 //
 // and reports both rates per mode and sync/async ratios of the same run.
-// With -benchtime 4x the modes alternate which goes first.
+// Successive runs (-count) alternate which mode goes first.
 //
-//	go test -run '^$' -bench ReplicationMode -benchtime 4x ./e2e/
+//	go test -run '^$' -bench ReplicationMode -benchtime 1x -count 4 ./e2e/
+// replicationRuns counts BenchmarkReplicationMode's runs in this process.
+var replicationRuns atomic.Int64
+
 func BenchmarkReplicationMode(b *testing.B) {
 	benchBinary(b) // built before any clock starts
-	for i := range b.N {
+	for range b.N {
 		rates := map[string]float64{}
 		// Alternate which mode goes first, so a neighbour's load on the
 		// machine does not always fall on the same one.
 		modes := []string{"async", "sync"}
-		if i%2 == 1 {
+		if replicationRuns.Add(1)%2 == 0 {
 			modes = []string{"sync", "async"}
 		}
 		for _, mode := range modes {

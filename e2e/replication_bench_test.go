@@ -20,6 +20,9 @@ import (
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 )
 
+// replicationRuns counts BenchmarkReplicationMode's runs in this process.
+var replicationRuns atomic.Int64
+
 // BenchmarkReplicationMode is what synchronous replication costs: in each
 // iteration a fresh primary with one streaming standby (fsync on), once
 // asynchronous and once synchronous (synchronous_standby_names='*',
@@ -32,9 +35,6 @@ import (
 // Successive runs (-count) alternate which mode goes first.
 //
 //	go test -run '^$' -bench ReplicationMode -benchtime 1x -count 4 ./e2e/
-// replicationRuns counts BenchmarkReplicationMode's runs in this process.
-var replicationRuns atomic.Int64
-
 func BenchmarkReplicationMode(b *testing.B) {
 	benchBinary(b) // built before any clock starts
 	for range b.N {

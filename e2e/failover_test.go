@@ -44,17 +44,20 @@ func TestPostgresPrimaryKilledSyncReplicationLosesNothing(t *testing.T) {
 
 // lagWatch samples the durable consumers' lag in time (the age of the
 // oldest message not yet acknowledged, as `tokenpipe status` shows it)
-// and keeps the largest seen per consumer.
+// and keeps the largest seen per consumer, and the longest time between
+// two samples: the lag can have grown by that much unseen.
 type lagWatch struct {
-	mu   sync.Mutex
-	max  map[string]time.Duration
-	stop context.CancelFunc
-	done chan struct{}
+	mu     sync.Mutex
+	max    map[string]time.Duration
+	last   time.Time
+	maxGap time.Duration
+	stop   context.CancelFunc
+	done   chan struct{}
 }
 
 func watchLag(t *testing.T, js jetstream.JetStream, topo events.Topology) *lagWatch {
 	ctx, cancel := context.WithCancel(context.Background())
-	w := &lagWatch{max: map[string]time.Duration{}, stop: cancel, done: make(chan struct{})}
+	w := &lagWatch{max: map[string]time.Duration{}, last: time.Now(), stop: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(w.done)
 		tick := time.NewTicker(250 * time.Millisecond)
@@ -77,6 +80,8 @@ func watchLag(t *testing.T, js jetstream.JetStream, topo events.Topology) *lagWa
 func (w *lagWatch) record(r *status.Report) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	w.maxGap = max(w.maxGap, r.Time.Sub(w.last))
+	w.last = r.Time
 	for _, c := range r.Consumers {
 		if c.OldestUnackedSeconds != nil {
 			w.max[c.Name] = max(w.max[c.Name], time.Duration(*c.OldestUnackedSeconds*float64(time.Second)))
@@ -84,9 +89,23 @@ func (w *lagWatch) record(r *status.Report) {
 	}
 }
 
+// finish stops the sampling; the time since the last sample is a gap too.
 func (w *lagWatch) finish() {
 	w.stop()
 	<-w.done
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.last.IsZero() {
+		w.maxGap = max(w.maxGap, time.Since(w.last))
+		w.last = time.Time{}
+	}
+}
+
+// gap is the longest time between two samples.
+func (w *lagWatch) gap() time.Duration {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.maxGap
 }
 
 // largest is the largest lag seen on the named consumer.
@@ -205,26 +224,28 @@ func missingAfterDrain(t *testing.T, ctx context.Context, db *pgxpool.Pool, dige
 // restoreByReplay revokes rev-app's grant on the new primary, then replays
 // from the safe point:
 //
-//	since = R - (largest persister lag + largest recovery lag) - 1s
+//	since = R - (largest persister lag + largest recovery lag) - 2 x sampling gap - 1s
 //
 // R is the commit time of the last transaction the standby replayed before
 // its promotion (pg_last_xact_replay_timestamp(), which stays fixed after
 // it): every row it lacks was committed after R. A row commits after its
 // event was published by at most the time the event waited for the
 // persister (and, for a conflict, for recovery): the consumers' oldest
-// unacknowledged age. So every lost row's event was published after the
-// safe point; the second covers clock skew between NATS and Postgres and
-// commit timestamps taken just before their WAL record.
+// unacknowledged age, which can have grown unseen by up to the longest gap
+// between two samples (once per consumer). So every lost row's event was
+// published after the safe point; the second covers clock skew between
+// NATS and Postgres and commit timestamps taken just before their WAL
+// record.
 func restoreByReplay(t *testing.T, ctx context.Context, d *deployment, db *pgxpool.Pool, js jetstream.JetStream, topo events.Topology,
 	lag *lagWatch, missing, revDigests []events.Digest) {
 	t.Helper()
 	runTool(t, ctx, d, "tokens", "revoke", "-client", "rev-app")
 	var replayed time.Time
 	testenv.Must(t, db.QueryRow(ctx, `SELECT pg_last_xact_replay_timestamp()`).Scan(&replayed), "last replayed commit")
-	window := lag.largest(topo.Persister) + lag.largest(topo.Recovery) + time.Second
+	window := lag.largest(topo.Persister) + lag.largest(topo.Recovery) + 2*lag.gap() + time.Second
 	since := replayed.Add(-window)
-	t.Logf("safe point: last replayed commit %s - (persister lag %s + recovery lag %s + 1s) = %s",
-		replayed.Format(time.RFC3339Nano), lag.largest(topo.Persister), lag.largest(topo.Recovery), since.Format(time.RFC3339Nano))
+	t.Logf("safe point: last replayed commit %s - (persister lag %s + recovery lag %s + 2 x sampling gap %s + 1s) = %s",
+		replayed.Format(time.RFC3339Nano), lag.largest(topo.Persister), lag.largest(topo.Recovery), lag.gap(), since.Format(time.RFC3339Nano))
 
 	out := runTool(t, ctx, d, "replay", "--since", since.Format(time.RFC3339Nano), "--json")
 	var sum replay.Summary

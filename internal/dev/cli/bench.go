@@ -69,6 +69,13 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		return runMatrix(ctx, &cfg, o, stdout, stderr)
 	}
+	if len(rest) > 0 && rest[0] == "e2e" {
+		o, args, err := parseE2EFlags(rest[1:], stderr)
+		if err != nil {
+			return app.HelpIsNil(err)
+		}
+		return runE2E(ctx, &cfg, o, args, stdout, stderr)
+	}
 	if len(rest) > 0 && rest[0] == "roles" {
 		o, err := parseRolesFlags(rest[1:], stderr)
 		if err != nil {

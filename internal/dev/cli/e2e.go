@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"runtime"
 	"slices"
 	"strings"
@@ -100,7 +101,7 @@ func runE2E(ctx context.Context, cfg *app.Common, o e2eOpts, args []string, stdo
 	e := &e2eRun{cfg: cfg, o: o, stderr: stderr, say: say, nats: natsProc{url: cfg.NATSURL},
 		rep: &bench.E2EReport{Command: "bin/tokenpipe-dev bench e2e " + strings.Join(args, " "), Runs: o.runs,
 			Machine:  fmt.Sprintf("%d CPUs, %s", runtime.NumCPU(), runtime.Version()),
-			LagBound: o.ramp.LagBound, GoalRate: 12000, FixedRate: o.rate, PreloadRows: o.preload,
+			LagBound: o.ramp.LagBound, GoalRate: 12000, RampTop: o.ramp.Start + math.Floor((o.ramp.Max-o.ramp.Start)/o.ramp.Step)*o.ramp.Step, FixedRate: o.rate, PreloadRows: o.preload,
 			DrainEvents: o.drainEvents, DrainWorkers: 2, Idle: map[string][]float64{},
 			Ramp: fmt.Sprintf("start %.0f/s, +%.0f/s per %s step, up to %.0f/s, %d requests in flight at most; a step holds if p99 issue-to-persisted lag <= %s, errors <= %.0f%%, "+
 				"achieved >= 95%% of offered, and every token of the step is persisted (between steps the ramp waits, at most 4x the lag bound, for the step's rows). "+
@@ -129,7 +130,7 @@ func runE2E(ctx context.Context, cfg *app.Common, o e2eOpts, args []string, stdo
 	e.rep.WriteMarkdown(&b)
 	fmt.Fprint(stdout, b.String())
 	if o.write != "" {
-		return writeSection(o.write, b.String())
+		return writeSection(o.write, beginMark, endMark, b.String())
 	}
 	return nil
 }
@@ -321,4 +322,3 @@ func (e *e2eRun) drain(ctx context.Context, run int) error {
 		return nil
 	})
 }
-

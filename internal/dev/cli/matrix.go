@@ -19,22 +19,14 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
-	"github.com/tokenpipe/tokenpipe/internal/dev/loadgen"
 	"github.com/tokenpipe/tokenpipe/internal/schema"
-	"github.com/tokenpipe/tokenpipe/issuer"
 )
 
 // matrixOpts sizes the scenario matrix.
 type matrixOpts struct {
-	runs      int
-	events    int
-	stepDur   time.Duration
-	rampStart float64
-	rampStep  float64
-	rampMax   float64
-	lagBound  time.Duration
-	preload   int
-	write     string
+	runs   int
+	events int
+	write  string
 }
 
 // figure collects one measurement over the runs.
@@ -72,7 +64,8 @@ func ratio(a, b *figure) *figure {
 	return r
 }
 
-// runMatrix measures every scenario runs times and prints (and optionally
+// runMatrix measures the stage ceilings and the drain at 1, 2 and 4
+// workers runs times, in this one process, and prints (and optionally
 // writes into BENCHMARKS.md) the table.
 func runMatrix(ctx context.Context, cfg *app.Common, o matrixOpts, stdout, stderr io.Writer) error {
 	log := app.NewLogger(cfg, io.Discard)
@@ -125,70 +118,6 @@ func runMatrix(ctx context.Context, cfg *app.Common, o matrixOpts, stdout, stder
 				return err
 			}
 		}
-		scenarios := []struct {
-			key     string
-			mode    string
-			mix     loadgen.Mix
-			preload int
-		}{
-			{"async", issuer.ModeAsync, loadgen.Mix{}, 0},
-			{"sync", issuer.ModeSync, loadgen.Mix{}, 0},
-			{"conflict", issuer.ModeAsync, loadgen.Mix{Reissue: 0.3, Duplicate: 0.05, DupWidth: 2}, 0},
-			{"async1m", issuer.ModeAsync, loadgen.Mix{}, o.preload},
-		}
-		for _, sc := range scenarios {
-			say("run %d/%d: %s ramp", run, o.runs, sc.key)
-			err := withScratch(ctx, cfg, js, func(pool *pgxpool.Pool, topo events.Topology) error {
-				if sc.preload > 0 {
-					say("  preloading %d rows", sc.preload)
-					if _, err := bench.CopyCeiling(ctx, pool, bench.MakeEvents(sc.preload), 2, 5000); err != nil {
-						return err
-					}
-					if _, err := pool.Exec(ctx, "VACUUM ANALYZE tokens"); err != nil {
-						return err
-					}
-				}
-				p, err := bench.StartPipeline(ctx, pool, nc, bench.PipelineOptions{
-					Mode: sc.mode, Workers: 2, BatchSize: 1000, ScopePool: 2000, Topology: topo, Log: log,
-				})
-				if err != nil {
-					return err
-				}
-				defer p.Stop()
-				opts := loadgen.Options{
-					Target: loadgen.Target{URL: p.URL, ClientID: p.ClientID, Secret: p.Secret, ScopePool: 2000},
-					Mix:    sc.mix, Concurrency: 4096, LagEvery: 1,
-					Pool: pool, JS: js, Stream: topo.Stream, Consumers: []string{topo.Persister, topo.Recovery},
-					DrainTimeout: time.Minute, Progress: stepLines{stderr},
-					Ramp: bench.RampOptions(o.lagBound, o.stepDur, o.rampStart, o.rampStep, o.rampMax),
-				}
-				rep, err := loadgen.Run(ctx, opts)
-				if err != nil {
-					return err
-				}
-				if !rep.Audit.Clean() {
-					return fmt.Errorf("%s: audit found violations", sc.key)
-				}
-				get(sc.key).add(rep.HighestSustained)
-				say("  highest sustained %.0f tokens/s", rep.HighestSustained)
-				if sc.key != "async" || rep.HighestSustained == 0 {
-					return nil
-				}
-				opts.Ramp, opts.Rate, opts.Duration, opts.Warmup = nil, rep.HighestSustained/2, 10*time.Second, 2*time.Second
-				half, err := loadgen.Run(ctx, opts)
-				if err != nil {
-					return err
-				}
-				get("halfrate").add(opts.Rate)
-				get("halfp50").add(float64(half.Steps[0].Lag.P50.Microseconds()) / 1000)
-				get("halfp99").add(float64(half.Steps[0].Lag.P99.Microseconds()) / 1000)
-				get("halfhttp99").add(half.Steps[0].HTTP.P99)
-				return nil
-			})
-			if err != nil {
-				return err
-			}
-		}
 	}
 
 	var b strings.Builder
@@ -202,37 +131,36 @@ func runMatrix(ctx context.Context, cfg *app.Common, o matrixOpts, stdout, stder
 		k := fmt.Sprintf("drain%d", w)
 		fmt.Fprintf(&b, "| persister drain, %d worker(s), %d events | %s rows/s | COPY %s | %s |\n", w, o.events, get(k), get(k+"copy"), ratio(get(k), get(k+"copy")))
 	}
-	fmt.Fprintf(&b, "| async end to end over HTTP: highest rate with p99 issue-to-persisted lag <= %s | %s tokens/s | JetStream publish %s | %s |\n", o.lagBound, get("async"), get("jspub"), ratio(get("async"), get("jspub")))
-	fmt.Fprintf(&b, "| async at 50%% of that rate: persist lag p50 / p99, HTTP p99 (ms) | %s / %s / %s | | |\n", get("halfp50"), get("halfp99"), get("halfhttp99"))
-	fmt.Fprintf(&b, "| sync end to end over HTTP, same settings | %s tokens/s | async %s | async/sync %s |\n", get("sync"), get("async"), ratio(get("async"), get("sync")))
-	fmt.Fprintf(&b, "| async, conflict-heavy mix (30%% re-issue, 5%% duplicates) | %s tokens/s | no-conflict %s | %s |\n", get("conflict"), get("async"), ratio(get("conflict"), get("async")))
-	fmt.Fprintf(&b, "| async, table already holding %d rows | %s tokens/s | empty table %s | %s |\n", o.preload, get("async1m"), get("async"), ratio(get("async1m"), get("async")))
-	fmt.Fprintf(&b, "\nRamp: start %.0f/s, +%.0f/s per %s step, up to %.0f/s; a step holds if p99 issue-to-persisted lag <= %s, errors <= 1%%, achieved >= 95%% of offered, and every token of the step is persisted. Load generator, issuer, persister (2 workers) and recovery in one process with NATS and Postgres on the same 2 cores.\n",
-		o.rampStart, o.rampStep, o.stepDur, o.rampMax, o.lagBound)
+	b.WriteString("\nOne process: the ceilings, and a persister pool of the given workers draining a full stream (bench drain). The end-to-end scenarios, with the roles as separate processes, are bench e2e (make bench).\n")
 	table := b.String()
 	fmt.Fprint(stdout, table)
 	if o.write != "" {
-		return writeSection(o.write, table)
+		return writeSection(o.write, matrixBegin, matrixEnd, table)
 	}
 	return nil
 }
 
-const beginMark, endMark = "<!-- bench:begin -->", "<!-- bench:end -->"
+// The generated sections of BENCHMARKS.md: make bench's (bench e2e) and
+// the stage matrix's.
+const (
+	beginMark, endMark     = "<!-- bench:begin -->", "<!-- bench:end -->"
+	matrixBegin, matrixEnd = "<!-- bench matrix:begin -->", "<!-- bench matrix:end -->"
+)
 
 // writeSection replaces the generated section of the file, keeping the
 // hand-written analysis around it.
-func writeSection(path, body string) error {
+func writeSection(path, begin, end, body string) error {
 	old, err := os.ReadFile(path)
 	if err != nil && !os.IsNotExist(err) {
 		return err
 	}
 	s := string(old)
-	section := beginMark + "\n" + body + endMark
-	i, j := strings.Index(s, beginMark), strings.Index(s, endMark)
+	section := begin + "\n" + body + end
+	i, j := strings.Index(s, begin), strings.Index(s, end)
 	if i >= 0 && j > i {
-		s = s[:i] + section + s[j+len(endMark):]
+		s = s[:i] + section + s[j+len(end):]
 	} else {
-		s += "\n## Scenario matrix (`make bench`)\n\n" + section + "\n"
+		s += "\n" + section + "\n"
 	}
 	return os.WriteFile(path, []byte(s), 0o644)
 }

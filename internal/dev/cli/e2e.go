@@ -311,6 +311,7 @@ func (e *e2eRun) drain(ctx context.Context, run int) error {
 	}
 	defer nc.Close()
 	return withScratch(ctx, &cfg, js, func(pool *pgxpool.Pool, topo events.Topology) error {
+		e.say("run %d/%d:   database %s, stream %s", run, e.o.runs, pool.Config().ConnConfig.Database, topo.Stream)
 		res, err := bench.Drain(ctx, pool, js, bench.DrainOptions{Events: e.o.drainEvents, Workers: e.rep.DrainWorkers,
 			BatchSize: 1000, BatchWait: 20 * time.Millisecond, Runs: 1, Topology: topo, Log: log})
 		if err != nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -38,6 +39,7 @@ type e2eOpts struct {
 	scenarios   []string
 	natsServer  string
 	write       string
+	charts      string // directory for each ramp's chart page; "" for none
 }
 
 func parseE2EFlags(args []string, stderr io.Writer) (e2eOpts, []string, error) {
@@ -60,6 +62,7 @@ func parseE2EFlags(args []string, stderr io.Writer) (e2eOpts, []string, error) {
 	fs.IntVar(&o.drainEvents, "drain-events", 100000, "events in the stream for the drain scenario")
 	scen := fs.String("scenarios", strings.Join(e2eScenarios, ","), "optional scenarios to run besides the plain ramp: "+strings.Join(e2eScenarios, ",")+" (empty for none)")
 	fs.StringVar(&o.natsServer, "nats-server", "machine", "machine: the server at TOKENPIPE_NATS_URL; module: a nats-server process built from the nats-server/v2 module this binary links")
+	fs.StringVar(&o.charts, "charts", "", "write each ramp's chart (HTML, as loadtest -html) into this `directory`")
 	fs.StringVar(&o.write, "write", "", "also write the report into this Markdown file (between the bench markers)")
 	if err := fs.Parse(args); err != nil {
 		return o, nil, app.FlagErr(err)
@@ -257,6 +260,13 @@ func (e *e2eRun) ramp(ctx context.Context, d *deployment, run int, name string, 
 		return 0, fmt.Errorf("%s ramp: the audit found violations:\n%s", name, b.String())
 	}
 	e.say("run %d/%d:   %s: highest sustained %.0f tokens/s", run, e.o.runs, name, rep.HighestSustained)
+	if e.o.charts != "" {
+		path := filepath.Join(e.o.charts, fmt.Sprintf("ramp-%s-run%d.html", name, run))
+		if err := writeFile(path, rep.WriteHTML); err != nil {
+			return 0, err
+		}
+		e.say("run %d/%d:   wrote %s", run, e.o.runs, path)
+	}
 	return rep.HighestSustained, nil
 }
 

@@ -122,7 +122,8 @@ func (r *E2EReport) writeThroughput(w io.Writer) {
 
 func (r *E2EReport) writeCPU(w io.Writer) {
 	fmt.Fprintf(w, "\nCPU per token per role: µs of utime+stime (/proc/<pid>/stat, all threads) per token answered 200 over the measured interval; "+
-		"at the peak, each run at its own highest sustained rate (median %s tokens/s); idle: %% of one core with no traffic.\n\n",
+		"at the peak, each run at its own highest sustained rate (median %s tokens/s); idle: %% of one core with no traffic. "+
+		"The plain mix publishes one event per token, so nats-server's figure is also per message and the persister's and Postgres' per row.\n\n",
 		fig(runRates(r.PeakRuns), "%.0f"))
 	fmt.Fprintf(w, "| role | goal (µs per token) | at %.0f tokens/s | verdict | at the peak | verdict | idle (%% of a core) | verdict (<= %.1f%%) |\n", r.FixedRate, 100*IdleGoal)
 	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|")

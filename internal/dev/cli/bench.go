@@ -92,6 +92,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintln(stderr, "usage: tokenpipe bench "+benchUsage)
 		return app.ErrUsage
 	}
+	return runDrain(ctx, &cfg, rest[1:], stdout, stderr)
+}
+
+// runDrain is `tokenpipe bench drain`.
+func runDrain(ctx context.Context, cfg *app.Common, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("bench drain", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	n := fs.Int("events", 200000, "events to pre-fill")
@@ -99,7 +104,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	batch := fs.Int("batch", 1000, "events per batch, rows per COPY")
 	runs := fs.Int("runs", 3, "paired runs; medians are reported")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of this process to `file`")
-	if err := fs.Parse(rest[1:]); err != nil {
+	if err := fs.Parse(args); err != nil {
 		return app.HelpIsNil(app.FlagErr(err))
 	}
 	if *cpuProfile != "" {
@@ -109,13 +114,13 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		defer stop()
 	}
-	log := app.NewLogger(&cfg, stderr)
+	log := app.NewLogger(cfg, stderr)
 	dbURL, dropDB, err := scratchDatabase(ctx, cfg.DatabaseURL)
 	if err != nil {
 		return err
 	}
 	defer dropDB()
-	scratch := cfg
+	scratch := *cfg
 	scratch.DatabaseURL = dbURL
 	scratch.DBMaxConns = int32(*workers + 2)
 	pool, err := app.ConnectPostgres(ctx, &scratch)
@@ -126,7 +131,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if _, err := schema.Up(ctx, pool); err != nil {
 		return err
 	}
-	nc, js, err := app.ConnectNATS(&cfg, "tokenpipe-bench", log, nil)
+	nc, js, err := app.ConnectNATS(cfg, "tokenpipe-bench", log, nil)
 	if err != nil {
 		return err
 	}

@@ -76,6 +76,8 @@ func (r *Report) WriteHTML(w io.Writer) error {
 // the end of the time axis (seconds since the start).
 func (r *Report) panels() ([]panelSpec, []stepBand, float64) {
 	at := func(t time.Time) float64 { return max(0, t.Sub(r.Started).Seconds()) }
+	// A second's figures are drawn in the middle of the part after the start.
+	mid := func(t time.Time) float64 { return (at(t) + at(t.Add(time.Second))) / 2 }
 	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 	var bands []stepBand
 	xmax := 1.0
@@ -89,7 +91,7 @@ func (r *Report) panels() ([]panelSpec, []stepBand, float64) {
 	failed := line{name: "failed or dropped", color: "#8c564b"}
 	h50, h99 := line{name: "p50", color: "#2ca02c"}, line{name: "p99", color: "#d62728"}
 	for _, p := range r.secondPoints() {
-		x := at(p.at) + 0.5 // a second's figures are drawn at its middle
+		x := mid(p.at)
 		if p.sending {
 			offered.add(x, p.offered)
 		}
@@ -102,8 +104,8 @@ func (r *Report) panels() ([]panelSpec, []stepBand, float64) {
 	}
 	l50, l99 := line{name: "p50", color: "#2ca02c"}, line{name: "p99", color: "#d62728"}
 	for _, l := range r.LagSeconds {
-		l50.add(at(l.At)+0.5, ms(l.P50))
-		l99.add(at(l.At)+0.5, ms(l.P99))
+		l50.add(mid(l.At), ms(l.P50))
+		l99.add(mid(l.At), ms(l.P99))
 	}
 	queue := line{name: "pending + ack pending, both consumers (gaps: no sample answered)", color: "#9467bd"}
 	for _, q := range r.Queue {
@@ -134,8 +136,8 @@ type secondPoint struct {
 // second a step covers only in part (its first and last, and the second
 // two steps share) is divided by the time the steps covered of it (sending
 // for the offered rate, sending or waiting for answers for the rest), so a
-// partial second does not look like a drop; one covered less than a fifth
-// is left out. Latency is that of the step with more answers in it.
+// partial second does not look like a drop; one covered less than half is
+// left out (a burst of late answers in its sliver would look like a rate). Latency is that of the step with more answers in it.
 func (r *Report) secondPoints() []secondPoint {
 	var out []secondPoint
 	index := map[int64]int{}
@@ -157,13 +159,13 @@ func (r *Report) secondPoints() []secondPoint {
 	kept := out[:0]
 	for _, p := range out {
 		sent, answered := r.covered(p.at)
-		if answered < 0.2 {
+		if answered < 0.5 {
 			continue
 		}
 		p.achieved, p.errors = p.achieved/answered, p.errors/answered
 		// Answers still arrive after the sending stopped: no offered
 		// rate for a second mostly past the sending.
-		p.sending = sent >= 0.2
+		p.sending = sent >= 0.5
 		if p.sending {
 			p.offered /= sent
 		}

@@ -178,3 +178,30 @@ func TestBenchE2EFlags(t *testing.T) {
 		}
 	}
 }
+
+// TestWriteSection: a report replaces only its own section; without its
+// markers it is appended with them, so the next run finds it.
+func TestWriteSection(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "B.md")
+	doc := "intro\n" + beginMark + "\nold e2e\n" + endMark + "\nmiddle\n"
+	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeSection(path, matrixBegin, matrixEnd, "matrix 1\n"); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeSection(path, matrixBegin, matrixEnd, "matrix 2\n"); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeSection(path, beginMark, endMark, "new e2e\n"); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "intro\n" + beginMark + "\nnew e2e\n" + endMark + "\nmiddle\n\n" + matrixBegin + "\nmatrix 2\n" + matrixEnd + "\n"
+	if string(got) != want {
+		t.Fatalf("file:\n%s\nwant:\n%s", got, want)
+	}
+}

@@ -101,15 +101,7 @@ func runE2E(ctx context.Context, cfg *app.Common, o e2eOpts, args []string, stdo
 	say := func(format string, a ...any) {
 		fmt.Fprintf(stderr, "%s [%s] %s\n", time.Now().Format("15:04:05"), time.Since(started).Round(time.Second), fmt.Sprintf(format, a...))
 	}
-	e := &e2eRun{cfg: cfg, o: o, stderr: stderr, say: say, nats: natsProc{url: cfg.NATSURL},
-		rep: &bench.E2EReport{Command: "bin/tokenpipe-dev bench e2e " + strings.Join(args, " "), Runs: o.runs,
-			Machine:  fmt.Sprintf("%d CPUs, %s", runtime.NumCPU(), runtime.Version()),
-			LagBound: o.ramp.LagBound, GoalRate: 12000, RampTop: o.ramp.Start + math.Floor((o.ramp.Max-o.ramp.Start)/o.ramp.Step)*o.ramp.Step, FixedRate: o.rate, PreloadRows: o.preload,
-			DrainEvents: o.drainEvents, DrainWorkers: 2, Idle: map[string][]float64{},
-			Ramp: fmt.Sprintf("start %.0f/s, +%.0f/s per %s step, up to %.0f/s, %d requests in flight at most; a step holds if p99 issue-to-persisted lag <= %s, errors <= %.0f%%, "+
-				"achieved >= 95%% of offered, and every token of the step is persisted (between steps the ramp waits, at most 4x the lag bound, for the step's rows). "+
-				"Every scenario deploys the roles afresh on a scratch database and stream, removed afterwards; coalescing is off.",
-				o.ramp.Start, o.ramp.Step, o.ramp.StepDuration, o.ramp.Max, o.concurrency, o.ramp.LagBound, 100*o.ramp.ErrorBound)}}
+	e := &e2eRun{cfg: cfg, o: o, stderr: stderr, say: say, nats: natsProc{url: cfg.NATSURL}, rep: newE2EReport(o, args)}
 	if o.natsServer == "module" {
 		np, stop, err := startModuleNATS(ctx, stderr)
 		if err != nil {
@@ -136,6 +128,22 @@ func runE2E(ctx context.Context, cfg *app.Common, o e2eOpts, args []string, stdo
 		return writeSection(o.write, beginMark, endMark, b.String())
 	}
 	return nil
+}
+
+// newE2EReport is the report before any figure: what was run, and how.
+func newE2EReport(o e2eOpts, args []string) *bench.E2EReport {
+	r := o.ramp
+	return &bench.E2EReport{
+		Command: "bin/tokenpipe-dev bench e2e " + strings.Join(args, " "), Runs: o.runs,
+		Machine:  fmt.Sprintf("%d CPUs, %s", runtime.NumCPU(), runtime.Version()),
+		LagBound: r.LagBound, GoalRate: 12000, RampTop: r.Start + math.Floor((r.Max-r.Start)/r.Step)*r.Step,
+		FixedRate: o.rate, PreloadRows: o.preload, DrainEvents: o.drainEvents, DrainWorkers: 2, Idle: map[string][]float64{},
+		Ramp: fmt.Sprintf("start %.0f/s, +%.0f/s per %s step, up to %.0f/s, %d requests in flight at most; "+
+			"a step holds if p99 issue-to-persisted lag <= %s, errors <= %.0f%%, achieved >= 95%% of offered, and every token of the step is persisted "+
+			"(between steps the ramp waits, at most 4x the lag bound, for the step's rows). "+
+			"Every scenario deploys the roles afresh on a scratch database and stream, removed afterwards; coalescing is off.",
+			r.Start, r.Step, r.StepDuration, r.Max, o.concurrency, r.LagBound, 100*r.ErrorBound),
+	}
 }
 
 // plain deploys the roles and measures, in order: idle cost, CPU per token

@@ -107,7 +107,10 @@ func runBin(t *testing.T, bin string, args ...string) (string, string) {
 	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Env = append(os.Environ(),
 		"TOKENPIPE_DATABASE_URL="+testenv.AdminDatabaseURL(),
-		"TOKENPIPE_NATS_URL="+testenv.NATSURL())
+		"TOKENPIPE_NATS_URL="+testenv.NATSURL(),
+		// The roles inherit it: a few connections each, as the suite's
+		// other packages share the server's connection limit.
+		"TOKENPIPE_DB_MAX_CONNS=3")
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
 		t.Fatalf("%s: %v\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), err, stdout.String(), stderr.String())

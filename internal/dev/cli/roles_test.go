@@ -35,7 +35,8 @@ func TestBenchRolesProcesses(t *testing.T) {
 	cmd := exec.CommandContext(ctx, bin, "bench", "roles", "-rate", "200", "-duration", "2s", "-warmup", "1s", "-runs", "1")
 	cmd.Env = append(os.Environ(),
 		"TOKENPIPE_DATABASE_URL="+testenv.AdminDatabaseURL(),
-		"TOKENPIPE_NATS_URL="+testenv.NATSURL())
+		"TOKENPIPE_NATS_URL="+testenv.NATSURL(),
+		"TOKENPIPE_DB_MAX_CONNS=3") // the roles inherit it: the suite shares the server's connection limit
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
 		t.Fatalf("bench roles: %v\nstdout:\n%s\nstderr:\n%s", err, stdout.String(), stderr.String())

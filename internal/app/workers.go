@@ -134,12 +134,17 @@ func sampleLag(ctx context.Context, env *roleEnv, streamName string, consumers [
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			cons, err := env.js.Consumer(lagCtx, streamName, consumer)
+			st, err := env.js.Stream(lagCtx, streamName)
 			if err != nil {
 				env.log.Warn("lag gauges disabled", "consumer", consumer, "err", err)
 				return
 			}
-			gauges.Sample(lagCtx, env.log, cons, consumer, every)
+			cons, err := st.Consumer(lagCtx, consumer)
+			if err != nil {
+				env.log.Warn("lag gauges disabled", "consumer", consumer, "err", err)
+				return
+			}
+			gauges.Sample(lagCtx, env.log, st, cons, consumer, every)
 		}()
 	}
 	return func() { cancel(); wg.Wait() }

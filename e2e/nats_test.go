@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"fmt"
-	"net"
 	"net/http"
 	"os/exec"
 	"strings"
@@ -35,11 +34,8 @@ func startNATS(t *testing.T) *natsServer {
 			t.Skip("nats-server binary not installed")
 		}
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	testenv.Must(t, err, "free port")
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
-	s := &natsServer{t: t, port: port, dir: t.TempDir()}
+	// Outside the ephemeral range, so the port is still free for the restart.
+	s := &natsServer{t: t, port: serverPort(t), dir: t.TempDir()}
 	s.run(path)
 	t.Cleanup(func() {
 		if s.cmd != nil {

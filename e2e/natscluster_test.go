@@ -3,6 +3,8 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -97,7 +99,7 @@ func startNATSCluster(t *testing.T) *natsCluster {
 	c := &natsCluster{t: t, bin: moduleNATSServer(t)}
 	dir := t.TempDir()
 	for i := range 3 {
-		c.nodes = append(c.nodes, &natsNode{name: fmt.Sprintf("n%d", i+1), port: freePort(t), clusterPort: freePort(t)})
+		c.nodes = append(c.nodes, &natsNode{name: fmt.Sprintf("n%d", i+1), port: serverPort(t), clusterPort: serverPort(t)})
 	}
 	var routes []string
 	for _, n := range c.nodes {
@@ -146,13 +148,22 @@ func tail(b []byte, n int) []byte {
 	return b
 }
 
-func freePort(t *testing.T) int {
+// serverPort finds a free port below the kernel's ephemeral range (32768 and
+// up on Linux). A killed server's port must still be free when it restarts:
+// ports the other tests take with ":0", and the source ports of every
+// outgoing connection, come from the ephemeral range, so they never take it.
+func serverPort(t *testing.T) int {
 	t.Helper()
-	addr := freeAddr(t)
-	var port int
-	_, err := fmt.Sscanf(addr[strings.LastIndex(addr, ":")+1:], "%d", &port)
-	testenv.Must(t, err, "port of "+addr)
-	return port
+	for range 200 {
+		port := 20000 + rand.IntN(12000)
+		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err == nil {
+			ln.Close()
+			return port
+		}
+	}
+	t.Fatal("no free port between 20000 and 32000")
+	return 0
 }
 
 // run starts n's process (a new one after a kill or a lame-duck exit).

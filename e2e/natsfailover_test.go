@@ -92,17 +92,47 @@ func (r *clusterRun) leader() *natsNode {
 	return r.c.node(name)
 }
 
-// follower is a server holding a replica of the stream but not leading it.
+// consumerLeader is the server leading the named consumer now.
+func (r *clusterRun) consumerLeader(name string) string {
+	r.t.Helper()
+	var leader string
+	testenv.Eventually(r.t, 30*time.Second, "leader of consumer "+name, func() (bool, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		cons, err := r.js.Consumer(ctx, r.topo.Stream, name)
+		if err != nil {
+			return false, err
+		}
+		info, err := cons.Info(ctx)
+		if err != nil || info.Cluster == nil {
+			return false, err
+		}
+		leader = info.Cluster.Leader
+		return leader != "", nil
+	})
+	return leader
+}
+
+// follower is a server holding a replica of the stream but not leading it,
+// and, where one exists, not leading the persister's consumer either (the
+// consumers have Raft groups, and leaders, of their own): its loss is a
+// follower's loss only.
 func (r *clusterRun) follower() *natsNode {
 	r.t.Helper()
-	lead := r.leader()
+	lead, persister := r.leader(), r.consumerLeader(r.topo.Persister)
+	var pick *natsNode
 	for _, n := range r.c.nodes {
-		if n != lead {
-			return n
+		if n != lead && (pick == nil || pick.name == persister) {
+			pick = n
 		}
 	}
-	r.t.Fatal("no follower")
-	return nil
+	return pick
+}
+
+// leaders describes which server leads the stream and each consumer.
+func (r *clusterRun) leaders() string {
+	return fmt.Sprintf("leaders: stream %s, persister consumer %s, recovery consumer %s",
+		r.leader().name, r.consumerLeader(r.topo.Persister), r.consumerLeader(r.topo.Recovery))
 }
 
 // waitIssued waits until n more tokens were issued than so far.
@@ -344,6 +374,7 @@ func TestNATSFollowerKilledUnderLoad(t *testing.T) {
 	r := startClusterRun(t, rate)
 	time.Sleep(3 * time.Second) // steady state; the figures before the fault come from its last 2 s
 	victim := r.follower()
+	before := r.leaders()
 	faultStart := time.Now()
 	r.c.kill(victim)
 	time.Sleep(down)
@@ -351,8 +382,8 @@ func TestNATSFollowerKilledUnderLoad(t *testing.T) {
 	faultEnd, rows := r.faultOver()
 	waitStreamCurrent(t, r.js, r.topo)
 	r.finish(fmt.Sprintf("NATS R3: stream follower SIGKILL, down %s, %d req/s", down, rate), faultStart, faultEnd, rows,
-		fmt.Sprintf("%s killed (%s on it); all replicas current %s after its restart",
-			victim.name, r.roles(victim), time.Since(faultEnd).Round(10*time.Millisecond)))
+		fmt.Sprintf("%s killed (%s on it; %s); all replicas current %s after its restart",
+			victim.name, r.roles(victim), before, time.Since(faultEnd).Round(10*time.Millisecond)))
 }
 
 // TestNATSLeaderKilledUnderLoad kills the stream leader's server with
@@ -368,6 +399,7 @@ func TestNATSLeaderKilledUnderLoad(t *testing.T) {
 	r := startClusterRun(t, rate)
 	time.Sleep(3 * time.Second) // steady state; the figures before the fault come from its last 2 s
 	victim := r.leader()
+	before := r.leaders()
 	faultStart := time.Now()
 	r.c.kill(victim)
 	answered := r.load.issuedSoFar()
@@ -379,8 +411,8 @@ func TestNATSLeaderKilledUnderLoad(t *testing.T) {
 	faultEnd, rows := r.faultOver()
 	waitStreamCurrent(t, r.js, r.topo)
 	r.finish(fmt.Sprintf("NATS R3: stream leader SIGKILL, down %s, %d req/s", down, rate), faultStart, faultEnd, rows,
-		fmt.Sprintf("%s killed (%s on it), %s took over; the %d tokens answered before the kill all had rows while it was down; all replicas current %s after its restart",
-			victim.name, r.roles(victim), newLeader.name, len(answered), time.Since(faultEnd).Round(10*time.Millisecond)))
+		fmt.Sprintf("%s killed (%s on it; %s), %s took over; the %d tokens answered before the kill all had rows while it was down; all replicas current %s after its restart",
+			victim.name, r.roles(victim), before, newLeader.name, len(answered), time.Since(faultEnd).Round(10*time.Millisecond)))
 }
 
 // TestNATSRollingRestartUnderLoad restarts the three servers one at a time

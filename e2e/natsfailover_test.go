@@ -36,16 +36,15 @@ func fullClusterCases(t *testing.T) {
 
 // clusterRun is one case's deployment on a three-server cluster.
 type clusterRun struct {
-	t       *testing.T
-	c       *natsCluster
-	js      jetstream.JetStream
-	topo    events.Topology
-	pool    *pgxpool.Pool
-	procs   []*proc
-	on      map[string][]string // server name -> processes connected to it at start
-	load    *steadyLoad
-	lag     *lagSampler
-	started time.Time
+	t     *testing.T
+	c     *natsCluster
+	js    jetstream.JetStream
+	topo  events.Topology
+	pool  *pgxpool.Pool
+	procs []*proc
+	on    map[string][]string // server name -> processes connected to it at start
+	load  *steadyLoad
+	lag   *lagSampler
 }
 
 func startClusterRun(t *testing.T, rate int) *clusterRun {
@@ -74,7 +73,6 @@ func startClusterRun(t *testing.T, rate int) *clusterRun {
 	waitStreamCurrent(t, js, topo)
 	r.lag = startLagSampler(t, js, topo)
 	r.load = startLoad(t, rate, "ha-app", "ha-secret", scopes, url1, url2)
-	r.started = time.Now()
 	return r
 }
 

@@ -392,5 +392,29 @@ var funcs = template.FuncMap{
 		}
 		return strings.Join(s[:6], " ") + " and " + strconv.Itoa(len(s)-6) + " more"
 	},
-	"deref": func(f *float64) float64 { return *f },
+	"seconds": func(f *float64) string {
+		return (time.Duration(*f * float64(time.Second))).Round(time.Millisecond).String()
+	},
+	"bytes": func(n uint64) string {
+		switch {
+		case n >= 1<<30:
+			return strconv.FormatFloat(float64(n)/(1<<30), 'f', 1, 64) + " GiB"
+		case n >= 1<<20:
+			return strconv.FormatFloat(float64(n)/(1<<20), 'f', 1, 64) + " MiB"
+		case n >= 1<<10:
+			return strconv.FormatFloat(float64(n)/(1<<10), 'f', 1, 64) + " KiB"
+		}
+		return strconv.FormatUint(n, 10) + " B"
+	},
+	// retention says how far back a replay can reach.
+	"retention": func(maxAge float64, maxBytes int64) string {
+		age, size := "no age limit", "no size limit"
+		if maxAge > 0 {
+			age = "max age " + (time.Duration(maxAge * float64(time.Second))).String()
+		}
+		if maxBytes > 0 {
+			size = "max " + strconv.FormatInt(maxBytes, 10) + " bytes"
+		}
+		return age + ", " + size
+	},
 }

@@ -22,7 +22,7 @@ type Application struct {
 	Scopes           []string   `json:"scopes"`
 	FirstIssuedAt    time.Time  `json:"first_issued_at"` // oldest unrevoked token on record: when it was authorized
 	IssuedAt         time.Time  `json:"issued_at"`       // newest live token
-	ExpiresAt        time.Time  `json:"expires_at"` // latest access token expiry
+	ExpiresAt        time.Time  `json:"expires_at"`      // latest access token expiry
 	RefreshExpiresAt *time.Time `json:"refresh_expires_at,omitempty"`
 	Tokens           int        `json:"tokens"`
 }

@@ -84,7 +84,7 @@ func text(ctx context.Context, t *testing.T) string {
 // signIn fills and submits a sign-in form the way a person does.
 func signIn(base, area, user, pass string) chromedp.Action[chromedp.Void] {
 	return chromedp.Steps(
-		chromedp.Navigate(base + area),
+		chromedp.Navigate(base+area),
 		chromedp.WaitVisible(chromedp.CSS("#username")),
 		chromedp.SendKeys(chromedp.CSS("#username"), user),
 		chromedp.SendKeys(chromedp.CSS("#password"), pass),

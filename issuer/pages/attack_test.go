@@ -80,6 +80,19 @@ func TestPagesResistAttacks(t *testing.T) {
 		if listed(attacker.get("/account")) {
 			t.Fatal("the planted session id opened alice's page")
 		}
+		// Signing in again ends the browser's previous session.
+		first := b.cookie("/account", "tokenpipe_account")
+		tab := e.browser(t) // a second tab's sign-in form: its cookie and token
+		form := tab.get("/account")
+		b.setCookie("/account", "tokenpipe_account_signin", tab.cookie("/account", "tokenpipe_account_signin"))
+		if got := b.post("/account/signin", url.Values{"csrf": {form.csrf(t)}, "username": {"alice"}, "password": {alicePassword}}); got.status != http.StatusSeeOther {
+			t.Fatalf("second sign-in = %d", got.status)
+		}
+		old := e.browser(t)
+		old.setCookie("/account", "tokenpipe_account", first)
+		if listed(old.get("/account")) {
+			t.Fatal("the session before a second sign-in still opens the page")
+		}
 	})
 
 	t.Run("cookie tampering and sign-out replay", func(t *testing.T) {

@@ -297,6 +297,13 @@ func (h *Handler) signin(w http.ResponseWriter, r *http.Request, a area, allowed
 		h.signinFailure(w, r, a, user, err)
 		return
 	}
+	// A session the browser already had ends: one browser, one session.
+	if old, err := h.loadSession(r, a); err == nil && old != nil {
+		if err := h.endSession(r.Context(), old); err != nil {
+			h.fail(w, a, err)
+			return
+		}
+	}
 	s, err := h.startSession(r.Context(), a, user)
 	if errors.Is(err, errNoUser) {
 		h.signinFailure(w, r, a, user, ErrWrongPassword)

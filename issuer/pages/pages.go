@@ -193,9 +193,9 @@ const maxForm = 8 << 10
 
 // readForm parses a posted form and checks that it came from one of our
 // pages: a browser's Sec-Fetch-Site must not say cross-site (defence in
-// depth; older browsers do not send it), and the CSRF token must match.
-// want returns the expected token once the form is parsed. It answers 403
-// itself and returns false when the form is refused.
+// depth; older browsers do not send it), and ok, called once the form is
+// parsed, must accept its CSRF token. It answers 403 itself and returns
+// false when the form is refused.
 func (h *Handler) readForm(w http.ResponseWriter, r *http.Request, a area, ok func() bool) bool {
 	if site := r.Header.Get("Sec-Fetch-Site"); site == "cross-site" || site == "same-site" {
 		h.message(w, http.StatusForbidden, a.kind, "This form was sent from another site and was refused.")

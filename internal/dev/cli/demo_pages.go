@@ -33,7 +33,9 @@ func demoPassword() string {
 func pagesDemo(ctx context.Context, pool *pgxpool.Pool, base, admin string) ([]string, error) {
 	id := app.RandomID()
 	user, password := "demo-reader-"+id, demoPassword()
-	if err := clients.AddUser(ctx, pool, user, password, 10); err != nil {
+	// bcrypt's lowest cost, as the lifecycle step uses: a demo's users
+	// guard nothing, and the demo runs in tests under the race detector.
+	if err := clients.AddUser(ctx, pool, user, password, 4); err != nil {
 		return nil, err
 	}
 	for _, app := range []string{"demo-phone-" + id, "demo-tablet-" + id} {
@@ -68,7 +70,7 @@ func pagesDemo(ctx context.Context, pool *pgxpool.Pool, base, admin string) ([]s
 		return append(lines, fmt.Sprintf("Administration   %s/admin (for the users in TOKENPIPE_ADMIN_USERS)", base)), nil
 	}
 	adminPassword := demoPassword()
-	if err := clients.AddUser(ctx, pool, admin, adminPassword, 10); err != nil {
+	if err := clients.AddUser(ctx, pool, admin, adminPassword, 4); err != nil {
 		return nil, err
 	}
 	return append(lines,

@@ -29,12 +29,15 @@ test:
 demo:
 	$(GO) run -tags dev ./cmd/tokenpipe demo
 
-## bench: the scenario matrix (ceilings, drain, async vs sync, conflicts,
-## growth), medians of 3 runs, written into BENCHMARKS.md; then CPU per token
-## per role with the roles as separate processes; about 8 minutes.
+## bench: every end-to-end scenario with the roles as separate processes
+## (bench e2e): highest sustained rate, conflict mix, sync, a 1M-row table,
+## CPU per token per role at 3,000/s, at the peak and idle, and the drain
+## against raw COPY; medians of 3 runs written into BENCHMARKS.md, about 10
+## minutes. BENCH_FLAGS='-runs 3 -nats-server module' uses a nats-server
+## built from the module instead of the machine's; bench e2e -h lists flags.
+BENCH_FLAGS ?= -runs 3
 bench: build-dev
-	$(DEV_BIN) bench matrix -runs 3 -write BENCHMARKS.md
-	$(DEV_BIN) bench roles -rate 3000 -duration 20s -runs 3
+	$(DEV_BIN) bench e2e $(BENCH_FLAGS) -write BENCHMARKS.md
 
 ## fuzz: a short run of every fuzz target (their seeds also run in make test).
 ## The budget is a count of executions, not a duration: Go 1.26's fuzzing

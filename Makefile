@@ -25,9 +25,12 @@ test:
 	$(GO) test -race -count=1 -timeout 20m -tags dev $(PKGS)
 
 ## demo: the whole pipeline in one process (embedded NATS unless
-## TOKENPIPE_NATS_URL is set; Postgres at TOKENPIPE_DATABASE_URL).
+## TOKENPIPE_NATS_URL is set; Postgres at TOKENPIPE_DATABASE_URL). It stays
+## up until Ctrl-C so the account and admin pages it prints can be opened;
+## `make demo DEMO_ARGS=` exits after the summary.
+DEMO_ARGS ?= -stay
 demo:
-	$(GO) run -tags dev ./cmd/tokenpipe demo
+	$(GO) run -tags dev ./cmd/tokenpipe demo $(DEMO_ARGS)
 
 ## bench: every end-to-end scenario with the roles as separate processes
 ## (bench e2e): highest sustained rate, conflict mix, sync, a 1M-row table,
@@ -75,15 +78,20 @@ clean:
 	rm -rf bin
 
 ## chaos: the fault cases (real processes, own NATS and Postgres where a case
-## kills them) with a 30 s Postgres outage; writes RELIABILITY.md's table
-## from this run.
+## kills them) with a 30 s Postgres outage and every NATS cluster case;
+## writes RELIABILITY.md's tables from this run.
 chaos:
-	TOKENPIPE_TEST_PG_OUTAGE=30s $(GO) test -count=1 -v -timeout 20m \
-	  -run 'Killed|Survives|Outage|ScaleRoles|ConnectionsCut' ./e2e/ | tee chaos.log | grep -E '^(---|ok|FAIL)'
+	TOKENPIPE_TEST_PG_OUTAGE=30s TOKENPIPE_TEST_NATS_CLUSTER=full $(GO) test -count=1 -v -timeout 20m \
+	  -run 'Killed|Survives|Outage|ScaleRoles|ConnectionsCut|NATSRollingRestart|NATSUnreachable|PoisonMixed' ./e2e/ | tee chaos.log | grep -E '^(---|ok|FAIL)'
 	@{ sed -n '1,/<!-- chaos:begin -->/p' RELIABILITY.md; \
 	   echo "Run on $$(date -u +'%Y-%m-%d %H:%M UTC') with \`make chaos\`."; echo; \
 	   echo "| case | load offered | tokens issued | lost | duplicated | keys with 2 ACTIVE | fault end to clean audit |"; \
 	   echo "|---|---|---|---|---|---|---|"; \
 	   grep -o 'RELIABILITY|.*' chaos.log | awk -F'|' '{printf "| %s | %s | %s | %s | %s | %s | %s |\n", $$2, $$3, $$4, $$5, $$6, $$7, $$8}'; \
 	   sed -n '/<!-- chaos:end -->/,$$p' RELIABILITY.md; } > RELIABILITY.md.new && mv RELIABILITY.md.new RELIABILITY.md
+	@{ sed -n '1,/<!-- chaos-nats:begin -->/p' RELIABILITY.md; \
+	   echo "| case | requests | answered 200 | 503 (first sent to last answered) | other failures | HTTP p99 before / during the fault | persister lag (read from the consumer leader) | every token answered until the fault ended has its row | lost / duplicated / keys with 2 ACTIVE | what happened |"; \
+	   echo "|---|---|---|---|---|---|---|---|---|---|"; \
+	   grep -o 'NATSHA|.*' chaos.log | awk -F'|' '{printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $$2, $$3, $$4, $$5, $$6, $$7, $$8, $$9, $$10, $$11}'; \
+	   sed -n '/<!-- chaos-nats:end -->/,$$p' RELIABILITY.md; } > RELIABILITY.md.new && mv RELIABILITY.md.new RELIABILITY.md
 	@rm -f chaos.log

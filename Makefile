@@ -49,6 +49,7 @@ bench: build-dev
 FUZZTIME ?= 30000x
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecodeTokenIssued -fuzztime $(FUZZTIME) ./events/
+	$(GO) test -run '^$$' -fuzz FuzzCanonicalDecode -fuzztime $(FUZZTIME) ./events/
 	$(GO) test -run '^$$' -fuzz FuzzParseRequest -fuzztime $(FUZZTIME) ./issuer/
 	$(GO) test -run '^$$' -fuzz FuzzAccountHandler -fuzztime $(FUZZTIME) ./issuer/
 	$(GO) test -run '^$$' -fuzz FuzzAdminHandler -fuzztime $(FUZZTIME) ./issuer/

@@ -1,0 +1,150 @@
+// Token exchange (per-request rotation): the first exchange of each access
+// token, and the rule that keeps the presented token valid for its batch
+// window while its successor holds the key.
+
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/tokenpipe/tokenpipe/events"
+)
+
+// States of an access token as introspection, the issuer and the tests
+// name them. ACTIVE, INACTIVE and REVOKED are row states; ROTATED is an
+// INACTIVE (or ACTIVE, or queued) row whose token was exchanged and whose
+// batch window is still open; QUEUED is a token whose event has no row yet.
+const (
+	StateActive   = "ACTIVE"
+	StateInactive = "INACTIVE"
+	StateRevoked  = "REVOKED"
+	StateRotated  = "ROTATED"
+	StateQueued   = "QUEUED"
+)
+
+// Exchange is an access token's first exchange, as recorded.
+type Exchange struct {
+	At         time.Time // UTC, whole milliseconds: the successor derives from it
+	Answered   bool      // the successor was recorded and could be handed out
+	ValidUntil time.Time // the presented token's validity ends here
+	Closed     bool      // the database's clock is past ValidUntil
+}
+
+// RecordExchange records the first exchange of an access token, by the
+// database's clock, with a provisional validity of window after it (the
+// answer sets the final one, MarkExchangeAnswered). It reports false,
+// without error, when an exchange was recorded before; only a later
+// statement (ReadExchange) can see one that committed while this one waited.
+func RecordExchange(ctx context.Context, db Querier, d events.Digest, expiresAt time.Time, window time.Duration) (time.Time, bool, error) {
+	var at time.Time
+	err := db.QueryRow(ctx, `INSERT INTO token_exchanges (subject_digest, exchanged_at, valid_until, expires_at)
+		SELECT $1, t, t + $3::interval, $2 FROM date_trunc('milliseconds', clock_timestamp()) AS t
+		ON CONFLICT DO NOTHING RETURNING exchanged_at`, d[:], expiresAt, window).Scan(&at)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return time.Time{}, false, nil
+	}
+	if err != nil {
+		return time.Time{}, false, fmt.Errorf("record exchange: %w", err)
+	}
+	return at.UTC(), true, nil
+}
+
+// ReadExchange reads an access token's recorded exchange; ok is false when
+// it was never exchanged.
+func ReadExchange(ctx context.Context, db Querier, d events.Digest) (x Exchange, ok bool, err error) {
+	err = db.QueryRow(ctx, `SELECT exchanged_at, answered_at IS NOT NULL, valid_until, clock_timestamp() > valid_until
+		FROM token_exchanges WHERE subject_digest = $1`, d[:]).Scan(&x.At, &x.Answered, &x.ValidUntil, &x.Closed)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return x, false, nil
+	}
+	if err != nil {
+		return x, false, fmt.Errorf("read exchange: %w", err)
+	}
+	x.At = x.At.UTC()
+	return x, true, nil
+}
+
+// MarkExchangeAnswered records that the successor was handed out: the
+// presented token stays valid for window from now, and an exchange after
+// that is refused. Only the first answer counts, so the window never moves.
+func MarkExchangeAnswered(ctx context.Context, db Querier, d events.Digest, window time.Duration) error {
+	_, err := db.Exec(ctx, `UPDATE token_exchanges SET answered_at = clock_timestamp(), valid_until = clock_timestamp() + $2::interval
+		WHERE subject_digest = $1 AND answered_at IS NULL`, d[:], window)
+	if err != nil {
+		return fmt.Errorf("record exchange as answered: %w", err)
+	}
+	return nil
+}
+
+// ExchangedDigests reports which of the given tokens have been exchanged.
+func ExchangedDigests(ctx context.Context, db Querier, ds ...events.Digest) (map[events.Digest]bool, error) {
+	raw := make([][]byte, len(ds))
+	for i := range ds {
+		raw[i] = ds[i][:]
+	}
+	rows, err := db.Query(ctx, `SELECT subject_digest FROM token_exchanges WHERE subject_digest = ANY($1::bytea[])`, raw)
+	if err != nil {
+		return nil, fmt.Errorf("read exchanges: %w", err)
+	}
+	out := map[events.Digest]bool{}
+	var d []byte
+	_, err = pgx.ForEachRow(rows, []any{&d}, func() error {
+		out[events.Digest(d)] = true
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read exchanges: %w", err)
+	}
+	return out, nil
+}
+
+// Effective is the one rule for an unexpired access token's state, used by
+// introspection, the token exchange and the tests that compare writers:
+//
+//   - never exchanged: its row's state (QUEUED, and live, while the event is
+//     queued and no family or grant revocation covers it);
+//   - exchanged, window open: ROTATED (live) while its row is ACTIVE or
+//     queued, or INACTIVE with its own family still holding the key (the
+//     successor, or the successor's successor, is the key's ACTIVE row);
+//     REVOKED rows stay REVOKED; superseded by another authorization (a new
+//     sign-in on another device), it is INACTIVE like any superseded token;
+//   - exchanged, window closed: INACTIVE whatever its row says (REVOKED
+//     stays REVOKED).
+//
+// Writers of rows never look at exchanges: the successor's higher stream
+// sequence makes it the key's ACTIVE row and the presented token's row
+// INACTIVE in every order, so the persister, recovery and replay need no
+// new case, and only this reading of the row differs.
+func (st AccessStatus) Effective() string {
+	row := StateQueued
+	if st.State != nil {
+		row = *st.State
+	}
+	if row == StateQueued && (st.FamilyRevoked || st.GrantRevoked) {
+		row = StateRevoked
+	}
+	if !st.Exchanged || row == StateRevoked || row == "EXPIRED" {
+		return row
+	}
+	if !st.WindowOpen {
+		return StateInactive
+	}
+	if row == StateInactive && !st.FamilyHoldsKey {
+		return StateInactive
+	}
+	return StateRotated
+}
+
+// Live reports whether Effective says the token may be used.
+func (st AccessStatus) Live() bool {
+	switch st.Effective() {
+	case StateActive, StateQueued, StateRotated:
+		return true
+	}
+	return false
+}

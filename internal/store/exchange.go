@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
 // States of an access token as introspection, the issuer and the tests
@@ -147,4 +148,43 @@ func (st AccessStatus) Live() bool {
 		return true
 	}
 	return false
+}
+
+// EffectiveStates reads every stored token's state under the exchange rule
+// (Effective): what introspection answers for it. The operator tools and
+// the tests that compare writers read states through it, so they judge a
+// ROTATED token as introspection does.
+func EffectiveStates(ctx context.Context, db Querier) (map[events.Digest]string, error) {
+	rows, err := db.Query(ctx, `SELECT token_digest, coalesce(family_id, '\x00000000000000000000000000000000'::bytea),
+		client_id, subject, scope FROM tokens`)
+	if err != nil {
+		return nil, fmt.Errorf("read tokens: %w", err)
+	}
+	type stored struct {
+		d events.Digest
+		c tokens.Claims
+	}
+	var all []stored
+	var d, fam []byte
+	var c tokens.Claims
+	_, err = pgx.ForEachRow(rows, []any{&d, &fam, &c.ClientID, &c.Subject, &c.Scope}, func() error {
+		s := stored{d: events.Digest(d), c: c}
+		copy(s.c.Family[:], fam)
+		all = append(all, s)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read tokens: %w", err)
+	}
+	out := make(map[events.Digest]string, len(all))
+	for _, s := range all {
+		// The row exists, so grant revocations have been applied to it:
+		// grantSince does not matter.
+		st, err := ReadAccessStatus(ctx, db, s.d, s.c, time.Now())
+		if err != nil {
+			return nil, fmt.Errorf("read token status: %w", err)
+		}
+		out[s.d] = st.Effective()
+	}
+	return out, nil
 }

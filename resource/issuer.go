@@ -77,6 +77,19 @@ func (in *Introspector) Validate(ctx context.Context, token string) (Token, erro
 	return tok, nil
 }
 
+// Remember caches tok as the answer for token, a successor the issuer has
+// just handed out for a token tok was validated as: the same client, user
+// and scope, live now. The client's next request then needs no
+// introspection. Like any positive answer it lives CacheTTL at most.
+func (in *Introspector) Remember(token string, tok Token) {
+	now := time.Now()
+	until := now.Add(in.ttl())
+	if tok.ExpiresAt.Before(until) {
+		until = tok.ExpiresAt
+	}
+	in.put(sha256.Sum256([]byte(token)), cached{tok: tok, live: true, until: until}, now)
+}
+
 func (in *Introspector) ttl() time.Duration {
 	if in.CacheTTL == 0 {
 		return time.Second

@@ -57,6 +57,12 @@ type Validator interface {
 	Validate(ctx context.Context, token string) (Token, error)
 }
 
+// rememberer is a Validator that can be told of a successor's answer in
+// advance (Introspector), sparing the issuer one introspection per rotation.
+type rememberer interface {
+	Remember(token string, tok Token)
+}
+
 // ErrInactive: the token is unknown, expired, revoked, superseded, or its
 // batch window has passed.
 var ErrInactive = errors.New("resource: the token is not active")
@@ -106,7 +112,7 @@ func (m *Middleware) Wrap(next http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 			return
 		}
-		rw := &rotatingWriter{ResponseWriter: w, rotate: func(h http.Header) { m.rotate(r, h, tok.ClientID, text) }}
+		rw := &rotatingWriter{ResponseWriter: w, rotate: func(h http.Header) { m.rotate(r, h, tok, text) }}
 		next.ServeHTTP(rw, r)
 		rw.once.Do(rw.run) // a handler that wrote nothing: net/http sends 200 after this
 	})
@@ -114,25 +120,29 @@ func (m *Middleware) Wrap(next http.Handler) http.Handler {
 
 // rotate exchanges the presented token and puts the successor into h, when
 // the client may have it.
-func (m *Middleware) rotate(r *http.Request, h http.Header, clientID, text string) {
+func (m *Middleware) rotate(r *http.Request, h http.Header, tok Token, text string) {
 	if r.Context().Err() != nil {
 		return // the client is gone: leave its token as it is
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), m.Exchanger.timeout())
 	defer cancel()
-	next, err := m.Exchanger.Exchange(ctx, clientID, text)
+	next, err := m.Exchanger.Exchange(ctx, tok.ClientID, text)
 	if err != nil {
 		// The token was valid when the request started; the handler has
 		// answered. Without a successor the client keeps its token: inside
 		// the window it is valid, and a refused exchange shows as 401 on its
 		// next request.
 		if !errors.Is(err, ErrInactive) {
-			m.log().Warn("token exchange failed; answering without a successor", "err", err, "client_id", clientID)
+			m.log().Warn("token exchange failed; answering without a successor", "err", err, "client_id", tok.ClientID)
 		}
 		return
 	}
 	if next.SuccessorExchanged {
 		return // the client already holds a newer token than this successor
+	}
+	if r, ok := m.Validator.(rememberer); ok {
+		tok.ExpiresAt = time.Now().Add(time.Duration(next.ExpiresIn) * time.Second)
+		r.Remember(next.Token, tok)
 	}
 	h.Set(HeaderNextToken, next.Token)
 	h.Set(HeaderNextTokenExpiresIn, strconv.FormatInt(next.ExpiresIn, 10))

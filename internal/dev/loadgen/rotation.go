@@ -68,8 +68,11 @@ type RotationReport struct {
 	// received less than Window - Margin before; and successors older than
 	// a token the device already held.
 	Refused401, Violations401, Outdated int
-	Audit                               *audit.Report
-	DrainTime                           time.Duration
+	// StaleIgnored: successors in answers to requests that presented a
+	// token the device had already replaced; the client's rule ignores them.
+	StaleIgnored int
+	Audit        *audit.Report
+	DrainTime    time.Duration
 }
 
 // Clean reports whether the devices saw nothing they should not have and
@@ -87,16 +90,25 @@ type device struct {
 	replaced map[string]time.Time // token -> when its successor arrived
 }
 
-func (d *device) take(next string, at time.Time) (outdated bool) {
+// take applies the client's rule for Tokenpipe-Next-Token: a successor is
+// taken only from the answer to a request that presented the token the
+// device holds now. An answer to a request that presented an older token
+// can carry only that token's successor, which the device has, or has moved
+// on from (stale: ignored). outdated reports a successor the device had
+// already moved on from that the rule would have taken: the rule failed.
+func (d *device) take(presented, next string, at time.Time) (stale, outdated bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if presented != d.current {
+		return true, false
+	}
 	if _, ok := d.order[next]; ok {
-		return next != d.current // a token it has moved on from
+		return false, next != d.current
 	}
 	d.order[next] = len(d.order)
 	d.replaced[d.current] = at
 	d.current = next
-	return false
+	return false, false
 }
 
 // RunRotation sends API requests open-loop at o.Rate through o.Servers
@@ -172,6 +184,7 @@ type outcome struct {
 	next               string
 	sent, received     time.Time
 	violation, outdate bool
+	stale              bool // a successor the device's rule ignored
 }
 
 func callThrough(ctx context.Context, hc *http.Client, api string, dev *device, o RotationOptions) outcome {
@@ -195,7 +208,7 @@ func callThrough(ctx context.Context, hc *http.Client, api string, dev *device, 
 	out.status = resp.StatusCode
 	if next := resp.Header.Get(resource.HeaderNextToken); next != "" {
 		out.next = next
-		out.outdate = dev.take(next, out.received)
+		out.stale, out.outdate = dev.take(token, next, out.received)
 	}
 	if out.status == http.StatusUnauthorized {
 		dev.mu.Lock()
@@ -224,6 +237,9 @@ func (r *RotationReport) account(out outcome, due time.Time, lat *hdrhistogram.H
 	}
 	if out.outdate {
 		r.Outdated++
+	}
+	if out.stale {
+		r.StaleIgnored++
 	}
 	if out.next != "" {
 		r.Successors++
@@ -381,7 +397,8 @@ func (r *RotationReport) WriteSummary(w io.Writer) {
 	fmt.Fprintf(w, "successors handed out: %d; persist lag p50 %s p99 %s max %s (measured %d, unpersisted %d); max queue lag %d; drained in %s\n",
 		r.Successors, r.Lag.P50.Round(time.Millisecond), r.Lag.P99.Round(time.Millisecond), r.Lag.Max.Round(time.Millisecond),
 		r.Lag.Measured, r.Lag.Unpersisted, r.MaxQueueLag, r.DrainTime.Round(time.Millisecond))
-	fmt.Fprintf(w, "client-visible: 401s %d, of which on a newest or in-window token %d; outdated successors %d\n", r.Refused401, r.Violations401, r.Outdated)
+	fmt.Fprintf(w, "client-visible: 401s %d, of which on a newest or in-window token %d; outdated successors taken %d (stale ones ignored by the client's rule: %d)\n",
+		r.Refused401, r.Violations401, r.Outdated, r.StaleIgnored)
 	verdict := "clean"
 	if !r.Clean() {
 		verdict = "VIOLATIONS"

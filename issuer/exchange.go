@@ -26,7 +26,8 @@ const accessTokenType = "urn:ietf:params:oauth:token-type:access_token"
 // and JetStream's deduplication keeps one event for it. The successor has a
 // higher stream sequence, so it becomes the key's ACTIVE token; the
 // presented token stays valid (ROTATED, store.AccessStatus.Effective) until
-// the batch window after the first answered exchange, and every exchange
+// the batch window after the first answered exchange (an exchange whose
+// caller went away before the answer starts nothing), and every exchange
 // inside the window gets the same successor. An exchange after the window is
 // refused and, unless RotationReuseKeeps, revokes the family: a token
 // presented that late was replayed by someone who is not its holder.
@@ -61,9 +62,15 @@ func (s *Server) exchange(ctx context.Context, client *clients.Client, form url.
 		return nil, err
 	}
 	if !at.answered {
-		// As in refresh: the successor is handed out only once the exchange
-		// is recorded as answered (the window starts then), whether or not
-		// the caller is still there.
+		// The window starts with the first answer a caller is still waiting
+		// for. A caller that went away (a resource server whose client
+		// cancelled) gets nothing, and the presented token lives on as if
+		// never exchanged: a cancelled request never costs its token. The
+		// successor is handed out only once the answer is recorded, so the
+		// window always runs for a successor someone holds.
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("token exchange abandoned by its caller: %w", err)
+		}
 		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.PublishTimeout)
 		defer cancel()
 		if err := store.MarkExchangeAnswered(uctx, s.db, d, s.cfg.RotationWindow); err != nil {
@@ -116,12 +123,12 @@ func (s *Server) exchangeTime(ctx context.Context, d events.Digest, c tokens.Cla
 	}
 	if !st.Live() {
 		if st.Exchanged && !st.WindowOpen {
-			return exchangeAt{}, s.refuseLateExchange(ctx, d, c)
+			return exchangeAt{}, s.refuseLateExchange(ctx, c)
 		}
 		s.metrics.exchanges.WithLabelValues("refused").Inc()
 		return exchangeAt{}, badRequest("invalid_grant", "the subject token is not active")
 	}
-	at, first, err := store.RecordExchange(ctx, s.db, d, c.ExpiresAt, s.cfg.RotationWindow)
+	at, first, err := store.RecordExchange(ctx, s.db, d, c.ExpiresAt)
 	if err != nil {
 		return exchangeAt{}, err
 	}
@@ -133,21 +140,18 @@ func (s *Server) exchangeTime(ctx context.Context, d events.Digest, c tokens.Cla
 		return exchangeAt{}, err
 	}
 	if x.Closed {
-		return exchangeAt{}, s.refuseLateExchange(ctx, d, c)
+		return exchangeAt{}, s.refuseLateExchange(ctx, c)
 	}
 	return exchangeAt{at: x.At, answered: x.Answered}, nil
 }
 
-// refuseLateExchange answers an exchange after the batch window. When its
-// successor was handed out, the presented token is someone's copy of a
-// token its holder has moved on from: unless configured otherwise its
-// family is revoked, successors included.
-func (s *Server) refuseLateExchange(ctx context.Context, d events.Digest, c tokens.Claims) error {
-	x, _, err := store.ReadExchange(ctx, s.db, d)
-	if err != nil {
-		return err
-	}
-	if !x.Answered || s.cfg.RotationReuseKeeps {
+// refuseLateExchange answers an exchange after the batch window. The
+// successor was handed out (the window starts with the answer), so the
+// presented token is someone's copy of a token its holder has moved on
+// from: unless configured otherwise its family is revoked, successors
+// included.
+func (s *Server) refuseLateExchange(ctx context.Context, c tokens.Claims) error {
+	if s.cfg.RotationReuseKeeps {
 		s.metrics.exchanges.WithLabelValues("refused").Inc()
 		return badRequest("invalid_grant", "the subject token was already exchanged")
 	}

@@ -2,11 +2,18 @@ package issuer_test
 
 import (
 	"context"
+	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenpipe/tokenpipe/internal/clients"
 	"github.com/tokenpipe/tokenpipe/internal/grants"
@@ -250,5 +257,67 @@ func TestExchangeWithoutWindowEndsAtAnswer(t *testing.T) {
 	}
 	if a := e.exchangeAs(t, e.srv.URL, "rot", secret, old); a.status != http.StatusBadRequest {
 		t.Fatalf("second exchange without a window = %d %v", a.status, a.body)
+	}
+}
+
+// cancelAfterExchangeRecorded cancels the request whose query recorded an
+// exchange, right after it: the moment a resource server whose client went
+// away would cancel the exchange.
+type cancelAfterExchangeRecorded struct{}
+
+func (cancelAfterExchangeRecorded) TraceQueryStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
+	return ctx
+}
+
+func (cancelAfterExchangeRecorded) TraceQueryEnd(ctx context.Context, _ *pgx.Conn, d pgx.TraceQueryEndData) {
+	if strings.Contains(d.CommandTag.String(), "INSERT") {
+		if cancel, ok := ctx.Value(cancelKey{}).(context.CancelFunc); ok {
+			cancel()
+		}
+	}
+}
+
+// TestExchangeAbandonedByCallerKeepsToken: an exchange whose caller went
+// away before the answer hands nothing out and starts no window: the
+// presented token stays active past the window, a retry gets the successor,
+// and only then does the window run.
+func TestExchangeAbandonedByCallerKeepsToken(t *testing.T) {
+	t.Parallel()
+	e, secret, cfg := rotEnv(t, 300*time.Millisecond, nil)
+	pcfg := e.pool.Config()
+	pcfg.ConnConfig.Tracer = cancelAfterExchangeRecorded{}
+	traced, err := pgxpool.NewWithConfig(context.Background(), pcfg)
+	testenv.Must(t, err, "traced pool")
+	t.Cleanup(traced.Close)
+	js, err := issuer.NewJetStream(e.js.Conn(), cfg)
+	testenv.Must(t, err, "jetstream")
+	iss := issuer.New(cfg, clients.NewRegistry(traced, time.Minute), e.js.Conn(), js, traced,
+		slog.New(slog.NewTextHandler(e.logs, nil)), issuer.NewMetrics(prometheus.NewRegistry()))
+	h := iss.Handler()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithCancel(r.Context())
+		defer cancel()
+		h.ServeHTTP(w, r.WithContext(context.WithValue(ctx, cancelKey{}, cancel)))
+	}))
+	t.Cleanup(srv.Close)
+
+	old := e.signIn(t, "rot", secret)
+	if a := e.exchangeAs(t, srv.URL, "rot", secret, old); a.status != http.StatusServiceUnavailable {
+		t.Fatalf("exchange abandoned by its caller = %d %v, want 503 (nothing handed out)", a.status, a.body)
+	}
+	time.Sleep(600 * time.Millisecond) // past the window, had it started
+	if !e.active(t, old) {
+		t.Fatal("an exchange nobody received ended the presented token")
+	}
+	next := e.exchangeAs(t, e.srv.URL, "rot", secret, old)
+	if next.status != 200 {
+		t.Fatalf("retry of the abandoned exchange = %d %v", next.status, next.body)
+	}
+	time.Sleep(600 * time.Millisecond)
+	if e.active(t, old) {
+		t.Fatal("the presented token outlived the window of its answered exchange")
+	}
+	if !e.active(t, next.token(t)) {
+		t.Fatal("successor inactive")
 	}
 }

@@ -88,7 +88,7 @@ func applyInTx(t *testing.T, pool interface {
 	testenv.Must(t, err, "begin")
 	defer tx.Rollback(ctx)
 	for _, ev := range exchanged {
-		_, _, err := store.RecordExchange(ctx, tx, ev.TokenDigest, ev.ExpiresAt, time.Hour)
+		_, _, err := store.RecordExchange(ctx, tx, ev.TokenDigest, ev.ExpiresAt)
 		testenv.Must(t, err, "record exchange")
 		testenv.Must(t, store.MarkExchangeAnswered(ctx, tx, ev.TokenDigest, time.Hour), "answer exchange")
 	}

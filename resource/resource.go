@@ -20,9 +20,10 @@
 //     one again, and a client whose answer was lost (a cancelled request)
 //     gets the same successor on its next request inside the window.
 //   - The exchange runs when the response's headers are written, after the
-//     handler, on a context detached from the client's, and not at all when
-//     the client has gone away: a cancelled request never uses up the
-//     client's token.
+//     handler, and not at all when the client has gone away; its context is
+//     the client's request's, and the issuer starts the window only with an
+//     answer its caller is still waiting for: a cancelled request never uses
+//     up the client's token.
 package resource
 
 import (
@@ -124,7 +125,10 @@ func (m *Middleware) rotate(r *http.Request, h http.Header, tok Token, text stri
 	if r.Context().Err() != nil {
 		return // the client is gone: leave its token as it is
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), m.Exchanger.timeout())
+	// Tied to the client's request: if the client goes away during the
+	// exchange, the issuer does not count it (its answer has nobody to go
+	// to) and the client's token stays as it was.
+	ctx, cancel := context.WithTimeout(r.Context(), m.Exchanger.timeout())
 	defer cancel()
 	next, err := m.Exchanger.Exchange(ctx, tok.ClientID, text)
 	if err != nil {

@@ -43,6 +43,9 @@ type step struct {
 	// answered, with its batch window still open; exchangeClosed, with the
 	// window already past.
 	exchange, exchangeClosed string
+	// exchangeUnanswered records an exchange whose caller never got the
+	// answer: the window has not started.
+	exchangeUnanswered string
 }
 
 type grant struct {
@@ -117,6 +120,8 @@ var exchangeScenarios = []scenario{
 		steps: []step{{exchangeClosed: "a"}, d("a")}, want: map[string]string{"a": "INACTIVE", "b": "QUEUED"}},
 	{name: "exchange: window passed", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
 		steps: []step{{exchangeClosed: "a"}, d("a", "b")}, want: map[string]string{"a": "INACTIVE", "b": "ACTIVE"}},
+	{name: "exchange never answered: the predecessor lives on", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
+		steps: []step{{exchangeUnanswered: "a"}, d("a"), d("b")}, want: map[string]string{"a": "ROTATED", "b": "ACTIVE"}},
 	{name: "exchange: revoked predecessor stays revoked", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
 		steps: []step{{exchange: "a"}, d("a"), {revokeToken: "a"}, d("b")}, want: map[string]string{"a": "REVOKED", "b": "ACTIVE"}},
 	{name: "exchange: grant revocation kills both", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
@@ -258,6 +263,8 @@ func run(ctx context.Context, t *testing.T, pool *pgxpool.Pool, w writer, sc sce
 			recordExchange(ctx, t, pool, evs[s.exchange], time.Hour)
 		case s.exchangeClosed != "":
 			recordExchange(ctx, t, pool, evs[s.exchangeClosed], 0)
+		case s.exchangeUnanswered != "":
+			recordExchange(ctx, t, pool, evs[s.exchangeUnanswered], -1)
 		}
 	}
 	states, err := store.EffectiveStates(ctx, pool)
@@ -289,12 +296,14 @@ func countQueued(want map[string]string) int {
 }
 
 // recordExchange records ev's exchange as the issuer does, answered, with
-// the given batch window.
+// the given batch window; a negative window leaves it unanswered.
 func recordExchange(ctx context.Context, t *testing.T, pool *pgxpool.Pool, ev *events.TokenIssued, window time.Duration) {
 	t.Helper()
-	_, _, err := store.RecordExchange(ctx, pool, ev.TokenDigest, ev.ExpiresAt, window)
+	_, _, err := store.RecordExchange(ctx, pool, ev.TokenDigest, ev.ExpiresAt)
 	testenv.Must(t, err, "record exchange")
-	testenv.Must(t, store.MarkExchangeAnswered(ctx, pool, ev.TokenDigest, window), "mark exchange answered")
+	if window >= 0 {
+		testenv.Must(t, store.MarkExchangeAnswered(ctx, pool, ev.TokenDigest, window), "mark exchange answered")
+	}
 }
 
 func equal(a, b map[string]string) bool {

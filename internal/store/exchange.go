@@ -29,22 +29,21 @@ const (
 
 // Exchange is an access token's first exchange, as recorded.
 type Exchange struct {
-	At         time.Time // UTC, whole milliseconds: the successor derives from it
-	Answered   bool      // the successor was recorded and could be handed out
-	ValidUntil time.Time // the presented token's validity ends here
-	Closed     bool      // the database's clock is past ValidUntil
+	At       time.Time // UTC, whole milliseconds: the successor derives from it
+	Answered bool      // the successor was handed out; the window runs
+	Closed   bool      // answered, and the database's clock is past the window
 }
 
 // RecordExchange records the first exchange of an access token, by the
-// database's clock, with a provisional validity of window after it (the
-// answer sets the final one, MarkExchangeAnswered). It reports false,
-// without error, when an exchange was recorded before; only a later
-// statement (ReadExchange) can see one that committed while this one waited.
-func RecordExchange(ctx context.Context, db Querier, d events.Digest, expiresAt time.Time, window time.Duration) (time.Time, bool, error) {
+// database's clock. The window starts only with the first answer
+// (MarkExchangeAnswered). It reports false, without error, when an exchange
+// was recorded before; only a later statement (ReadExchange) can see one
+// that committed while this one waited.
+func RecordExchange(ctx context.Context, db Querier, d events.Digest, expiresAt time.Time) (time.Time, bool, error) {
 	var at time.Time
-	err := db.QueryRow(ctx, `INSERT INTO token_exchanges (subject_digest, exchanged_at, valid_until, expires_at)
-		SELECT $1, t, t + $3::interval, $2 FROM date_trunc('milliseconds', clock_timestamp()) AS t
-		ON CONFLICT DO NOTHING RETURNING exchanged_at`, d[:], expiresAt, window).Scan(&at)
+	err := db.QueryRow(ctx, `INSERT INTO token_exchanges (subject_digest, exchanged_at, expires_at)
+		VALUES ($1, date_trunc('milliseconds', clock_timestamp()), $2)
+		ON CONFLICT DO NOTHING RETURNING exchanged_at`, d[:], expiresAt).Scan(&at)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return time.Time{}, false, nil
 	}
@@ -57,8 +56,8 @@ func RecordExchange(ctx context.Context, db Querier, d events.Digest, expiresAt 
 // ReadExchange reads an access token's recorded exchange; ok is false when
 // it was never exchanged.
 func ReadExchange(ctx context.Context, db Querier, d events.Digest) (x Exchange, ok bool, err error) {
-	err = db.QueryRow(ctx, `SELECT exchanged_at, answered_at IS NOT NULL, valid_until, clock_timestamp() > valid_until
-		FROM token_exchanges WHERE subject_digest = $1`, d[:]).Scan(&x.At, &x.Answered, &x.ValidUntil, &x.Closed)
+	err = db.QueryRow(ctx, `SELECT exchanged_at, answered_at IS NOT NULL, coalesce(clock_timestamp() > valid_until, false)
+		FROM token_exchanges WHERE subject_digest = $1`, d[:]).Scan(&x.At, &x.Answered, &x.Closed)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return x, false, nil
 	}
@@ -108,7 +107,8 @@ func ExchangedDigests(ctx context.Context, db Querier, ds ...events.Digest) (map
 //
 //   - never exchanged: its row's state (QUEUED, and live, while the event is
 //     queued and no family or grant revocation covers it);
-//   - exchanged, window open: ROTATED (live) while its row is ACTIVE or
+//   - exchanged, window open (or not started: no exchange was answered, so
+//     nobody holds the successor): ROTATED (live) while its row is ACTIVE or
 //     queued, or INACTIVE with its own family still holding the key (the
 //     successor, or the successor's successor, is the key's ACTIVE row);
 //     REVOKED rows stay REVOKED; superseded by another authorization (a new
@@ -153,8 +153,8 @@ func (st AccessStatus) Live() bool {
 // has had every revocation applied on its way in, so the revocation tables
 // need not be read.
 const effectiveSQL = `
-SELECT t.token_digest, t.state, x.valid_until IS NOT NULL, coalesce(clock_timestamp() <= x.valid_until, false),
-       x.valid_until IS NOT NULL AND EXISTS (SELECT 1 FROM tokens a
+SELECT t.token_digest, t.state, x.subject_digest IS NOT NULL, coalesce(clock_timestamp() <= x.valid_until, true),
+       x.subject_digest IS NOT NULL AND EXISTS (SELECT 1 FROM tokens a
            WHERE a.client_id = t.client_id AND a.subject = t.subject AND a.scope = t.scope
              AND a.state = 'ACTIVE' AND a.family_id = t.family_id)
 FROM tokens t LEFT JOIN token_exchanges x ON x.subject_digest = t.token_digest`

@@ -33,10 +33,10 @@ SELECT (SELECT state FROM tokens WHERE token_digest = $1),
        EXISTS (SELECT 1 FROM revoked_families WHERE family_id = $2),
        EXISTS (SELECT 1 FROM revoked_grants
                WHERE client_id = $3 AND subject IN ($4, '') AND revoked_at >= $5),
-       x.valid_until IS NOT NULL,
-       coalesce(clock_timestamp() <= x.valid_until, false),
+       x.subject_digest IS NOT NULL,
+       coalesce(clock_timestamp() <= x.valid_until, true),
        x.valid_until,
-       x.valid_until IS NOT NULL AND EXISTS (SELECT 1 FROM tokens a
+       x.subject_digest IS NOT NULL AND EXISTS (SELECT 1 FROM tokens a
                WHERE a.client_id = $3 AND a.subject = $4 AND a.scope = $6 AND a.state = 'ACTIVE' AND a.family_id = $2)
 FROM (SELECT 1) AS one LEFT JOIN token_exchanges x ON x.subject_digest = $1`
 
@@ -47,8 +47,8 @@ type AccessStatus struct {
 	FamilyRevoked bool
 	GrantRevoked  bool       // a grant revocation at or after grantSince
 	Exchanged     bool       // the token was exchanged (per-request rotation)
-	WindowOpen    bool       // ... and its batch window is still open, by the database's clock
-	ValidUntil    *time.Time // ... and ends then
+	WindowOpen    bool       // ... and its batch window is open or not started, by the database's clock
+	ValidUntil    *time.Time // ... and ends then (nil: not started, no exchange was answered)
 	// FamilyHoldsKey: the key's ACTIVE row belongs to the token's family (read
 	// only for exchanged tokens): its successors still hold the key.
 	FamilyHoldsKey bool

@@ -8,19 +8,21 @@
 -- sequence, so it becomes the key's ACTIVE row and the presented token's row
 -- INACTIVE, whatever order the pipeline writes them in. This table is what
 -- keeps the presented token valid meanwhile: a token with a row here is
--- ROTATED until valid_until (live while its family still holds the key),
+-- ROTATED (live while its family still holds the key) until valid_until,
 -- then dead whatever its row says.
 CREATE TABLE token_exchanges (
     subject_digest bytea       PRIMARY KEY CHECK (length(subject_digest) = 32),
     -- the first exchange, by the database's clock: the successor derives
     -- from it
     exchanged_at   timestamptz NOT NULL,
-    -- when the successor was recorded and could be handed out; NULL while an
-    -- exchange that could not be recorded (503) may still be retried
+    -- when the successor was handed out to a caller still waiting for it;
+    -- NULL while no exchange has been answered (503, or the caller went
+    -- away): the presented token then lives on as if never exchanged, and a
+    -- retry gets the same successor
     answered_at    timestamptz,
     -- the presented token's validity ends here: the batch window after the
-    -- answer (before it, after the first exchange)
-    valid_until    timestamptz NOT NULL,
+    -- first answer; NULL while unanswered
+    valid_until    timestamptz,
     -- when the presented token itself expires: the row is useless after
     expires_at     timestamptz NOT NULL
 );

@@ -128,6 +128,15 @@ func (s *Server) exchangeTime(ctx context.Context, d events.Digest, c tokens.Cla
 		s.metrics.exchanges.WithLabelValues("refused").Inc()
 		return exchangeAt{}, badRequest("invalid_grant", "the subject token is not active")
 	}
+	// As with refresh: a removed user's session does not slide on.
+	exists, err := store.PrincipalExists(ctx, s.db, c.ClientID, c.Subject, c.IssuedAt.Add(maxClockSkew+s.cfg.CoalesceWindow))
+	if err != nil {
+		return exchangeAt{}, err
+	}
+	if !exists {
+		s.metrics.exchanges.WithLabelValues("refused").Inc()
+		return exchangeAt{}, badRequest("invalid_grant", "the resource owner no longer exists")
+	}
 	at, first, err := store.RecordExchange(ctx, s.db, d, c.ExpiresAt)
 	if err != nil {
 		return exchangeAt{}, err

@@ -204,6 +204,10 @@ func TestExchangeAttacks(t *testing.T) {
 		t.Fatal("refusing the INACTIVE token's exchange hurt the key's ACTIVE token")
 	}
 
+	removed := e.signIn(t, "rot", secret)
+	testenv.Must(t, clients.RemoveUser(ctx, e.pool, "alice"), "remove user")
+	refused("a removed user's token", e.exchangeAs(t, e.srv.URL, "rot", secret, removed), "invalid_grant")
+
 	c, err := testenv.Keys().Decode(newer)
 	testenv.Must(t, err, "decode")
 	c.IssuedAt, c.ExpiresAt = c.IssuedAt.Add(-2*time.Hour), c.ExpiresAt.Add(-2*time.Hour)

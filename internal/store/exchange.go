@@ -182,3 +182,16 @@ func EffectiveStates(ctx context.Context, db Querier) (map[events.Digest]string,
 	}
 	return out, nil
 }
+
+// PrincipalExists reports whether a token's subject still exists: the client
+// itself for a client's own token, else a user created no later than
+// userBefore (a removed user's name given to someone new is not theirs).
+func PrincipalExists(ctx context.Context, db Querier, clientID, subject string, userBefore time.Time) (bool, error) {
+	var ok bool
+	err := db.QueryRow(ctx, `SELECT $2 = $1 OR EXISTS (SELECT 1 FROM users WHERE username = $2 AND created_at <= $3)`,
+		clientID, subject, userBefore).Scan(&ok)
+	if err != nil {
+		return false, fmt.Errorf("read the token's user: %w", err)
+	}
+	return ok, nil
+}

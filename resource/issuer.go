@@ -11,6 +11,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"golang.org/x/sync/singleflight"
 )
 
 // DefaultTimeout bounds a call to the issuer when no timeout is set.
@@ -141,11 +143,18 @@ func (in *Introspector) put(key [32]byte, c cached, now time.Time) {
 // exchange it, so the exchanger holds the credentials of the clients whose
 // tokens it rotates (a first-party API and its apps); a token of any other
 // client is served without rotation.
+//
+// Concurrent requests presenting one token at this server share one
+// exchange (they would all get the same successor anyway), so a batch of
+// parallel requests costs the issuer one exchange per server, not one per
+// request.
 type Exchanger struct {
 	TokenURL string            // the issuer's /oauth2/token
 	Clients  map[string]string // client id -> client secret
 	HTTP     *http.Client      // nil: http.DefaultClient
 	Timeout  time.Duration     // per exchange; zero means DefaultTimeout
+
+	inflight singleflight.Group
 }
 
 // Successor is an exchange's answer.
@@ -173,6 +182,15 @@ func (x *Exchanger) timeout() time.Duration {
 // Exchange returns the successor of token, a token of clientID. It returns
 // ErrInactive when the issuer refuses the token (invalid_grant).
 func (x *Exchanger) Exchange(ctx context.Context, clientID, token string) (Successor, error) {
+	key := sha256.Sum256([]byte(token))
+	v, err, _ := x.inflight.Do(string(key[:]), func() (any, error) { return x.exchange(ctx, clientID, token) })
+	if err != nil {
+		return Successor{}, err
+	}
+	return v.(Successor), nil
+}
+
+func (x *Exchanger) exchange(ctx context.Context, clientID, token string) (Successor, error) {
 	var ans struct {
 		AccessToken        string `json:"access_token"`
 		IssuedTokenType    string `json:"issued_token_type"`

@@ -1,0 +1,50 @@
+package client_test
+
+import (
+	"net/http"
+	"sync"
+	"testing"
+
+	"golang.org/x/oauth2"
+
+	"github.com/tokenpipe/tokenpipe/client"
+	"github.com/tokenpipe/tokenpipe/internal/testenv"
+)
+
+// TestTokenGoesOnlyToListedHosts: with Hosts set, a request elsewhere, and a
+// redirect from a listed host to another, carry no token.
+func TestTokenGoesOnlyToListedHosts(t *testing.T) {
+	t.Parallel()
+	iss := newFakeIssuer(t)
+	var mu sync.Mutex
+	seen := map[string]string{}
+	other := httptestServer(t, func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen["other"+r.URL.Path] = r.Header.Get("Authorization")
+		mu.Unlock()
+	})
+	api := httptestServer(t, func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen["api"+r.URL.Path] = r.Header.Get("Authorization")
+		mu.Unlock()
+		if r.URL.Path == "/redirect" {
+			http.Redirect(w, r, other.URL+"/redirected", http.StatusFound)
+		}
+	})
+	tr := client.New(client.Config{Grant: client.ClientCredentials(), Hosts: []string{api.Listener.Addr().String()},
+		OAuth2: oauth2.Config{ClientID: "app", ClientSecret: "s", Endpoint: oauth2.Endpoint{TokenURL: iss.srv.URL}}})
+	t.Cleanup(tr.Close)
+	for _, u := range []string{api.URL + "/direct", other.URL + "/direct", api.URL + "/redirect"} {
+		resp, err := tr.Client().Get(u)
+		testenv.Must(t, err, "get")
+		_ = resp.Body.Close()
+	}
+	want := map[string]string{"api/direct": "Bearer tok-1", "other/direct": "", "api/redirect": "Bearer tok-1", "other/redirected": ""}
+	mu.Lock()
+	defer mu.Unlock()
+	for k, v := range want {
+		if got, ok := seen[k]; !ok || got != v {
+			t.Fatalf("%s: Authorization %q (seen %v), want %q", k, got, ok, v)
+		}
+	}
+}

@@ -15,7 +15,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/oauth2"
 
+	"github.com/tokenpipe/tokenpipe/client"
 	"github.com/tokenpipe/tokenpipe/internal/clients"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/internal/testenv/pipetest"
@@ -282,5 +284,55 @@ func TestWindowEndsAndBadCredentials(t *testing.T) {
 		if resp.StatusCode != 401 || resp.Header.Get("WWW-Authenticate") == "" || resp.Header.Get(resource.HeaderNextToken) != "" {
 			t.Errorf("%s: %d, WWW-Authenticate %q", name, resp.StatusCode, resp.Header.Get("WWW-Authenticate"))
 		}
+	}
+}
+
+// TestClientPackageFollowsRotation: package client's Transport, signed in
+// by the password grant, sends rounds of parallel requests through both
+// resource servers; it follows Tokenpipe-Next-Token on its own. No request
+// is refused, the token the client holds moves on, and the client never
+// needs a token request after its sign-in.
+func TestClientPackageFollowsRotation(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t, 5*time.Second, whoami)
+	tr := client.New(client.Config{
+		OAuth2: oauth2.Config{ClientID: "app", ClientSecret: w.secret, Scopes: []string{"read"},
+			Endpoint: oauth2.Endpoint{TokenURL: w.issuers[0] + "/oauth2/token", AuthStyle: oauth2.AuthStyleInHeader}},
+		Grant: client.Password("alice", "password1"),
+	})
+	defer tr.Close()
+	hc := tr.Client()
+	before := w.p.Count(t, `SELECT count(*) FROM token_exchanges`)
+	for round := range 5 {
+		var wg sync.WaitGroup
+		for i := range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				resp, err := hc.Get(w.apis[i%2] + "/thing")
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 || string(b) != "alice" {
+					t.Errorf("round %d request %d = %d %q", round, i, resp.StatusCode, b)
+				}
+				if resp.Header.Get(resource.HeaderNextToken) != "" {
+					t.Error("the client left the successor in the response headers")
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	if n := w.p.Count(t, `SELECT count(*) FROM token_exchanges`) - before; n < 2 {
+		t.Fatalf("%d tokens exchanged over 5 rounds; the client did not follow the rotation", n)
+	}
+	if n := w.p.Count(t, `SELECT count(*) FROM tokens WHERE grant_type = 'password'`); n > 1 {
+		t.Fatalf("%d sign-ins: the client asked for a token instead of following the rotation", n)
 	}
 }

@@ -29,12 +29,15 @@ test:
 demo:
 	$(GO) run -tags dev ./cmd/tokenpipe demo
 
-## bench: the scenario matrix (ceilings, drain, async vs sync, conflicts,
-## growth), medians of 3 runs, written into BENCHMARKS.md; then CPU per token
-## per role with the roles as separate processes; about 8 minutes.
+## bench: every end-to-end scenario with the roles as separate processes
+## (bench e2e): highest sustained rate, conflict mix, sync, a 1M-row table,
+## CPU per token per role at 3,000/s, at the peak and idle, and the drain
+## against raw COPY; medians of 3 runs written into BENCHMARKS.md, about 10
+## minutes. BENCH_FLAGS='-runs 3 -nats-server module' uses a nats-server
+## built from the module instead of the machine's; bench e2e -h lists flags.
+BENCH_FLAGS ?= -runs 3
 bench: build-dev
-	$(DEV_BIN) bench matrix -runs 3 -write BENCHMARKS.md
-	$(DEV_BIN) bench roles -rate 3000 -duration 20s -runs 3
+	$(DEV_BIN) bench e2e $(BENCH_FLAGS) -write BENCHMARKS.md
 
 ## fuzz: a short run of every fuzz target (their seeds also run in make test).
 ## The budget is a count of executions, not a duration: Go 1.26's fuzzing
@@ -71,15 +74,20 @@ clean:
 	rm -rf bin
 
 ## chaos: the fault cases (real processes, own NATS and Postgres where a case
-## kills them) with a 30 s Postgres outage; writes RELIABILITY.md's table
-## from this run.
+## kills them) with a 30 s Postgres outage and every NATS cluster case;
+## writes RELIABILITY.md's tables from this run.
 chaos:
-	TOKENPIPE_TEST_PG_OUTAGE=30s $(GO) test -count=1 -v -timeout 20m \
-	  -run 'Killed|Survives|Outage|ScaleRoles|ConnectionsCut' ./e2e/ | tee chaos.log | grep -E '^(---|ok|FAIL)'
+	TOKENPIPE_TEST_PG_OUTAGE=30s TOKENPIPE_TEST_NATS_CLUSTER=full $(GO) test -count=1 -v -timeout 20m \
+	  -run 'Killed|Survives|Outage|ScaleRoles|ConnectionsCut|NATSRollingRestart|NATSUnreachable|PoisonMixed' ./e2e/ | tee chaos.log | grep -E '^(---|ok|FAIL)'
 	@{ sed -n '1,/<!-- chaos:begin -->/p' RELIABILITY.md; \
 	   echo "Run on $$(date -u +'%Y-%m-%d %H:%M UTC') with \`make chaos\`."; echo; \
 	   echo "| case | load offered | tokens issued | lost | duplicated | keys with 2 ACTIVE | fault end to clean audit |"; \
 	   echo "|---|---|---|---|---|---|---|"; \
 	   grep -o 'RELIABILITY|.*' chaos.log | awk -F'|' '{printf "| %s | %s | %s | %s | %s | %s | %s |\n", $$2, $$3, $$4, $$5, $$6, $$7, $$8}'; \
 	   sed -n '/<!-- chaos:end -->/,$$p' RELIABILITY.md; } > RELIABILITY.md.new && mv RELIABILITY.md.new RELIABILITY.md
+	@{ sed -n '1,/<!-- chaos-nats:begin -->/p' RELIABILITY.md; \
+	   echo "| case | requests | answered 200 | 503 (first sent to last answered) | other failures | HTTP p99 before / during the fault | persister lag (read from the consumer leader) | every token answered until the fault ended has its row | lost / duplicated / keys with 2 ACTIVE | what happened |"; \
+	   echo "|---|---|---|---|---|---|---|---|---|---|"; \
+	   grep -o 'NATSHA|.*' chaos.log | awk -F'|' '{printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", $$2, $$3, $$4, $$5, $$6, $$7, $$8, $$9, $$10, $$11}'; \
+	   sed -n '/<!-- chaos-nats:end -->/,$$p' RELIABILITY.md; } > RELIABILITY.md.new && mv RELIABILITY.md.new RELIABILITY.md
 	@rm -f chaos.log

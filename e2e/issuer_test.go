@@ -21,7 +21,7 @@ import (
 
 // addClient registers a client the way `tokenpipe client add` stores it:
 // only the secret's SHA-256 digest.
-func addClient(t *testing.T, pool *pgxpool.Pool, id, secret string, scopes ...string) {
+func addClient(t testing.TB, pool *pgxpool.Pool, id, secret string, scopes ...string) {
 	t.Helper()
 	d := sha256.Sum256([]byte(secret))
 	_, err := pool.Exec(ctxT(t, 10*time.Second),

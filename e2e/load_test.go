@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -20,6 +21,7 @@ type steadyLoad struct {
 	targets []string
 	digests []events.Digest
 	errors  map[string]int
+	samples []sample
 	sent    atomic.Int64
 	stop    context.CancelFunc
 	done    chan struct{}
@@ -49,9 +51,11 @@ func startLoad(t *testing.T, rate int, client, secret string, scopes []string, t
 			go func() {
 				defer wg.Done()
 				l.sent.Add(1)
+				sent := time.Now()
 				code, tr, err := requestToken(hc, target, client, secret, scope)
 				l.mu.Lock()
 				defer l.mu.Unlock()
+				l.samples = append(l.samples, sample{sent: sent, took: time.Since(sent), code: code})
 				switch {
 				case err != nil:
 					l.errors["transport"]++
@@ -71,6 +75,28 @@ func (l *steadyLoad) setTargets(targets ...string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.targets = targets
+}
+
+// sample is one request: when it was sent, how long the answer took, and
+// its HTTP status (0 for a transport error).
+type sample struct {
+	sent time.Time
+	took time.Duration
+	code int
+}
+
+// issuedSoFar returns the digests of the tokens issued until now.
+func (l *steadyLoad) issuedSoFar() []events.Digest {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.digests)
+}
+
+// requests returns every request answered or failed so far.
+func (l *steadyLoad) requests() []sample {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.samples)
 }
 
 // finish stops the load and returns the digests of every token issued.

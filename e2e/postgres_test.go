@@ -23,14 +23,28 @@ import (
 // pgCluster is a Postgres cluster of the test's own (initdb in a temporary
 // directory, started with pg_ctl), so the test may stop and restart it.
 type pgCluster struct {
-	t    *testing.T
-	bin  string
-	dir  string
-	port int
-	as   []string // command prefix to run as the postgres user when we are root
+	t      testing.TB
+	bin    string
+	dir    string
+	port   int
+	as     []string // command prefix to run as the postgres user when we are root
+	opts   []string // extra server settings (-c name=value)
+	fsync  bool     // keep fsync on (benchmarks); tests turn it off for speed
+	killed bool     // SIGKILLed by the test: nothing to stop
 }
 
 func startPostgres(t *testing.T) *pgCluster {
+	t.Helper()
+	c := newPGDir(t)
+	c.run("initdb", "-D", c.dir, "-A", "trust", "-U", "postgres", "--no-sync")
+	c.start()
+	t.Cleanup(c.shutdown)
+	return c
+}
+
+// newPGDir picks the tools, a temporary directory owned by the user the
+// server runs as, and a free port, for a cluster not created yet.
+func newPGDir(t testing.TB) *pgCluster {
 	t.Helper()
 	bins, _ := filepath.Glob("/usr/lib/postgresql/*/bin/initdb")
 	if len(bins) == 0 {
@@ -56,10 +70,14 @@ func startPostgres(t *testing.T) *pgCluster {
 	testenv.Must(t, err, "port")
 	c.port = ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
-	c.run("initdb", "-D", c.dir, "-A", "trust", "-U", "postgres", "--no-sync")
-	c.start()
-	t.Cleanup(func() { c.run("pg_ctl", "-D", c.dir, "-m", "immediate", "stop") })
 	return c
+}
+
+// shutdown stops the server at the end of the test unless the test killed it.
+func (c *pgCluster) shutdown() {
+	if !c.killed {
+		c.run("pg_ctl", "-D", c.dir, "-m", "immediate", "stop")
+	}
 }
 
 func (c *pgCluster) run(tool string, args ...string) {
@@ -73,8 +91,14 @@ func (c *pgCluster) run(tool string, args ...string) {
 
 func (c *pgCluster) start() {
 	c.t.Helper()
-	c.run("pg_ctl", "-D", c.dir, "-w", "-l", filepath.Join(filepath.Dir(c.dir), "log"),
-		"-o", fmt.Sprintf("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off", c.port, filepath.Dir(c.dir)), "start")
+	o := fmt.Sprintf("-p %d -k %s -c listen_addresses=127.0.0.1", c.port, filepath.Dir(c.dir))
+	if !c.fsync {
+		o += " -c fsync=off"
+	}
+	for _, opt := range c.opts {
+		o += " -c " + opt
+	}
+	c.run("pg_ctl", "-D", c.dir, "-w", "-l", filepath.Join(filepath.Dir(c.dir), "log"), "-o", o, "start")
 }
 
 // stop shuts the server down fast: open connections are cut.

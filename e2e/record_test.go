@@ -16,8 +16,9 @@ import (
 // and logs one RELIABILITY line with the case's figures, which `make chaos`
 // collects into RELIABILITY.md: load offered, tokens issued, lost,
 // duplicated, keys with two ACTIVE rows, and the time from the end of the
-// fault (since) until the audit was clean with nothing pending.
-func auditUntilClean(t *testing.T, name string, offered int, digests []events.Digest, pool *pgxpool.Pool, js jetstream.JetStream, topo events.Topology, since time.Time) {
+// fault (since) until the audit was clean with nothing pending. It returns
+// the clean report.
+func auditUntilClean(t *testing.T, name string, offered int, digests []events.Digest, pool *pgxpool.Pool, js jetstream.JetStream, topo events.Topology, since time.Time) *audit.Report {
 	t.Helper()
 	ctx := ctxT(t, 3*time.Minute)
 	stream, err := js.Stream(ctx, topo.Stream)
@@ -29,4 +30,5 @@ func auditUntilClean(t *testing.T, name string, offered int, digests []events.Di
 	})
 	t.Logf("RELIABILITY|%s|%d|%d|%d|%d|%d|%s", name, offered, len(digests), len(r.Missing), len(r.Duplicated), len(r.DoubleActive),
 		time.Since(since).Round(10*time.Millisecond))
+	return r
 }

@@ -147,10 +147,23 @@ func (r *Recovery) notify(ctx context.Context, rows []Superseded) error {
 	return PublishDeactivations(ctx, r.js, r.cfg.Topology, rows)
 }
 
+// NoticeTimeout bounds the wait for JetStream to acknowledge the
+// deactivation notices. The wait happens inside the transaction that holds
+// the keys' row locks, and the persister's inserts on those keys queue
+// behind it; a publish the stream's leader took down with it when it died is
+// never answered, so without a bound the locks were held for the whole
+// attempt (30 s), stalling persistence after every leader loss. On timeout
+// the transaction rolls back and is retried; the notices' message ids make
+// the re-publish a duplicate where the first one did get stored.
+const NoticeTimeout = 5 * time.Second
+
 // PublishDeactivations publishes a TokenDeactivated notice for each row and
-// waits until JetStream holds them all. The message id is the deactivated
-// token's digest, so a repeated notice (redelivery, replay) is deduplicated.
+// waits (at most NoticeTimeout) until JetStream holds them all. The message
+// id is the deactivated token's digest, so a repeated notice (redelivery,
+// replay) is deduplicated.
 func PublishDeactivations(ctx context.Context, js jetstream.JetStream, topo events.Topology, rows []Superseded) error {
+	ctx, cancel := context.WithTimeout(ctx, NoticeTimeout)
+	defer cancel()
 	now := time.Now().UTC()
 	futures := make([]jetstream.PubAckFuture, 0, len(rows))
 	for _, s := range rows {

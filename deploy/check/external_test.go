@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"gopkg.in/yaml.v3"
+	batchv1 "k8s.io/api/batch/v1"
+	corev1 "k8s.io/api/core/v1"
 )
 
 // The files under deploy/k8s/external are inputs for other tools (the NATS
@@ -77,6 +79,11 @@ func TestExternalPostgresCluster(t *testing.T) {
 			break
 		}
 	}
+	// Asynchronous replication loses acknowledged rows in a failover (README
+	// "Operating: failover"); the example must not.
+	if sy := c.Spec.PostgreSQL.Synchronous; sy == nil || sy.Number < 1 || sy.DataDurability != "required" {
+		t.Errorf("postgres-cluster.yaml: want synchronous replication with at least one standby and dataDurability: required")
+	}
 	if c.Spec.Bootstrap.Initdb.Database != "tokenpipe" {
 		t.Errorf("postgres-cluster.yaml: database %q, want tokenpipe", c.Spec.Bootstrap.Initdb.Database)
 	}
@@ -127,6 +134,72 @@ func TestExternalNATSValues(t *testing.T) {
 }
 
 func keys(m map[string][]string) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
+
+// TestExternalReplayJob checks the re-drive Job of the failover runbook: it
+// decodes strictly as a Job, is as locked down as the roles, runs `replay
+// --since`, and repeats the overlay's settings, image and database secret
+// exactly (it cannot read the overlay's ConfigMap, whose name has a hash).
+func TestExternalReplayJob(t *testing.T) {
+	b, err := os.ReadFile("../k8s/external/replay-after-failover.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var j batchv1.Job
+	if err := decodeStrict(b, &j); err != nil {
+		t.Fatalf("replay-after-failover.yaml: %v", err)
+	}
+	where := "replay-after-failover.yaml"
+	spec := j.Spec.Template.Spec
+	checkSecurity(t, where, spec)
+	if spec.RestartPolicy != corev1.RestartPolicyNever || j.Spec.BackoffLimit == nil || j.Spec.ActiveDeadlineSeconds == nil {
+		t.Errorf("%s: want restartPolicy Never, a backoffLimit and an activeDeadlineSeconds", where)
+	}
+	if len(spec.Containers) != 1 {
+		t.Fatalf("%s: want one container", where)
+	}
+	c := spec.Containers[0]
+	if len(c.Args) < 3 || c.Args[0] != "replay" || c.Args[1] != "--since" || c.Args[2] != "SAFE_POINT" {
+		t.Errorf("%s: args %v, want replay --since SAFE_POINT ...", where, c.Args)
+	}
+
+	ov := kustomize(t, exampleDir)
+	if ns := ov.namespaced["batch/v1 Job/tokenpipe-migrate"]; j.Namespace != ns {
+		t.Errorf("%s: namespace %q, the overlay's is %q", where, j.Namespace, ns)
+	}
+	if m := ov.jobs["tokenpipe-migrate"]; m == nil || m.Spec.Template.Spec.Containers[0].Image != c.Image {
+		t.Errorf("%s: image %q differs from the overlay's", where, c.Image)
+	}
+	cm := theConfigMap(t, ov)
+	env := map[string]string{}
+	for _, e := range c.Env {
+		switch {
+		case e.ValueFrom != nil && e.ValueFrom.SecretKeyRef != nil:
+			ref := e.ValueFrom.SecretKeyRef
+			if e.Name != "TOKENPIPE_DATABASE_URL" || ref.Name != "tokenpipe-pg-app" || ref.Key != "uri" {
+				t.Errorf("%s: %s from secret %s/%s; want TOKENPIPE_DATABASE_URL from tokenpipe-pg-app/uri", where, e.Name, ref.Name, ref.Key)
+			}
+		default:
+			env[e.Name] = e.Value
+		}
+	}
+	checkEnvNames(t, where, keysOf(env))
+	for _, name := range []string{"TOKENPIPE_NATS_URL", "TOKENPIPE_STREAM", "TOKENPIPE_SUBJECT_PREFIX"} {
+		if env[name] != cm.Data[name] {
+			t.Errorf("%s: %s=%q but the overlay has %q", where, name, env[name], cm.Data[name])
+		}
+	}
+	if len(c.EnvFrom) != 1 || c.EnvFrom[0].SecretRef == nil || c.EnvFrom[0].SecretRef.Name != "tokenpipe-secrets" {
+		t.Errorf("%s: want envFrom the secret tokenpipe-secrets (NATS credentials)", where)
+	}
+}
+
+func keysOf(m map[string]string) []string {
 	var out []string
 	for k := range m {
 		out = append(out, k)

@@ -128,12 +128,17 @@ func sampleLag(ctx context.Context, env *roleEnv, streamName, consumer string, e
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		cons, err := env.js.Consumer(lagCtx, streamName, consumer)
+		st, err := env.js.Stream(lagCtx, streamName)
 		if err != nil {
 			env.log.Warn("lag gauges disabled", "err", err)
 			return
 		}
-		gauges.Sample(lagCtx, env.log, cons, consumer, every)
+		cons, err := st.Consumer(lagCtx, consumer)
+		if err != nil {
+			env.log.Warn("lag gauges disabled", "err", err)
+			return
+		}
+		gauges.Sample(lagCtx, env.log, st, cons, consumer, every)
 	}()
 	return func() { cancel(); <-done }
 }

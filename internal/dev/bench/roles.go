@@ -233,48 +233,9 @@ func (r *RolesReport) WriteTable(w io.Writer) {
 		fmt.Fprintf(w, "| **all measured** | %.0f [%.0f-%.0f] | | | |\n", t.Median, t.Min, t.Max)
 	}
 	if len(r.Runs) > 0 {
-		col := func(f func(RolesRun) float64) Stat {
-			xs := make([]float64, len(r.Runs))
-			for i, run := range r.Runs {
-				xs[i] = f(run)
-			}
-			return stat(xs)
-		}
-		ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-		rate := col(func(x RolesRun) float64 { return x.Rate })
-		h50, h99 := col(func(x RolesRun) float64 { return x.HTTPP50 }), col(func(x RolesRun) float64 { return x.HTTPP99 })
-		l50, l99 := col(func(x RolesRun) float64 { return ms(x.LagP50) }), col(func(x RolesRun) float64 { return ms(x.LagP99) })
-		errs, unp := 0, 0
-		kinds := map[string]int{}
-		for _, x := range r.Runs {
-			errs += x.Errors
-			unp += x.Unpersisted
-			for k, n := range x.ErrorKinds {
-				kinds[k] += n
-			}
-		}
-		failed := strconv.Itoa(errs)
-		if len(kinds) > 0 {
-			var parts []string
-			for _, k := range slices.Sorted(maps.Keys(kinds)) {
-				parts = append(parts, fmt.Sprintf("%s %d", k, kinds[k]))
-			}
-			failed += " (" + strings.Join(parts, ", ") + ")"
-		}
-		fmt.Fprintf(w, "\nachieved %.0f tokens/s [%.0f-%.0f]; HTTP p50 %.1f ms [%.1f-%.1f], p99 %.1f ms [%.1f-%.1f]; "+
-			"persist lag p50 %.0f ms [%.0f-%.0f], p99 %.0f ms [%.0f-%.0f]; failed requests %s, unpersisted tokens %d\n",
-			rate.Median, rate.Min, rate.Max, h50.Median, h50.Min, h50.Max, h99.Median, h99.Min, h99.Max,
-			l50.Median, l50.Min, l50.Max, l99.Median, l99.Min, l99.Max, failed, unp)
+		fmt.Fprintln(w)
 	}
-	if len(r.Runs) > 0 && r.Runs[0].MachineCores > 0 {
-		var mc, me []float64
-		for _, x := range r.Runs {
-			mc, me = append(mc, x.MachineCores), append(me, x.MeasuredCores)
-		}
-		a, b := stat(mc), stat(me)
-		fmt.Fprintf(w, "machine busy %.2f cores [%.2f-%.2f] of %d, of which the measured processes %.2f [%.2f-%.2f]\n",
-			a.Median, a.Min, a.Max, runtime.NumCPU(), b.Median, b.Min, b.Max)
-	}
+	WriteRunLines(w, r.Runs)
 	fmt.Fprintf(w, "\nNATS server %s (%s); PostgreSQL %s\n", r.NATSVersion, r.NATSWhere, r.PGVersion)
 	for _, n := range r.Notes {
 		fmt.Fprintf(w, "- %s\n", n)
@@ -286,4 +247,50 @@ func goal(g float64) string {
 		return "-"
 	}
 	return fmt.Sprintf("<= %.0f", g)
+}
+
+// WriteRunLines prints what the measured intervals gave besides CPU: rate,
+// latencies, failures, and how busy the machine was. Nothing for no runs.
+func WriteRunLines(w io.Writer, runs []RolesRun) {
+	if len(runs) == 0 {
+		return
+	}
+	col := func(f func(RolesRun) float64) Stat {
+		xs := make([]float64, len(runs))
+		for i, run := range runs {
+			xs[i] = f(run)
+		}
+		return stat(xs)
+	}
+	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+	rate := col(func(x RolesRun) float64 { return x.Rate })
+	h50, h99 := col(func(x RolesRun) float64 { return x.HTTPP50 }), col(func(x RolesRun) float64 { return x.HTTPP99 })
+	l50, l99 := col(func(x RolesRun) float64 { return ms(x.LagP50) }), col(func(x RolesRun) float64 { return ms(x.LagP99) })
+	errs, unp := 0, 0
+	kinds := map[string]int{}
+	for _, x := range runs {
+		errs += x.Errors
+		unp += x.Unpersisted
+		for k, n := range x.ErrorKinds {
+			kinds[k] += n
+		}
+	}
+	failed := strconv.Itoa(errs)
+	if len(kinds) > 0 {
+		var parts []string
+		for _, k := range slices.Sorted(maps.Keys(kinds)) {
+			parts = append(parts, fmt.Sprintf("%s %d", k, kinds[k]))
+		}
+		failed += " (" + strings.Join(parts, ", ") + ")"
+	}
+	fmt.Fprintf(w, "achieved %.0f tokens/s [%.0f-%.0f]; HTTP p50 %.1f ms [%.1f-%.1f], p99 %.1f ms [%.1f-%.1f]; "+
+		"persist lag p50 %.0f ms [%.0f-%.0f], p99 %.0f ms [%.0f-%.0f]; failed requests %s, unpersisted tokens %d\n",
+		rate.Median, rate.Min, rate.Max, h50.Median, h50.Min, h50.Max, h99.Median, h99.Min, h99.Max,
+		l50.Median, l50.Min, l50.Max, l99.Median, l99.Min, l99.Max, failed, unp)
+	if runs[0].MachineCores > 0 {
+		mc := col(func(x RolesRun) float64 { return x.MachineCores })
+		me := col(func(x RolesRun) float64 { return x.MeasuredCores })
+		fmt.Fprintf(w, "machine busy %.2f cores [%.2f-%.2f] of %d, of which the measured processes %.2f [%.2f-%.2f]\n",
+			mc.Median, mc.Min, mc.Max, runtime.NumCPU(), me.Median, me.Min, me.Max)
+	}
 }

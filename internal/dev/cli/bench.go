@@ -18,13 +18,19 @@ import (
 	"github.com/tokenpipe/tokenpipe/internal/schema"
 )
 
-const benchUsage = `drain|matrix|roles [flags]
+const benchUsage = `e2e|roles|drain|matrix [flags]
 
-  matrix  the scenario matrix of make bench: ceilings (raw COPY, raw
-          JetStream), drain at 1/2/4 workers, async end to end ramped to the
-          highest rate that keeps p99 issue-to-persisted lag under a bound,
-          lag at half that rate, sync mode, a conflict-heavy mix, and a table
-          already holding 1M rows. -write FILE puts the table into FILE.
+  e2e     the benchmark of make bench. Every end-to-end scenario with
+          issuer, persister and recovery as separate processes of this
+          binary (each scenario on a scratch database and stream, removed
+          afterwards), the load generator in this process, over HTTP: the
+          roles' idle cost; CPU per token per role at -rate and at the peak;
+          a ramp to the highest rate keeping p99 issue-to-persisted lag
+          under -lag-bound; the conflict-heavy mix, sync mode and a table
+          already holding -preload rows as ramps of their own; and the
+          persister's drain from a full stream against raw COPY in the same
+          run. Prints progress on stderr and a Markdown report; -write FILE
+          puts it into FILE between the bench markers.
 
   drain   pre-fill a scratch stream with token events, then in each run COPY
           the same rows into an empty tokens table (the ceiling) and let a
@@ -40,6 +46,8 @@ const benchUsage = `drain|matrix|roles [flags]
           from the linked nats-server/v2 module instead of the machine's.
 
 Examples:
+  tokenpipe bench e2e -runs 3 -write BENCHMARKS.md
+  tokenpipe bench e2e -runs 1 -nats-server module -scenarios conflict
   tokenpipe bench drain
   tokenpipe bench roles -rate 3000 -duration 20s -runs 3
   tokenpipe bench matrix -runs 3 -write BENCHMARKS.md
@@ -57,17 +65,18 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		var o matrixOpts
 		fs.IntVar(&o.runs, "runs", 3, "runs of every scenario; medians are reported")
 		fs.IntVar(&o.events, "events", 100000, "events for the ceilings and drains")
-		fs.DurationVar(&o.stepDur, "step-duration", 5*time.Second, "ramp step length")
-		fs.Float64Var(&o.rampStart, "ramp-start", 2000, "ramp first rate")
-		fs.Float64Var(&o.rampStep, "ramp-step", 2000, "ramp increase per step")
-		fs.Float64Var(&o.rampMax, "ramp-max", 40000, "ramp highest rate")
-		fs.DurationVar(&o.lagBound, "lag-bound", 250*time.Millisecond, "p99 issue-to-persisted lag a ramp step may not exceed")
-		fs.IntVar(&o.preload, "preload", 1000000, "rows already in the table for the growth scenario")
-		fs.StringVar(&o.write, "write", "", "also write the table into this Markdown file (between bench markers)")
+		fs.StringVar(&o.write, "write", "", "also write the table into this Markdown file (between the bench matrix markers)")
 		if err := fs.Parse(rest[1:]); err != nil {
 			return app.HelpIsNil(app.FlagErr(err))
 		}
 		return runMatrix(ctx, &cfg, o, stdout, stderr)
+	}
+	if len(rest) > 0 && rest[0] == "e2e" {
+		o, args, err := parseE2EFlags(rest[1:], stderr)
+		if err != nil {
+			return app.HelpIsNil(err)
+		}
+		return runE2E(ctx, &cfg, o, args, stdout, stderr)
 	}
 	if len(rest) > 0 && rest[0] == "roles" {
 		o, err := parseRolesFlags(rest[1:], stderr)
@@ -83,6 +92,11 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		fmt.Fprintln(stderr, "usage: tokenpipe bench "+benchUsage)
 		return app.ErrUsage
 	}
+	return runDrain(ctx, &cfg, rest[1:], stdout, stderr)
+}
+
+// runDrain is `tokenpipe bench drain`.
+func runDrain(ctx context.Context, cfg *app.Common, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("bench drain", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	n := fs.Int("events", 200000, "events to pre-fill")
@@ -90,7 +104,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	batch := fs.Int("batch", 1000, "events per batch, rows per COPY")
 	runs := fs.Int("runs", 3, "paired runs; medians are reported")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of this process to `file`")
-	if err := fs.Parse(rest[1:]); err != nil {
+	if err := fs.Parse(args); err != nil {
 		return app.HelpIsNil(app.FlagErr(err))
 	}
 	if *cpuProfile != "" {
@@ -100,13 +114,13 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		defer stop()
 	}
-	log := app.NewLogger(&cfg, stderr)
+	log := app.NewLogger(cfg, stderr)
 	dbURL, dropDB, err := scratchDatabase(ctx, cfg.DatabaseURL)
 	if err != nil {
 		return err
 	}
 	defer dropDB()
-	scratch := cfg
+	scratch := *cfg
 	scratch.DatabaseURL = dbURL
 	scratch.DBMaxConns = int32(*workers + 2)
 	pool, err := app.ConnectPostgres(ctx, &scratch)
@@ -117,7 +131,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if _, err := schema.Up(ctx, pool); err != nil {
 		return err
 	}
-	nc, js, err := app.ConnectNATS(&cfg, "tokenpipe-bench", log, nil)
+	nc, js, err := app.ConnectNATS(cfg, "tokenpipe-bench", log, nil)
 	if err != nil {
 		return err
 	}

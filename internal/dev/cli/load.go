@@ -133,21 +133,29 @@ func runLoadtest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		if out.path == "" {
 			continue
 		}
-		f, err := os.Create(out.path)
-		if err != nil {
+		if err := writeFile(out.path, out.write); err != nil {
 			return err
-		}
-		werr := out.write(f)
-		if cerr := f.Close(); werr == nil {
-			werr = cerr
-		}
-		if werr != nil {
-			return fmt.Errorf("write %s: %w", out.path, werr)
 		}
 		fmt.Fprintf(stderr, "wrote %s\n", out.path)
 	}
 	if !rep.Clean() {
 		return app.ErrViolations
+	}
+	return nil
+}
+
+// writeFile creates path and writes it with write.
+func writeFile(path string, write func(io.Writer) error) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	werr := write(f)
+	if cerr := f.Close(); werr == nil {
+		werr = cerr
+	}
+	if werr != nil {
+		return fmt.Errorf("write %s: %w", path, werr)
 	}
 	return nil
 }

@@ -2,8 +2,6 @@ package cli
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
@@ -24,10 +22,8 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/app"
-	"github.com/tokenpipe/tokenpipe/internal/clients"
 	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
 	"github.com/tokenpipe/tokenpipe/internal/dev/loadgen"
-	"github.com/tokenpipe/tokenpipe/internal/schema"
 	"github.com/tokenpipe/tokenpipe/internal/store"
 )
 
@@ -142,225 +138,42 @@ func freeLoopback() (string, error) {
 }
 
 // runRoles is `tokenpipe bench roles`.
-func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr io.Writer) (err error) {
-	log := app.NewLogger(cfg, stderr)
+func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr io.Writer) error {
 	rep := &bench.RolesReport{Rate: o.rate, Duration: o.duration,
 		Notes: []string{fmt.Sprintf("CPU is utime+stime from /proc/<pid>/stat (all threads) in clock ticks of 1/%d s, over the measured interval, divided by the 200 answers in it", bench.ClockTicks)}}
-	natsPID := 0
+	np := natsProc{url: cfg.NATSURL}
 	if o.natsServer == "module" {
-		addr, err := freeLoopback()
-		if err != nil {
+		var stop func()
+		var err error
+		if np, stop, err = startModuleNATS(ctx, stderr); err != nil {
 			return err
 		}
-		dir, err := os.MkdirTemp("", "tokenpipe-bench-nats-")
-		if err != nil {
-			return fmt.Errorf("nats store: %w", err)
-		}
-		defer os.RemoveAll(dir)
-		c, err := startChild(os.Environ(), stderr, "bench", "nats-server", "-addr", addr, "-store", dir)
-		if err != nil {
-			return err
-		}
-		defer c.stop(20 * time.Second)
-		if err := waitListening(ctx, c, addr, 20*time.Second); err != nil {
-			return err
-		}
-		natsPID = c.cmd.Process.Pid
-		cfg.NATSURL = "nats://" + addr
-		rep.NATSWhere = "a process built from the nats-server/v2 module, pid " + strconv.Itoa(natsPID)
+		defer stop()
 	}
-
-	dbURL, dropDB, err := scratchDatabase(ctx, cfg.DatabaseURL)
+	d, err := deploy(ctx, cfg, stderr, deployOpts{nats: np})
 	if err != nil {
 		return err
 	}
-	defer dropDB()
-	pcfg, err := pgxpool.ParseConfig(dbURL)
-	if err != nil {
-		return fmt.Errorf("%s_DATABASE_URL: %w", app.EnvPrefix, app.RedactErr(err))
-	}
-	pcfg.MaxConns = 4
-	pcfg.ConnConfig.RuntimeParams["application_name"] = benchAppName
-	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
-	if err != nil {
-		return fmt.Errorf("connect to the scratch database: %w", app.RedactErr(err))
-	}
-	defer pool.Close()
-	if _, err := schema.Up(ctx, pool); err != nil {
-		return err
-	}
-	if err := pool.QueryRow(ctx, "SHOW server_version").Scan(&rep.PGVersion); err != nil {
-		return fmt.Errorf("postgres version: %w", err)
-	}
-
-	nc, js, err := app.ConnectNATS(cfg, "tokenpipe-bench-roles", log, nil)
+	defer d.close()
+	rep.NATSVersion, rep.NATSWhere, rep.PGVersion = d.natsVersion, d.nats.where, d.pgVersion
+	target, err := d.newTarget(ctx)
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	rep.NATSVersion = nc.ConnectedServerVersion()
-	if natsPID == 0 {
-		natsPID, rep.NATSWhere = findNATSProcess(cfg.NATSURL)
-	}
-
-	id := app.RandomID()
-	topo := cfg.Topology()
-	topo.Stream, topo.Prefix = "TPROLES_"+strings.ToUpper(id), "tproles."+id
-	// Deferred before the roles are started, so it runs after they stopped:
-	// none of them can recreate the stream.
-	defer func() {
-		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-		defer cancel()
-		_ = js.DeleteStream(dctx, topo.Stream)
-	}()
-
-	keyBytes := make([]byte, 32)
-	if _, err := rand.Read(keyBytes); err != nil {
-		return err
-	}
-	httpAddr, err := freeLoopback()
-	if err != nil {
-		return err
-	}
-	env := append(os.Environ(),
-		app.EnvPrefix+"_DATABASE_URL="+dbURL,
-		app.EnvPrefix+"_NATS_URL="+cfg.NATSURL,
-		app.EnvPrefix+"_STREAM="+topo.Stream,
-		app.EnvPrefix+"_SUBJECT_PREFIX="+topo.Prefix,
-		app.EnvPrefix+"_TOKEN_KEYS="+hex.EncodeToString(keyBytes),
-		app.EnvPrefix+"_HTTP_ADDR="+httpAddr,
-		app.EnvPrefix+"_LOG_LEVEL=warn",
-		app.EnvPrefix+"_LOG_FORMAT=text",
-		// The recovery role's periodic cleanup would be work outside the
-		// per-token path; the issue measures the steady path.
-		app.EnvPrefix+"_CLEANUP_INTERVAL=0s",
-	)
-	roles := map[string]*child{}
-	for _, role := range []string{"issuer", "persister", "recovery"} {
-		c, err := startChild(env, stderr, role)
-		if err != nil {
-			return err
-		}
-		defer c.stop(20 * time.Second)
-		roles[role] = c
-		// One at a time: the issuer provisions the stream the others consume.
-		if err := c.waitReady(ctx, 60*time.Second); err != nil {
-			return err
-		}
-	}
-	fmt.Fprintf(stderr, "roles ready: issuer pid %d, persister pid %d, recovery pid %d, nats-server pid %d; database %s, stream %s\n",
-		roles["issuer"].cmd.Process.Pid, roles["persister"].cmd.Process.Pid, roles["recovery"].cmd.Process.Pid, natsPID,
-		app.RedactURL(dbURL), topo.Stream)
-
-	scopes := make([]string, 1000)
-	for i := range scopes {
-		scopes[i] = fmt.Sprintf("p%04d", i)
-	}
-	clientID := "bench-roles-" + id
-	secret, err := clients.Add(ctx, pool, clientID, scopes, []string{"client_credentials"})
-	if err != nil {
-		return err
-	}
-	gen := loadgen.New(loadgen.Target{URL: "http://" + httpAddr + "/oauth2/token", ClientID: clientID, Secret: secret, ScopePool: len(scopes)},
-		loadgen.Mix{}, o.concurrency)
+	gen := loadgen.New(target, loadgen.Mix{}, o.concurrency)
 	defer gen.Close()
-
-	procs := []struct {
-		role string
-		goal float64
-		pid  int
-	}{
-		{"issuer", 40, roles["issuer"].cmd.Process.Pid},
-		{"persister", 20, roles["persister"].cmd.Process.Pid},
-		{"recovery", 0, roles["recovery"].cmd.Process.Pid},
-		{"nats-server", 40, natsPID},
-		{"load generator (this process)", 30, os.Getpid()},
-	}
-	costs := make([]bench.RoleCost, len(procs)+1)
-	for i, p := range procs {
-		costs[i] = bench.RoleCost{Role: p.role, Goal: p.goal}
-		if p.pid == 0 {
-			costs[i].Missing = "no nats-server process found on this machine"
-		}
-	}
-	pgIdx := len(procs)
-	costs[pgIdx] = bench.RoleCost{Role: "Postgres (backends of the scratch database)", Goal: 40}
-
+	costs := newCosts(d)
 	for run := 1; run <= o.runs; run++ {
 		if o.warmup > 0 {
 			gen.Run(ctx, loadgen.Step{Rate: o.rate, Duration: o.warmup, Concurrency: o.concurrency}, nil)
 		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		before := make([]time.Duration, len(procs))
-		for i, p := range procs {
-			if p.pid != 0 {
-				if before[i], err = bench.ProcCPU(p.pid); err != nil {
-					return fmt.Errorf("cpu of %s: %w", p.role, err)
-				}
-			}
-		}
-		pgBefore, err := backendCPU(ctx, pool)
+		r, err := measureLoad(ctx, d, gen, loadgen.Step{Rate: o.rate, Duration: o.duration, Concurrency: o.concurrency}, costs)
 		if err != nil {
-			return err
+			return fmt.Errorf("run %d: %w", run, err)
 		}
-		machineBefore, err := bench.MachineCPU()
-		if err != nil {
-			return fmt.Errorf("machine cpu: %w", err)
-		}
-		res := gen.Run(ctx, loadgen.Step{Rate: o.rate, Duration: o.duration, Concurrency: o.concurrency}, nil)
-		if err := ctx.Err(); err != nil {
-			return err // an interrupted interval measures nothing
-		}
-		machineAfter, err := bench.MachineCPU()
-		if err != nil {
-			return fmt.Errorf("machine cpu: %w", err)
-		}
-		pgAfter, err := backendCPU(ctx, pool)
-		if err != nil {
-			return err
-		}
-		after := make([]time.Duration, len(procs))
-		for i, p := range procs {
-			if p.pid != 0 {
-				if after[i], err = bench.ProcCPU(p.pid); err != nil {
-					return fmt.Errorf("cpu of %s: %w", p.role, err)
-				}
-			}
-		}
-		wall := res.Ended.Sub(res.Started)
-		if res.OK == 0 {
-			return fmt.Errorf("run %d: no request got a token (%v)", run, res.Errors)
-		}
-		var measured time.Duration
-		add := func(i int, used time.Duration) {
-			measured += used
-			costs[i].PerToken = append(costs[i].PerToken, float64(used.Microseconds())/float64(res.OK))
-			costs[i].Cores = append(costs[i].Cores, used.Seconds()/wall.Seconds())
-		}
-		for i, p := range procs {
-			if p.pid != 0 {
-				add(i, after[i]-before[i])
-			}
-		}
-		var pgUsed time.Duration
-		for pid, t := range pgAfter {
-			pgUsed += t - pgBefore[pid] // a backend started in the interval counts whole
-		}
-		add(pgIdx, pgUsed)
-
-		lag, unpersisted, err := persistLag(ctx, pool, res.Tokens)
-		if err != nil {
-			return err
-		}
-		ms := func(q float64) float64 { return float64(res.Latency.ValueAtQuantile(q)) / 1000 }
-		rep.Runs = append(rep.Runs, bench.RolesRun{Rate: res.AchievedRate(), HTTPP50: ms(50), HTTPP99: ms(99),
-			LagP50: lag.P50, LagP99: lag.P99,
-			MachineCores: (machineAfter - machineBefore).Seconds() / wall.Seconds(), MeasuredCores: measured.Seconds() / wall.Seconds(), Tokens: res.OK, Errors: res.Sent - res.OK, Unpersisted: unpersisted, ErrorKinds: res.Errors})
-		fmt.Fprintf(stderr, "run %d/%d: %d tokens in %s (%.0f/s), issuer %.0f µs, persister %.0f µs, postgres %.0f µs per token; failed %v\n",
-			run, o.runs, res.OK, wall.Round(time.Millisecond), res.AchievedRate(),
-			last(costs[0].PerToken), last(costs[1].PerToken), last(costs[pgIdx].PerToken), res.Errors)
+		rep.Runs = append(rep.Runs, r)
+		fmt.Fprintf(stderr, "run %d/%d: %d tokens (%.0f/s), issuer %.0f µs, persister %.0f µs, postgres %.0f µs per token; failed %v\n",
+			run, o.runs, r.Tokens, r.Rate, last(costs[0].PerToken), last(costs[1].PerToken), last(costs[len(costs)-1].PerToken), r.ErrorKinds)
 	}
 	rep.Roles = costs
 	if o.natsServer == "machine" {
@@ -369,6 +182,56 @@ func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr 
 	rep.Notes = append(rep.Notes, "Postgres is the sum over the scratch database's backends in pg_stat_activity (the benchmark's own connections excluded); the WAL writer, checkpointer and autovacuum are not counted")
 	rep.WriteTable(stdout)
 	return nil
+}
+
+// newCosts has one row per measured process of d, then the Postgres
+// backends.
+func newCosts(d *deployment) []bench.RoleCost {
+	var costs []bench.RoleCost
+	for _, p := range d.procs() {
+		c := bench.RoleCost{Role: p.role, Goal: p.goal}
+		if p.pid == 0 {
+			c.Missing = "no nats-server process found on this machine"
+		}
+		costs = append(costs, c)
+	}
+	return append(costs, bench.RoleCost{Role: pgRole, Goal: 40})
+}
+
+// measureLoad sends step with gen and adds each process's CPU per token to
+// costs (rows as newCosts makes them); it returns the interval's other
+// figures once every token has its row.
+func measureLoad(ctx context.Context, d *deployment, gen *loadgen.Generator, step loadgen.Step, costs []bench.RoleCost) (bench.RolesRun, error) {
+	var res *loadgen.StepResult
+	u, err := d.cpuOver(ctx, func() error {
+		res = gen.Run(ctx, step, nil)
+		return ctx.Err() // an interrupted interval measures nothing
+	})
+	if err != nil {
+		return bench.RolesRun{}, err
+	}
+	if res.OK == 0 {
+		return bench.RolesRun{}, fmt.Errorf("%w (%v)", errNoTokens, res.Errors)
+	}
+	wall := res.Ended.Sub(res.Started)
+	procs := d.procs()
+	var measuredCPU time.Duration
+	for i, used := range u.used {
+		if i < len(procs) && procs[i].pid == 0 {
+			continue
+		}
+		measuredCPU += used
+		costs[i].PerToken = append(costs[i].PerToken, float64(used.Microseconds())/float64(res.OK))
+		costs[i].Cores = append(costs[i].Cores, used.Seconds()/wall.Seconds())
+	}
+	lag, unpersisted, err := persistLag(ctx, d.pool, res.Tokens)
+	if err != nil {
+		return bench.RolesRun{}, err
+	}
+	ms := func(q float64) float64 { return float64(res.Latency.ValueAtQuantile(q)) / 1000 }
+	return bench.RolesRun{Rate: res.AchievedRate(), HTTPP50: ms(50), HTTPP99: ms(99), LagP50: lag.P50, LagP99: lag.P99,
+		MachineCores: u.machine.Seconds() / wall.Seconds(), MeasuredCores: measuredCPU.Seconds() / wall.Seconds(),
+		Tokens: res.OK, Errors: res.Sent - res.OK, Unpersisted: unpersisted, ErrorKinds: res.Errors}, nil
 }
 
 func last(xs []float64) float64 {

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -29,18 +28,15 @@ func TestBenchRolesProcesses(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the binary")
 	}
-	bin := filepath.Join(t.TempDir(), "tokenpipe-dev")
-	build := exec.Command("go", "build", "-tags", "dev", "-o", bin, "../../../cmd/tokenpipe")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
+	bin := buildDev(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	var stdout, stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, bin, "bench", "roles", "-rate", "200", "-duration", "2s", "-warmup", "1s", "-runs", "1")
 	cmd.Env = append(os.Environ(),
 		"TOKENPIPE_DATABASE_URL="+testenv.AdminDatabaseURL(),
-		"TOKENPIPE_NATS_URL="+testenv.NATSURL())
+		"TOKENPIPE_NATS_URL="+testenv.NATSURL(),
+		"TOKENPIPE_DB_MAX_CONNS=3") // the roles inherit it: the suite shares the server's connection limit
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
 		t.Fatalf("bench roles: %v\nstdout:\n%s\nstderr:\n%s", err, stdout.String(), stderr.String())

@@ -71,6 +71,7 @@ type Second struct {
 	Offered   int     // requests scheduled
 	Achieved  int     // 200 answers received
 	Errors    int     // non-200 answers, transport errors and drops
+	P50Millis float64 // HTTP p50 of answers received in this second
 	P99Millis float64 // HTTP p99 of answers received in this second
 }
 
@@ -260,6 +261,7 @@ func (g *Generator) Run(ctx context.Context, step Step, progress func(*StepResul
 		}
 		res.Seconds = append(res.Seconds, Second{
 			At: time.Unix(sec, 0), Offered: s.offered, Achieved: s.achieved, Errors: s.errors,
+			P50Millis: float64(s.hist.ValueAtQuantile(50)) / 1000,
 			P99Millis: float64(s.hist.ValueAtQuantile(99)) / 1000,
 		})
 	}

@@ -3,6 +3,7 @@ package loadgen
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"sync"
 	"time"
@@ -112,11 +113,75 @@ type LagResult struct {
 // on the same machine's clock). Tokens without a row are counted apart. A
 // token handed to several requests counts once.
 func PersistLag(ctx context.Context, pool *pgxpool.Pool, tokens []Token, every int) (LagResult, error) {
+	lags, unpersisted, err := tokenLags(ctx, pool, tokens, every)
+	if err != nil {
+		return LagResult{}, err
+	}
+	r := LagResult{Measured: len(lags), Unpersisted: unpersisted}
+	if len(lags) == 0 {
+		return r, nil
+	}
+	ds := make([]time.Duration, len(lags))
+	for i, l := range lags {
+		ds[i] = l.lag
+	}
+	slices.Sort(ds)
+	r.P50, r.P99, r.Max = quantile(ds, 0.50), quantile(ds, 0.99), ds[len(ds)-1]
+	return r, nil
+}
+
+// quantile of sorted durations (not empty).
+func quantile(sorted []time.Duration, p float64) time.Duration {
+	return sorted[min(len(sorted)-1, int(p*float64(len(sorted))))]
+}
+
+// LagSecond is the issue-to-persisted lag of the tokens whose answer
+// arrived in one second.
+type LagSecond struct {
+	At       time.Time     `json:"at"`
+	Measured int           `json:"measured"`
+	P50      time.Duration `json:"p50"`
+	P99      time.Duration `json:"p99"`
+}
+
+// LagBySecond measures the lag of every n-th token, as PersistLag does,
+// and groups it by the second its answer arrived in; seconds without a
+// persisted token are left out.
+func LagBySecond(ctx context.Context, pool *pgxpool.Pool, tokens []Token, every int) ([]LagSecond, error) {
+	lags, _, err := tokenLags(ctx, pool, tokens, every)
+	if err != nil {
+		return nil, err
+	}
+	return groupBySecond(lags), nil
+}
+
+// tokenLag is one token's answer time and its lag to persisted.
+type tokenLag struct {
+	received time.Time
+	lag      time.Duration
+}
+
+func groupBySecond(lags []tokenLag) []LagSecond {
+	bySec := map[int64][]time.Duration{}
+	for _, l := range lags {
+		bySec[l.received.Unix()] = append(bySec[l.received.Unix()], l.lag)
+	}
+	var out []LagSecond
+	for _, sec := range slices.Sorted(maps.Keys(bySec)) {
+		ds := bySec[sec]
+		slices.Sort(ds)
+		out = append(out, LagSecond{At: time.Unix(sec, 0), Measured: len(ds), P50: quantile(ds, 0.50), P99: quantile(ds, 0.99)})
+	}
+	return out
+}
+
+// tokenLags reads persisted_at for every n-th token (each distinct token
+// once, from the first answer that carried it: a coalesced token reaches
+// many requests) and returns the lags found and how many had no row.
+func tokenLags(ctx context.Context, pool *pgxpool.Pool, tokens []Token, every int) ([]tokenLag, int, error) {
 	if every < 1 {
 		every = 1
 	}
-	// A coalesced token reaches many requests: measure it once, from the
-	// first answer that carried it.
 	first := make(map[events.Digest]int, len(tokens))
 	var sample []Token
 	for i := 0; i < len(tokens); i += every {
@@ -130,30 +195,24 @@ func PersistLag(ctx context.Context, pool *pgxpool.Pool, tokens []Token, every i
 		first[t.Digest] = len(sample)
 		sample = append(sample, t)
 	}
-	received := make(map[string]time.Time, len(sample))
-	var lags []time.Duration
+	received := make(map[events.Digest]time.Time, len(sample))
+	var lags []tokenLag
 	const chunk = 5000
 	for lo := 0; lo < len(sample); lo += chunk {
 		part := sample[lo:min(lo+chunk, len(sample))]
 		digests := make([]events.Digest, len(part))
 		for i, tk := range part {
 			digests[i] = tk.Digest
-			received[string(tk.Digest[:])] = tk.Received
+			received[tk.Digest] = tk.Received
 		}
 		rows, err := store.RowStates(ctx, pool, digests)
 		if err != nil {
-			return LagResult{}, fmt.Errorf("read persisted_at: %w", err)
+			return nil, 0, fmt.Errorf("read persisted_at: %w", err)
 		}
 		for _, r := range rows {
-			lags = append(lags, max(0, r.PersistedAt.Sub(received[string(r.Digest[:])])))
+			at := received[r.Digest]
+			lags = append(lags, tokenLag{received: at, lag: max(0, r.PersistedAt.Sub(at))})
 		}
 	}
-	r := LagResult{Measured: len(lags), Unpersisted: len(sample) - len(lags)}
-	if len(lags) == 0 {
-		return r, nil
-	}
-	slices.Sort(lags)
-	q := func(p float64) time.Duration { return lags[min(len(lags)-1, int(p*float64(len(lags))))] }
-	r.P50, r.P99, r.Max = q(0.50), q(0.99), lags[len(lags)-1]
-	return r, nil
+	return lags, len(sample) - len(lags), nil
 }

@@ -63,6 +63,30 @@ type StepSummary struct {
 	HTTP         Percentiles    `json:"http_ms"`
 	Lag          LagResult      `json:"persist_lag"`
 	Held         bool           `json:"held"`
+	// Failures says which of the ramp's bounds a step that did not hold
+	// passed.
+	Failures []string      `json:"failures,omitempty"`
+	Started  time.Time     `json:"started"`
+	Duration time.Duration `json:"duration"` // of the sending; answers may arrive until Ended
+	Ended    time.Time     `json:"ended"`
+}
+
+// failures lists the bounds a ramp step passed; none if it held.
+func (r *Ramp) failures(s StepSummary, errorRate float64) []string {
+	var out []string
+	if s.Lag.P99 > r.LagBound {
+		out = append(out, fmt.Sprintf("p99 issue-to-persisted lag %s > %s", s.Lag.P99.Round(time.Millisecond), r.LagBound))
+	}
+	if s.Lag.Unpersisted > 0 {
+		out = append(out, fmt.Sprintf("%d tokens not persisted", s.Lag.Unpersisted))
+	}
+	if errorRate > r.ErrorBound {
+		out = append(out, fmt.Sprintf("%.1f%% of requests failed > %.1f%%", 100*errorRate, 100*r.ErrorBound))
+	}
+	if s.AchievedRate < 0.95*s.OfferedRate {
+		out = append(out, fmt.Sprintf("achieved %.0f/s < 95%% of %.0f/s offered", s.AchievedRate, s.OfferedRate))
+	}
+	return out
 }
 
 // Percentiles of HTTP latency in milliseconds.
@@ -76,10 +100,16 @@ type Report struct {
 	Steps            []StepSummary `json:"steps"`
 	HighestSustained float64       `json:"highest_sustained_rate,omitempty"`
 	Seconds          []Second      `json:"seconds"`
-	Queue            []QueueSample `json:"queue"`
-	DrainTime        time.Duration `json:"drain_time"`
-	Audit            *audit.Report `json:"audit"`
-	Inactive         int           `json:"rows_made_inactive"`
+	// LagSeconds is issue-to-persisted lag by the second the answers
+	// arrived in.
+	LagSeconds []LagSecond `json:"persist_lag_seconds"`
+	// LagBound is the ramp's bound on a step's p99 lag; 0 when not ramping
+	// (no step is judged).
+	LagBound  time.Duration `json:"ramp_lag_bound,omitempty"`
+	Queue     []QueueSample `json:"queue"`
+	DrainTime time.Duration `json:"drain_time"`
+	Audit     *audit.Report `json:"audit"`
+	Inactive  int           `json:"rows_made_inactive"`
 	// ClientVisible is what clients saw: tokens handed out already dead and
 	// the most distinct tokens per key per coalescing window.
 	ClientVisible *audit.ClientReport `json:"client_visible"`
@@ -102,6 +132,9 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	sampler := StartSampler(ctx, o.JS, o.Stream, o.Consumers, 250*time.Millisecond)
 	defer sampler.Stop()
 	rep := &Report{Started: time.Now()}
+	if o.Ramp != nil {
+		rep.LagBound = o.Ramp.LagBound
+	}
 	var all []Token
 
 	steps := []Step{{Rate: o.Rate, Duration: o.Duration, Concurrency: o.Concurrency}}
@@ -124,6 +157,7 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		sum := StepSummary{
 			OfferedRate: step.Rate, AchievedRate: res.AchievedRate(), Sent: res.Sent, OK: res.OK,
 			Errors: res.Errors, HTTP: percentiles(res),
+			Started: res.Started, Duration: step.Duration, Ended: res.Ended,
 		}
 		if o.Ramp != nil {
 			// Give the step's tokens time to land, then judge the step.
@@ -133,8 +167,8 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 				return nil, err
 			}
 			sum.Lag = lag
-			sum.Held = lag.Unpersisted == 0 && lag.P99 <= o.Ramp.LagBound && res.ErrorRate() <= o.Ramp.ErrorBound &&
-				res.AchievedRate() >= 0.95*step.Rate
+			sum.Failures = o.Ramp.failures(sum, res.ErrorRate())
+			sum.Held = len(sum.Failures) == 0
 			if o.Progress != nil {
 				fmt.Fprintf(o.Progress, "\nstep %.0f/s: achieved %.0f/s, http p99 %.1f ms, persist lag p99 %s, unpersisted %d, errors %.2f%% %v, held=%v\n",
 					step.Rate, sum.AchievedRate, sum.HTTP.P99, lag.P99.Round(time.Millisecond), lag.Unpersisted, 100*res.ErrorRate(), res.Errors, sum.Held)
@@ -182,6 +216,9 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 			return nil, err
 		}
 		rep.Steps[0].Lag = lag
+	}
+	if rep.LagSeconds, err = LagBySecond(ctx, o.Pool, all[measuredFrom:], o.LagEvery); err != nil {
+		return nil, err
 	}
 	states, err := store.ClientStates(ctx, o.Pool, o.Target.ClientID)
 	if err != nil {

@@ -28,6 +28,7 @@ import (
 	"github.com/tokenpipe/tokenpipe/internal/proxy"
 	"github.com/tokenpipe/tokenpipe/internal/throttle"
 	"github.com/tokenpipe/tokenpipe/internal/tokens"
+	"github.com/tokenpipe/tokenpipe/issuer/pages"
 )
 
 // Persistence modes.
@@ -95,6 +96,12 @@ type Config struct {
 	// AdminToken guards the /admin API (Authorization: Bearer); empty
 	// disables it.
 	AdminToken string
+	// AdminUsers may sign in to the /admin pages with their own password;
+	// empty turns the pages off (404). The JSON API keeps AdminToken.
+	AdminUsers []string
+	// PageSessionIdle ends a page session unused this long; zero means
+	// pages.DefaultSessionIdle.
+	PageSessionIdle time.Duration
 	// PublishTimeout bounds the wait for JetStream's ack, including the
 	// wait for a free in-flight slot; past it the answer is 503.
 	PublishTimeout time.Duration
@@ -205,6 +212,7 @@ type Server struct {
 	now     func() time.Time
 	logins  *throttle.Limiter
 	hashers *throttle.Pool
+	pages   *pages.Handler
 }
 
 // NewJetStream returns the JetStream handle async mode needs: at most
@@ -234,11 +242,14 @@ func New(cfg Config, registry *clients.Registry, nc *nats.Conn, js jetstream.Jet
 	if cfg.Keys == nil {
 		panic("issuer: Config.Keys is required")
 	}
-	return &Server{cfg: cfg, registry: registry, nc: nc, js: js, db: db, log: log, metrics: m,
+	s := &Server{cfg: cfg, registry: registry, nc: nc, js: js, db: db, log: log, metrics: m,
 		cache:   newIntroCache(cfg.IntrospectCacheTTL, cfg.IntrospectCacheSize),
 		logins:  throttle.New(cfg.Login),
 		hashers: throttle.NewPool(cfg.PasswordChecks, cfg.PasswordCheckWait),
 		now:     time.Now}
+	s.pages = pages.New(pages.Config{DB: db, JS: s.grantStream(), Topology: cfg.Topology,
+		AdminUsers: cfg.AdminUsers, SessionIdle: cfg.PageSessionIdle, Log: log}, pagesBackend{s})
+	return s
 }
 
 // Handler routes the OAuth endpoints and the management API.
@@ -249,6 +260,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("/oauth2/introspect", s.introspect)
 	mux.HandleFunc(metadataPath, s.metadata)
 	s.manageRoutes(mux)
+	s.pages.Register(mux)
 	return s.metrics.instrument(s.guard(mux))
 }
 

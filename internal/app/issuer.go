@@ -36,6 +36,8 @@ type IssuerConfig struct {
 	IntrospectCacheTTL  time.Duration `envconfig:"INTROSPECT_CACHE_TTL" default:"5s" desc:"longest reuse of a positive introspection answer (revocation notices end it sooner); 0 disables the cache"`
 	IntrospectCacheSize int           `envconfig:"INTROSPECT_CACHE_SIZE" default:"100000" desc:"most cached introspection answers"`
 	AdminToken          string        `envconfig:"ADMIN_TOKEN" desc:"bearer token for the /admin management API; empty disables it"`
+	AdminUsers          string        `envconfig:"ADMIN_USERS" desc:"comma-separated users who may sign in to the /admin pages with their own password; empty disables the pages"`
+	PageSessionIdle     time.Duration `envconfig:"PAGE_SESSION_IDLE" default:"30m" desc:"a signed-in /account or /admin page session ends after this long unused (and 12h after sign-in in any case)"`
 	PublishTimeout      time.Duration `envconfig:"PUBLISH_TIMEOUT" default:"2s" desc:"longest wait for JetStream's ack before answering 503"`
 	PublishMaxInFlight  int           `envconfig:"PUBLISH_MAX_INFLIGHT" default:"4096" desc:"most unacknowledged publishes shared by all requests"`
 	SyncConflictRetries int           `envconfig:"SYNC_CONFLICT_RETRIES" default:"5" desc:"sync mode: retries when a concurrent request wins the race for a key"`
@@ -102,6 +104,8 @@ func (c *IssuerConfig) validate() error {
 		return fmt.Errorf("%s_INTROSPECT_CACHE_SIZE: must be at least 1", EnvPrefix)
 	case c.AdminToken != "" && len(c.AdminToken) < 16:
 		return fmt.Errorf("%s_ADMIN_TOKEN: must be at least 16 characters", EnvPrefix)
+	case c.PageSessionIdle < time.Minute || c.PageSessionIdle > 12*time.Hour:
+		return fmt.Errorf("%s_PAGE_SESSION_IDLE: must be between 1m and 12h", EnvPrefix)
 	case c.LoginFailuresUserSource < 1:
 		return fmt.Errorf("%s_LOGIN_FAILURES_PER_USER_SOURCE: must be at least 1", EnvPrefix)
 	case c.LoginFailuresUser < c.LoginFailuresUserSource:
@@ -122,6 +126,11 @@ func (c *IssuerConfig) validate() error {
 		return fmt.Errorf("%s_PASSWORD_CHECKS: must not be negative", EnvPrefix)
 	case c.PasswordCheckWait < 0:
 		return fmt.Errorf("%s_PASSWORD_CHECK_WAIT: must not be negative", EnvPrefix)
+	}
+	for _, u := range c.adminUsers() {
+		if err := clients.ValidUsername(u); err != nil {
+			return fmt.Errorf("%s_ADMIN_USERS: %v", EnvPrefix, err)
+		}
 	}
 	if _, err := proxy.Parse(c.TrustedProxies); err != nil {
 		return fmt.Errorf("%s_TRUSTED_PROXIES: %v", EnvPrefix, err)
@@ -173,7 +182,7 @@ func (c *IssuerConfig) IssuerSettings(topo events.Topology) issuer.Config {
 		Keys: keys, CoalesceWindow: offIfZero(c.CoalesceWindow), RefreshGrace: offIfZero(c.RefreshGrace),
 		RotationWindow: offIfZero(c.RotationWindow), RotationReuseKeeps: c.RotationReuseKeeps,
 		IntrospectCacheTTL: offIfZero(c.IntrospectCacheTTL), IntrospectCacheSize: c.IntrospectCacheSize,
-		AdminToken: c.AdminToken,
+		AdminToken: c.AdminToken, AdminUsers: c.adminUsers(), PageSessionIdle: c.PageSessionIdle,
 		Login: throttle.Config{
 			PerUserSource: c.LoginFailuresUserSource, PerUser: c.LoginFailuresUser, PerSource: c.LoginFailuresSource,
 			Backoff: c.LoginBackoff, MaxBackoff: c.LoginBackoffMax, Memory: c.LoginFailureMemory, MaxEntries: c.LoginTracked,
@@ -181,6 +190,17 @@ func (c *IssuerConfig) IssuerSettings(topo events.Topology) issuer.Config {
 		PasswordChecks: c.PasswordChecks, PasswordCheckWait: offIfZero(c.PasswordCheckWait),
 		TrustedProxies: trusted,
 	}
+}
+
+// adminUsers splits ADMIN_USERS, ignoring blanks around the commas.
+func (c *IssuerConfig) adminUsers() []string {
+	var out []string
+	for _, u := range strings.Split(c.AdminUsers, ",") {
+		if u = strings.TrimSpace(u); u != "" {
+			out = append(out, u)
+		}
+	}
+	return out
 }
 
 func (c *IssuerConfig) instance() string {
@@ -201,6 +221,9 @@ Serves on TOKENPIPE_HTTP_ADDR:
                            TOKENPIPE_ISSUER_URL; 404 without it)
   /account/applications    users list and remove applications (HTTP Basic)
   /admin/...               management API (Bearer TOKENPIPE_ADMIN_TOKEN)
+  GET  /account            My applications: users sign in, see and remove
+                           the applications holding their tokens
+  GET  /admin              administration pages, for TOKENPIPE_ADMIN_USERS
 and /metrics, /healthz, /readyz on TOKENPIPE_OPS_ADDR. Clients authenticate
 by HTTP Basic or client_secret_post.
 

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tokenpipe/tokenpipe/internal/clients"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
 // RegistryConfig is what client and user management needs. It does not embed
@@ -200,7 +201,7 @@ func clientAdd(ctx context.Context, cfg *RegistryConfig, args []string, stdout, 
 		fs.PrintDefaults()
 	}
 	scopes := fs.String("scopes", "", "space-separated scopes the client may request")
-	grants := fs.String("grants", "client_credentials", "comma-separated grants: client_credentials, password, refresh_token")
+	grants := fs.String("grants", "client_credentials", "comma-separated grants: client_credentials, password, refresh_token, "+tokens.GrantTokenExchange)
 	introspect := fs.Bool("introspect", false, "a resource server: may introspect every client's tokens")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {

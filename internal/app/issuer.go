@@ -31,6 +31,8 @@ type IssuerConfig struct {
 	TokenKeys           string        `envconfig:"TOKEN_KEYS" desc:"required: comma-separated token signing keys (hex or base64, 32+ bytes; the first signs, all verify); every issuer must share them; make one with 'tokenpipe keygen'"`
 	CoalesceWindow      time.Duration `envconfig:"COALESCE_WINDOW" default:"5s" desc:"identical token requests (client, user, scope, grant) within one window get the same token; 0 disables"`
 	RefreshGrace        time.Duration `envconfig:"REFRESH_GRACE" default:"5s" desc:"concurrent redemptions of one refresh token within this long get the same new pair; later ones are reuse and revoke the family; 0 for none"`
+	RotationWindow      time.Duration `envconfig:"ROTATION_WINDOW" default:"5s" desc:"per-request rotation (token exchange): the exchanged token stays valid this long after its first answered exchange, and exchanges within it get the same successor; 0 for none"`
+	RotationReuseKeeps  bool          `envconfig:"ROTATION_REUSE_KEEPS" default:"false" desc:"an exchange after the rotation window is only refused; false: it is reuse and revokes the token's family"`
 	IntrospectCacheTTL  time.Duration `envconfig:"INTROSPECT_CACHE_TTL" default:"5s" desc:"longest reuse of a positive introspection answer (revocation notices end it sooner); 0 disables the cache"`
 	IntrospectCacheSize int           `envconfig:"INTROSPECT_CACHE_SIZE" default:"100000" desc:"most cached introspection answers"`
 	AdminToken          string        `envconfig:"ADMIN_TOKEN" desc:"bearer token for the /admin management API; empty disables it"`
@@ -92,6 +94,10 @@ func (c *IssuerConfig) validate() error {
 		return fmt.Errorf("%s_REFRESH_GRACE: must be between 0 and 5m", EnvPrefix)
 	case c.Mode == issuer.ModeAsync && c.RefreshGrace >= c.DuplicateWindow:
 		return fmt.Errorf("%s_REFRESH_GRACE: %s must be shorter than %s_DUPLICATE_WINDOW (%s)", EnvPrefix, c.RefreshGrace, EnvPrefix, c.DuplicateWindow)
+	case c.RotationWindow < 0 || c.RotationWindow > 5*time.Minute:
+		return fmt.Errorf("%s_ROTATION_WINDOW: must be between 0 and 5m", EnvPrefix)
+	case c.Mode == issuer.ModeAsync && c.RotationWindow >= c.DuplicateWindow:
+		return fmt.Errorf("%s_ROTATION_WINDOW: %s must be shorter than %s_DUPLICATE_WINDOW (%s), which lets JetStream keep one event per successor", EnvPrefix, c.RotationWindow, EnvPrefix, c.DuplicateWindow)
 	case c.IntrospectCacheTTL < 0:
 		return fmt.Errorf("%s_INTROSPECT_CACHE_TTL: must not be negative", EnvPrefix)
 	case c.IntrospectCacheSize < 1:
@@ -174,6 +180,7 @@ func (c *IssuerConfig) IssuerSettings(topo events.Topology) issuer.Config {
 		MaxInFlight: c.PublishMaxInFlight, SyncConflictRetries: c.SyncConflictRetries, Instance: c.instance(),
 		MaxBodyBytes: c.MaxBodyBytes, RequireTLS: c.RequireTLS, Topology: topo,
 		Keys: keys, CoalesceWindow: offIfZero(c.CoalesceWindow), RefreshGrace: offIfZero(c.RefreshGrace),
+		RotationWindow: offIfZero(c.RotationWindow), RotationReuseKeeps: c.RotationReuseKeeps,
 		IntrospectCacheTTL: offIfZero(c.IntrospectCacheTTL), IntrospectCacheSize: c.IntrospectCacheSize,
 		AdminToken: c.AdminToken, AdminUsers: c.adminUsers(), PageSessionIdle: c.PageSessionIdle,
 		Login: throttle.Config{
@@ -206,7 +213,8 @@ func (c *IssuerConfig) instance() string {
 const issuerUsage = `[-h]
 
 Serves on TOKENPIPE_HTTP_ADDR:
-  POST /oauth2/token       RFC 6749: client_credentials, password, refresh_token
+  POST /oauth2/token       RFC 6749: client_credentials, password, refresh_token;
+                           RFC 8693 token exchange (per-request rotation)
   POST /oauth2/revoke      RFC 7009
   POST /oauth2/introspect  RFC 7662
   GET  /.well-known/oauth-authorization-server  RFC 8414 metadata (needs

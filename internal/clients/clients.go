@@ -27,10 +27,11 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
 // Grants a client may be allowed.
-var knownGrants = []string{"client_credentials", "password", "refresh_token"}
+var knownGrants = []string{"client_credentials", "password", "refresh_token", tokens.GrantTokenExchange}
 
 var (
 	// ErrInvalidClient: unknown client or wrong secret (deliberately not told apart).
@@ -115,7 +116,8 @@ func validScope(s string) error {
 
 // Add registers a client and returns its secret. The secret is shown once:
 // only its digest is stored. Every element of scopes must be one scope token
-// and every grant one of client_credentials, password, refresh_token;
+// and every grant one of client_credentials, password, refresh_token,
+// urn:ietf:params:oauth:grant-type:token-exchange;
 // duplicates are dropped and both sets are stored sorted.
 func Add(ctx context.Context, db *pgxpool.Pool, id string, scopes, grants []string) (string, error) {
 	return AddWith(ctx, db, id, scopes, grants, Options{})

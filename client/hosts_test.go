@@ -48,3 +48,48 @@ func TestTokenGoesOnlyToListedHosts(t *testing.T) {
 		}
 	}
 }
+
+// TestRedirectElsewhereCarriesNoToken: without Hosts, a redirect to another
+// host carries no token (and its rotation header is not followed), as
+// net/http drops Authorization on such a redirect; a redirect on the same
+// host keeps it.
+func TestRedirectElsewhereCarriesNoToken(t *testing.T) {
+	t.Parallel()
+	iss := newFakeIssuer(t)
+	var mu sync.Mutex
+	seen := map[string]string{}
+	other := httptestServer(t, func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen["other"+r.URL.Path] = r.Header.Get("Authorization")
+		mu.Unlock()
+		w.Header().Set(client.HeaderNextToken, "planted")
+	})
+	api := httptestServer(t, func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen["api"+r.URL.Path] = r.Header.Get("Authorization")
+		mu.Unlock()
+		switch r.URL.Path {
+		case "/away":
+			http.Redirect(w, r, other.URL+"/redirected", http.StatusFound)
+		case "/here":
+			http.Redirect(w, r, "/landed", http.StatusFound)
+		}
+	})
+	tr := client.New(client.Config{Grant: client.ClientCredentials(),
+		OAuth2: oauth2.Config{ClientID: "app", ClientSecret: "s", Endpoint: oauth2.Endpoint{TokenURL: iss.srv.URL}}})
+	t.Cleanup(tr.Close)
+	for _, u := range []string{api.URL + "/away", api.URL + "/here", api.URL + "/after"} {
+		resp, err := tr.Client().Get(u)
+		testenv.Must(t, err, "get")
+		_ = resp.Body.Close()
+	}
+	want := map[string]string{"api/away": "Bearer tok-1", "other/redirected": "",
+		"api/here": "Bearer tok-1", "api/landed": "Bearer tok-1", "api/after": "Bearer tok-1"}
+	mu.Lock()
+	defer mu.Unlock()
+	for k, v := range want {
+		if got, ok := seen[k]; !ok || got != v {
+			t.Fatalf("%s: Authorization %q (seen %v), want %q", k, got, ok, v)
+		}
+	}
+}

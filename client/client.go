@@ -85,7 +85,7 @@ type Config struct {
 	// request URL) that receive the token; requests to other hosts pass
 	// through without one. Without Hosts, any host the application asks
 	// receives it, but a redirect to another host than the one first asked
-	// never does.
+	// never does. A redirect from https to plain http never carries it.
 	Hosts []string
 	// UnavailableWait bounds the total wait for an issuer that answers 503
 	// or cannot be reached, per token request.
@@ -188,19 +188,23 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	return t.send(req, body, next)
 }
 
-// mayCarryToken reports whether req may be sent with the token: its host is
-// one of Hosts or, without Hosts, it is no redirect to a host other than
-// the one the application asked (http.Client drops its own Authorization
+// mayCarryToken reports whether req may be sent with the token: it is no
+// redirect from https to plain http, and its host is one of Hosts or,
+// without Hosts, it is no redirect to a host other than the one the
+// application asked (http.Client drops its own Authorization
 // header on such a redirect, but this transport adds the token itself, so
 // it must drop it too; the redirected host's answer could also plant a
 // token of its choosing through the rotation header).
 func (t *Transport) mayCarryToken(req *http.Request) bool {
-	if len(t.cfg.Hosts) > 0 {
-		return slices.Contains(t.cfg.Hosts, req.URL.Host)
-	}
 	first := req
 	for first.Response != nil && first.Response.Request != nil {
 		first = first.Response.Request
+	}
+	if first.URL.Scheme == "https" && req.URL.Scheme != "https" {
+		return false // a redirect from TLS to plain HTTP: the token in the clear
+	}
+	if len(t.cfg.Hosts) > 0 {
+		return slices.Contains(t.cfg.Hosts, req.URL.Host)
 	}
 	return first.URL.Host == req.URL.Host
 }

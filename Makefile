@@ -25,9 +25,12 @@ test:
 	$(GO) test -race -count=1 -timeout 20m -tags dev $(PKGS)
 
 ## demo: the whole pipeline in one process (embedded NATS unless
-## TOKENPIPE_NATS_URL is set; Postgres at TOKENPIPE_DATABASE_URL).
+## TOKENPIPE_NATS_URL is set; Postgres at TOKENPIPE_DATABASE_URL). It stays
+## up until Ctrl-C so the account and admin pages it prints can be opened;
+## `make demo DEMO_ARGS=` exits after the summary.
+DEMO_ARGS ?= -stay
 demo:
-	$(GO) run -tags dev ./cmd/tokenpipe demo
+	$(GO) run -tags dev ./cmd/tokenpipe demo $(DEMO_ARGS)
 
 ## bench: every end-to-end scenario with the roles as separate processes
 ## (bench e2e): highest sustained rate, conflict mix, sync, a 1M-row table,
@@ -46,6 +49,7 @@ bench: build-dev
 FUZZTIME ?= 30000x
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecodeTokenIssued -fuzztime $(FUZZTIME) ./events/
+	$(GO) test -run '^$$' -fuzz FuzzCanonicalDecode -fuzztime $(FUZZTIME) ./events/
 	$(GO) test -run '^$$' -fuzz FuzzParseRequest -fuzztime $(FUZZTIME) ./issuer/
 	$(GO) test -run '^$$' -fuzz FuzzAccountHandler -fuzztime $(FUZZTIME) ./issuer/
 	$(GO) test -run '^$$' -fuzz FuzzAdminHandler -fuzztime $(FUZZTIME) ./issuer/

@@ -25,7 +25,7 @@ func auditUntilClean(t *testing.T, name string, offered int, digests []events.Di
 	testenv.Must(t, err, "stream")
 	var r *audit.Report
 	testenv.Eventually(t, hangGuard, name+": clean audit", func() (bool, error) {
-		r, err = audit.Check(ctx, pool, digests, stream, topo.Persister, topo.Recovery)
+		r, err = audit.Check(ctx, pool, digests, stream, append(topo.PersisterConsumers(), topo.Recovery)...)
 		return err == nil && r.Clean(), err
 	})
 	t.Logf("RELIABILITY|%s|%d|%d|%d|%d|%d|%s", name, offered, len(digests), len(r.Missing), len(r.Duplicated), len(r.DoubleActive),

@@ -282,6 +282,13 @@ func DecodeTokenIssued(data []byte) (*TokenIssued, error) {
 		return nil, fmt.Errorf("%w: event of %d bytes exceeds %d", ErrPoison, len(data), MaxEventBytes)
 	}
 	var e TokenIssued
+	if decodeCanonical(data, &e) {
+		if err := e.Validate(); err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrPoison, err)
+		}
+		return &e, nil
+	}
+	e = TokenIssued{} // the canonical reader may have set some fields
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&e); err != nil {

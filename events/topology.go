@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -35,10 +38,96 @@ type Topology struct {
 	Recovery   string        // durable consumer name of the recovery consumer
 	AckWait    time.Duration // how long a delivered message may stay unacknowledged
 	MaxPending int           // MaxAckPending of each durable consumer
+	// Partitions, when above 1, splits the issued subject by a hash of the
+	// token's key into PREFIX.issued.0 .. PREFIX.issued.<N-1>, each with its
+	// own persister consumer, so one writer handles every event of a key.
+	// 0 and 1 mean one unpartitioned subject, as before partitions existed.
+	Partitions int
 }
 
-// IssuedSubject carries TokenIssued events from the issuers.
+// MaxPartitions bounds Partitions: each partition is a durable consumer.
+const MaxPartitions = 1024
+
+// IssuedSubject is the unpartitioned subject of TokenIssued events: all of
+// them when Partitions <= 1, and those published before partitioning was
+// turned on otherwise.
 func (t Topology) IssuedSubject() string { return t.Prefix + ".issued" }
+
+// Partitioned reports whether the issued subject is split by key.
+func (t Topology) Partitioned() bool { return t.Partitions > 1 }
+
+// IssuedSubjectOf is the subject an issuer publishes the event of this key
+// to: the key's partition, or the unpartitioned subject.
+func (t Topology) IssuedSubjectOf(clientID, subject, scope string) string {
+	if !t.Partitioned() {
+		return t.IssuedSubject()
+	}
+	return t.PartitionSubject(Partition(clientID, subject, scope, t.Partitions))
+}
+
+// PartitionSubject carries the TokenIssued events of partition p.
+func (t Topology) PartitionSubject(p int) string { return t.IssuedSubject() + "." + strconv.Itoa(p) }
+
+// IssuedFilter selects every TokenIssued event of the current layout: the
+// unpartitioned subject, or every partition's.
+func (t Topology) IssuedFilter() string {
+	if !t.Partitioned() {
+		return t.IssuedSubject()
+	}
+	return t.IssuedSubject() + ".*"
+}
+
+// IsIssuedSubject reports whether s carries TokenIssued events from the
+// issuers, partitioned or not (whatever Partitions is now: the stream may
+// hold events from before a change).
+func (t Topology) IsIssuedSubject(s string) bool {
+	if s == t.IssuedSubject() {
+		return true
+	}
+	rest, ok := strings.CutPrefix(s, t.IssuedSubject()+".")
+	if !ok {
+		return false
+	}
+	p, err := strconv.Atoi(rest)
+	return err == nil && p >= 0 && strconv.Itoa(p) == rest
+}
+
+// Partition is the partition of a key (client, subject, scope) among n:
+// FNV-1a over the key's fields, so every issuer computes the same one
+// without coordination. The fields are separated by a NUL, which none of
+// them may contain, so distinct keys never hash the same bytes.
+func Partition(clientID, subject, scope string, n int) int {
+	if n <= 1 {
+		return 0
+	}
+	h := fnv.New64a()
+	_, _ = h.Write([]byte(clientID))
+	_, _ = h.Write([]byte{0})
+	_, _ = h.Write([]byte(subject))
+	_, _ = h.Write([]byte{0})
+	_, _ = h.Write([]byte(scope))
+	return int(h.Sum64() % uint64(n))
+}
+
+// PartitionConsumer names the durable consumer of partition p.
+func (t Topology) PartitionConsumer(p int) string { return t.Persister + "-p" + strconv.Itoa(p) }
+
+// PersisterConsumers names every durable consumer persisters read: the
+// unpartitioned one, and each partition's when partitioned.
+func (t Topology) PersisterConsumers() []string {
+	names := []string{t.Persister}
+	for p := 0; t.Partitioned() && p < t.Partitions; p++ {
+		names = append(names, t.PartitionConsumer(p))
+	}
+	return names
+}
+
+// ForPartition is the topology as the persister of partition p sees it: its
+// Persister is the partition's consumer.
+func (t Topology) ForPartition(p int) Topology {
+	t.Persister = t.PartitionConsumer(p)
+	return t
+}
 
 // ConflictSubject carries TokenIssued events that hit the one-ACTIVE
 // constraint, for the recovery consumer.
@@ -70,6 +159,8 @@ func (t Topology) Validate() error {
 		return errors.New("ack wait is shorter than 1s")
 	case t.MaxPending < 1:
 		return errors.New("max ack pending must be at least 1")
+	case t.Partitions < 0 || t.Partitions > MaxPartitions:
+		return fmt.Errorf("partitions must be between 1 and %d", MaxPartitions)
 	}
 	return nil
 }
@@ -114,14 +205,22 @@ func (t Topology) PersisterConsumerConfig() jetstream.ConsumerConfig {
 	return t.consumerConfig(t.Persister, t.IssuedSubject(), "tokenpipe persister pool")
 }
 
+// PartitionConsumerConfig is the durable pull consumer of partition p.
+func (t Topology) PartitionConsumerConfig(p int) jetstream.ConsumerConfig {
+	return t.consumerConfig(t.PartitionConsumer(p), t.PartitionSubject(p), "tokenpipe persister, partition "+strconv.Itoa(p))
+}
+
 // RecoveryConsumerConfig is the recovery consumer's durable pull consumer.
 func (t Topology) RecoveryConsumerConfig() jetstream.ConsumerConfig {
 	return t.consumerConfig(t.Recovery, t.ConflictSubject(), "tokenpipe conflict recovery")
 }
 
-// Provision creates or updates the stream and both durable consumers. It is
-// idempotent and safe when many pods start at once: a lost creation race is
-// retried, and the loser then finds the winner's identical configuration.
+// Provision creates or updates the stream and the durable consumers: the
+// persisters' (the unpartitioned one always, so events published before
+// partitioning was turned on are still read, and one per partition) and
+// recovery's. It is idempotent and safe when many pods start at once: a lost
+// creation race is retried, and the loser then finds the winner's identical
+// configuration.
 func Provision(ctx context.Context, js jetstream.JetStream, t Topology) (jetstream.Stream, error) {
 	if err := t.Validate(); err != nil {
 		return nil, fmt.Errorf("provision: %w", err)
@@ -135,7 +234,11 @@ func Provision(ctx context.Context, js jetstream.JetStream, t Topology) (jetstre
 	if err != nil {
 		return nil, fmt.Errorf("provision stream %s: %w", t.Stream, err)
 	}
-	for _, cfg := range []jetstream.ConsumerConfig{t.PersisterConsumerConfig(), t.RecoveryConsumerConfig()} {
+	configs := []jetstream.ConsumerConfig{t.PersisterConsumerConfig(), t.RecoveryConsumerConfig()}
+	for p := 0; t.Partitioned() && p < t.Partitions; p++ {
+		configs = append(configs, t.PartitionConsumerConfig(p))
+	}
+	for _, cfg := range configs {
 		err := retryRace(ctx, func() error {
 			_, err := stream.CreateOrUpdateConsumer(ctx, cfg)
 			return err

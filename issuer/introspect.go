@@ -82,21 +82,30 @@ func (s *Server) introspection(ctx context.Context, caller, text string, now tim
 		}
 		return answer(c, live), "database", nil
 	}
-	live, hasRow, err := s.accessStatus(ctx, d, c)
+	st, err := s.accessStatus(ctx, d, c)
 	if err != nil {
 		return nil, "", err
 	}
+	live := st.Live()
 	// Only a row's answer is cached. Without a row the token is queued, and
 	// the persister may yet write it INACTIVE (a newer token of its key got
-	// there first) without any notice.
-	if hasRow {
+	// there first) without any notice. A rotated token's answer lives no
+	// longer than its batch window, and says so in exp.
+	a := answer(c, live)
+	if live && st.ValidUntil != nil && st.ValidUntil.Before(c.ExpiresAt) {
+		a.Exp = st.ValidUntil.Unix()
+	}
+	if st.State != nil {
 		until := c.ExpiresAt
+		if st.ValidUntil != nil && st.ValidUntil.Before(until) {
+			until = *st.ValidUntil
+		}
 		if ttl := now.Add(s.cfg.IntrospectCacheTTL); live && ttl.Before(until) {
 			until = ttl
 		}
 		s.cache.put(d, gen, live, until)
 	}
-	return answer(c, live), "database", nil
+	return a, "database", nil
 }
 
 func answer(c tokens.Claims, live bool) *introspection {
@@ -108,7 +117,7 @@ func answer(c tokens.Claims, live bool) *introspection {
 	if c.Kind == tokens.Refresh {
 		a.TokenType = tokens.Refresh.String()
 	}
-	if c.Grant == "password" || (c.Grant == "refresh_token" && c.Subject != c.ClientID) {
+	if c.Grant == "password" || (c.Grant != "client_credentials" && c.Subject != c.ClientID) {
 		a.Username = c.Subject
 	}
 	return a

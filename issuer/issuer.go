@@ -28,6 +28,7 @@ import (
 	"github.com/tokenpipe/tokenpipe/internal/proxy"
 	"github.com/tokenpipe/tokenpipe/internal/throttle"
 	"github.com/tokenpipe/tokenpipe/internal/tokens"
+	"github.com/tokenpipe/tokenpipe/issuer/pages"
 )
 
 // Persistence modes.
@@ -46,6 +47,7 @@ const (
 	DefaultMaxBodyBytes        = 8192
 	DefaultCoalesceWindow      = 5 * time.Second
 	DefaultRefreshGrace        = 5 * time.Second
+	DefaultRotationWindow      = 5 * time.Second
 	DefaultIntrospectCacheTTL  = 5 * time.Second
 	DefaultIntrospectCacheSize = 100_000
 	DefaultPasswordCheckWait   = 500 * time.Millisecond
@@ -76,6 +78,15 @@ type Config struct {
 	// long of the first all get the same new pair; a later one is reuse and
 	// revokes the family. Zero means the default; negative means none.
 	RefreshGrace time.Duration
+	// RotationWindow: a token exchanged for its successor (per-request
+	// rotation) stays valid this long after the first answered exchange, and
+	// every exchange of it inside the window gets the same successor; a later
+	// exchange is refused. Zero means the default; negative means none.
+	RotationWindow time.Duration
+	// RotationReuseKeeps: an exchange after the window is only refused.
+	// Otherwise (the default) it is taken as a replayed, stolen token, and
+	// the token's family is revoked, successors included.
+	RotationReuseKeeps bool
 	// IntrospectCacheTTL bounds how long a positive introspection answer is
 	// reused; revocation and deactivation notices end it sooner. Zero means
 	// the default; negative disables the cache.
@@ -85,6 +96,12 @@ type Config struct {
 	// AdminToken guards the /admin API (Authorization: Bearer); empty
 	// disables it.
 	AdminToken string
+	// AdminUsers may sign in to the /admin pages with their own password;
+	// empty turns the pages off (404). The JSON API keeps AdminToken.
+	AdminUsers []string
+	// PageSessionIdle ends a page session unused this long; zero means
+	// pages.DefaultSessionIdle.
+	PageSessionIdle time.Duration
 	// PublishTimeout bounds the wait for JetStream's ack, including the
 	// wait for a free in-flight slot; past it the answer is 503.
 	PublishTimeout time.Duration
@@ -160,6 +177,7 @@ func (c Config) withDefaults() Config {
 	}
 	c.CoalesceWindow = orDefault(c.CoalesceWindow, DefaultCoalesceWindow)
 	c.RefreshGrace = orDefault(c.RefreshGrace, DefaultRefreshGrace)
+	c.RotationWindow = orDefault(c.RotationWindow, DefaultRotationWindow)
 	c.IntrospectCacheTTL = orDefault(c.IntrospectCacheTTL, DefaultIntrospectCacheTTL)
 	if c.IntrospectCacheSize <= 0 {
 		c.IntrospectCacheSize = DefaultIntrospectCacheSize
@@ -194,6 +212,7 @@ type Server struct {
 	now     func() time.Time
 	logins  *throttle.Limiter
 	hashers *throttle.Pool
+	pages   *pages.Handler
 }
 
 // NewJetStream returns the JetStream handle async mode needs: at most
@@ -223,11 +242,14 @@ func New(cfg Config, registry *clients.Registry, nc *nats.Conn, js jetstream.Jet
 	if cfg.Keys == nil {
 		panic("issuer: Config.Keys is required")
 	}
-	return &Server{cfg: cfg, registry: registry, nc: nc, js: js, db: db, log: log, metrics: m,
+	s := &Server{cfg: cfg, registry: registry, nc: nc, js: js, db: db, log: log, metrics: m,
 		cache:   newIntroCache(cfg.IntrospectCacheTTL, cfg.IntrospectCacheSize),
 		logins:  throttle.New(cfg.Login),
 		hashers: throttle.NewPool(cfg.PasswordChecks, cfg.PasswordCheckWait),
 		now:     time.Now}
+	s.pages = pages.New(pages.Config{DB: db, JS: s.grantStream(), Topology: cfg.Topology,
+		AdminUsers: cfg.AdminUsers, SessionIdle: cfg.PageSessionIdle, Log: log}, pagesBackend{s})
+	return s
 }
 
 // Handler routes the OAuth endpoints and the management API.
@@ -238,6 +260,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("/oauth2/introspect", s.introspect)
 	mux.HandleFunc(metadataPath, s.metadata)
 	s.manageRoutes(mux)
+	s.pages.Register(mux)
 	return s.metrics.instrument(s.guard(mux))
 }
 
@@ -276,6 +299,13 @@ type tokenResponse struct {
 	ExpiresIn    int64  `json:"expires_in"`
 	Scope        string `json:"scope,omitempty"`
 	RefreshToken string `json:"refresh_token,omitempty"`
+	// IssuedTokenType is RFC 8693's, in token exchange answers only.
+	IssuedTokenType string `json:"issued_token_type,omitempty"`
+	// SuccessorExchanged: a token exchange answered with a successor that
+	// was itself exchanged already, so whoever presented the subject token
+	// also holds a newer one. A resource server must not pass it on (see
+	// package resource).
+	SuccessorExchanged bool `json:"tokenpipe_successor_exchanged,omitempty"`
 }
 
 func (s *Server) token(w http.ResponseWriter, r *http.Request) {
@@ -350,12 +380,17 @@ func (s *Server) issue(r *http.Request) (*tokenResponse, error) {
 			return nil, badRequest("unauthorized_client", "this client may not use refresh tokens")
 		}
 		return s.refresh(r.Context(), client, form)
+	case tokens.GrantTokenExchange:
+		if !client.Allows(grant) {
+			return nil, badRequest("unauthorized_client", "this client may not use token exchange")
+		}
+		return s.exchange(r.Context(), client, form)
 	case "password":
 		if subject, err = s.resourceOwner(r, client, form); err != nil {
 			return nil, err
 		}
 	default:
-		return nil, badRequest("unsupported_grant_type", "supported grant types: client_credentials, password, refresh_token")
+		return nil, badRequest("unsupported_grant_type", "supported grant types: client_credentials, password, refresh_token, "+tokens.GrantTokenExchange)
 	}
 	scopes, err := requestedScopes(client, form.Get("scope"))
 	if err != nil {

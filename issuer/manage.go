@@ -1,6 +1,7 @@
 package issuer
 
 import (
+	"context"
 	"crypto/subtle"
 	"errors"
 	"net/http"
@@ -45,6 +46,12 @@ func (s *Server) manageRoutes(mux *http.ServeMux) {
 		if validNames(w, r.PathValue("client_id"), r.URL.Query().Get("sub")) {
 			s.listClientTokens(w, r)
 		}
+	}))
+	mux.HandleFunc("PUT /admin/clients/{client_id}/grants/{grant}", s.asAdmin(func(w http.ResponseWriter, r *http.Request) {
+		s.setGrant(w, r, true)
+	}))
+	mux.HandleFunc("DELETE /admin/clients/{client_id}/grants/{grant}", s.asAdmin(func(w http.ResponseWriter, r *http.Request) {
+		s.setGrant(w, r, false)
 	}))
 	mux.HandleFunc("DELETE /admin/clients/{client_id}/tokens", s.asAdmin(func(w http.ResponseWriter, r *http.Request) {
 		// ?sub=U narrows the revocation to one user.
@@ -199,8 +206,49 @@ func (s *Server) answerRevocation(w http.ResponseWriter, res store.Revocation, e
 		s.writeError(w, err)
 		return
 	}
+	s.grantRevoked(res, client, user, reason)
+	writeJSON(w, http.StatusOK, map[string]any{"client_id": client, "sub": user, "revoked_tokens": len(res.Digests), "revoked_families": res.Families})
+}
+
+// grantRevoked counts, announces (so every instance's introspection cache
+// drops the tokens) and logs a committed grant revocation.
+func (s *Server) grantRevoked(res store.Revocation, client, user, reason string) {
 	s.metrics.revoked.WithLabelValues("grant").Inc()
 	s.notify(res, nil, reason)
 	s.log.Info("grant revoked", "client_id", client, "sub", user, "reason", reason, "rows_revoked", len(res.Digests))
-	writeJSON(w, http.StatusOK, map[string]any{"client_id": client, "sub": user, "revoked_tokens": len(res.Digests), "revoked_families": res.Families})
+}
+
+// setGrant turns one grant of a client on or off: PUT allows it, DELETE
+// withdraws it. This issuer applies it at once; others within their client
+// cache TTL.
+func (s *Server) setGrant(w http.ResponseWriter, r *http.Request, allow bool) {
+	client, grant := r.PathValue("client_id"), r.PathValue("grant")
+	if !validNames(w, client, "") {
+		return
+	}
+	if !clients.KnownGrant(grant) {
+		writeJSON(w, http.StatusBadRequest, apiError("invalid_request", "grant must be client_credentials, password or refresh_token"))
+		return
+	}
+	err := s.changeGrant(r.Context(), client, grant, allow, "admin API")
+	if errors.Is(err, clients.ErrNotFound) {
+		writeJSON(w, http.StatusNotFound, apiError("not_found", "no such client"))
+		return
+	}
+	if err != nil {
+		s.writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"client_id": client, "grant": grant, "allowed": allow})
+}
+
+// changeGrant stores a grant change and drops the client from this
+// issuer's cache, so the change applies here at once.
+func (s *Server) changeGrant(ctx context.Context, client, grant string, allow bool, by string) error {
+	if err := clients.SetGrant(ctx, s.db, client, grant, allow); err != nil {
+		return err
+	}
+	s.registry.Forget(client)
+	s.log.Info("client grant changed", "client_id", client, "grant", grant, "allowed", allow, "by", by)
+	return nil
 }

@@ -19,6 +19,7 @@ type Metrics struct {
 
 	coalesced         *prometheus.CounterVec
 	refreshReuse      prometheus.Counter
+	exchanges         *prometheus.CounterVec
 	revoked           *prometheus.CounterVec
 	introspectSeconds *prometheus.HistogramVec
 
@@ -38,12 +39,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	}
 	m.coalesced = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_issuer_coalesced_total", Help: "Requests that derived a token minted before: shared (handed out again) or refused (revoked or deactivated since, so a fresh token was minted)."}, []string{"result"})
 	m.refreshReuse = prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_issuer_refresh_reuse_total", Help: "Refresh tokens presented after their grace window; each revoked its family."})
+	m.exchanges = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_issuer_token_exchanges_total", Help: "Token exchanges (per-request rotation) by result: first (a new successor), repeat (the same successor again, inside the batch window), refused, reuse (after the window; family revoked)."}, []string{"result"})
 	m.revoked = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_issuer_revocations_total", Help: "Revocations committed, by what was revoked."}, []string{"kind"})
 	m.introspectSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "tokenpipe_issuer_introspect_duration_seconds", Help: "Introspection time by where the answer came from.", Buckets: prometheus.ExponentialBuckets(0.00001, 2, 18)}, []string{"source"})
-	m.loginThrottled = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_issuer_login_throttled_total", Help: "Password sign-ins refused with 429 before any password check, by endpoint (token, account) and the limit that refused them (user_source, user, source)."}, []string{"endpoint", "limit"})
-	m.passwordCheckRejected = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_issuer_password_check_rejected_total", Help: "Password sign-ins refused with 503 because every password check slot stayed busy, by endpoint (token, account)."}, []string{"endpoint"})
+	m.loginThrottled = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_issuer_login_throttled_total", Help: "Password sign-ins refused with 429 before any password check, by endpoint (token, account, account_page, admin_page) and the limit that refused them (user_source, user, source)."}, []string{"endpoint", "limit"})
+	m.passwordCheckRejected = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_issuer_password_check_rejected_total", Help: "Password sign-ins refused with 503 because every password check slot stayed busy, by endpoint (token, account, account_page, admin_page)."}, []string{"endpoint"})
 	reg.MustRegister(m.issued, m.publishErrors, m.publishSeconds, m.syncRetries, m.requests, m.requestSeconds,
-		m.coalesced, m.refreshReuse, m.revoked, m.introspectSeconds, m.loginThrottled, m.passwordCheckRejected)
+		m.coalesced, m.refreshReuse, m.exchanges, m.revoked, m.introspectSeconds, m.loginThrottled, m.passwordCheckRejected)
 	return m
 }
 

@@ -155,7 +155,7 @@ func (s *Server) metadata(w http.ResponseWriter, r *http.Request) {
 		"token_endpoint":                                base + "/oauth2/token",
 		"revocation_endpoint":                           base + "/oauth2/revoke",
 		"introspection_endpoint":                        base + "/oauth2/introspect",
-		"grant_types_supported":                         []string{"client_credentials", "password", "refresh_token"},
+		"grant_types_supported":                         []string{"client_credentials", "password", "refresh_token", tokens.GrantTokenExchange},
 		"response_types_supported":                      []string{},
 		"token_endpoint_auth_methods_supported":         auth,
 		"revocation_endpoint_auth_methods_supported":    auth,

@@ -11,19 +11,16 @@ import (
 	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
-// accessStatus reports whether an unexpired access token is live, and
-// whether that came from its row.
-func (s *Server) accessStatus(ctx context.Context, d events.Digest, c tokens.Claims) (live, hasRow bool, err error) {
+// accessStatus reads what decides whether an unexpired access token is
+// live; store.AccessStatus.Effective is the rule.
+func (s *Server) accessStatus(ctx context.Context, d events.Digest, c tokens.Claims) (store.AccessStatus, error) {
 	// Before the row exists a grant revocation counts from the earliest
 	// time the token could have been issued (see maxClockSkew).
 	st, err := store.ReadAccessStatus(ctx, s.db, d, c, c.IssuedAt.Add(-maxClockSkew))
 	if err != nil {
-		return false, false, fmt.Errorf("access token status: %w", err)
+		return st, fmt.Errorf("access token status: %w", err)
 	}
-	if st.State != nil {
-		return *st.State == "ACTIVE", true, nil
-	}
-	return !st.FamilyRevoked && !st.GrantRevoked, false, nil
+	return st, nil
 }
 
 // refreshStatus is what the database says of a refresh token.

@@ -2,6 +2,7 @@ package recovery_test
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"testing"
 	"time"
@@ -9,7 +10,9 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 	"github.com/tokenpipe/tokenpipe/persister"
 	"github.com/tokenpipe/tokenpipe/recovery"
 )
@@ -58,7 +61,7 @@ func TestFinalStateIsOrderIndependent(t *testing.T) {
 			}
 			seen[key] = true
 			perms++
-			got := applyInTx(t, pool, order, deferRecovery)
+			got := applyInTx(t, pool, order, deferRecovery, nil)
 			for d, s := range want {
 				if got[d] != s {
 					t.Fatalf("order %s (recovery deferred: %v): token %s is %q, want %q", describe(order), deferRecovery, d.String()[:8], got[d], s)
@@ -72,15 +75,23 @@ func TestFinalStateIsOrderIndependent(t *testing.T) {
 	t.Logf("%d distinct orderings of %d deliveries converged in %s", perms, len(set), time.Since(start).Round(time.Millisecond))
 }
 
-// applyInTx feeds deliveries one at a time to the persister's batch write;
-// conflicts go to recovery at once or, if deferRecovery, all at the end.
+// applyInTx records the exchanges of the given tokens (as the issuer does
+// before it publishes their successors), then feeds deliveries one at a time
+// to the persister's batch write; conflicts go to recovery at once or, if
+// deferRecovery, all at the end. It returns every token's state as
+// introspection reads it (store.EffectiveStates).
 func applyInTx(t *testing.T, pool interface {
 	Begin(context.Context) (pgx.Tx, error)
-}, order []delivery, deferRecovery bool) map[events.Digest]string {
+}, order []delivery, deferRecovery bool, exchanged []*events.TokenIssued) map[events.Digest]string {
 	ctx := context.Background()
 	tx, err := pool.Begin(ctx)
 	testenv.Must(t, err, "begin")
 	defer tx.Rollback(ctx)
+	for _, ev := range exchanged {
+		_, _, err := store.RecordExchange(ctx, tx, ev.TokenDigest, ev.ExpiresAt)
+		testenv.Must(t, err, "record exchange")
+		testenv.Must(t, store.MarkExchangeAnswered(ctx, tx, ev.TokenDigest, time.Hour), "answer exchange")
+	}
 	noNotice := func([]recovery.Superseded) error { return nil }
 	var queued []recovery.Incoming
 	for _, d := range order {
@@ -101,17 +112,69 @@ func applyInTx(t *testing.T, pool interface {
 		_, err := recovery.Apply(ctx, tx, queued, noNotice)
 		testenv.Must(t, err, "deferred recovery")
 	}
-	rows, err := tx.Query(ctx, "SELECT token_digest, state FROM tokens")
-	testenv.Must(t, err, "read table")
-	got := map[events.Digest]string{}
-	for rows.Next() {
-		var d []byte
-		var s string
-		testenv.Must(t, rows.Scan(&d, &s), "scan")
-		got[events.Digest(d)] = s
-	}
-	testenv.Must(t, rows.Err(), "rows")
+	got, err := store.EffectiveStates(ctx, tx)
+	testenv.Must(t, err, "read states")
 	return got
+}
+
+// TestExchangeFinalStateIsOrderIndependent: the same over per-request
+// rotation. On key 1, a was exchanged for b and b for c (one family); on
+// key 2, x was exchanged (its successor still queued) when another device's
+// sign-in z (another family) took the key; b and x are redelivered. In every
+// order, recovery immediate or deferred, the newest token of each key is
+// ACTIVE, a and b are ROTATED (valid inside their windows, their family
+// holds the key), and x is INACTIVE: an exchange never outlives the key's
+// loss to another authorization.
+func TestExchangeFinalStateIsOrderIndependent(t *testing.T) {
+	t.Parallel()
+	_, pool := testenv.Database(t)
+	chain := func(user string, n int) []*events.TokenIssued {
+		var f tokens.Family
+		_, _ = rand.Read(f[:])
+		out := make([]*events.TokenIssued, n)
+		for i := range out {
+			out[i] = testenv.Token("app", user, "read")
+			out[i].FamilyID = &f
+		}
+		return out
+	}
+	k1 := chain("u1", 3)
+	x := chain("u2", 1)[0]
+	z := chain("u2", 1)[0]
+	a, b, c := k1[0], k1[1], k1[2]
+	set := []delivery{{a, 1}, {x, 2}, {b, 3}, {c, 5}, {z, 6}, {b, 3}, {x, 2}}
+	want := map[events.Digest]string{
+		a.TokenDigest: "ROTATED", b.TokenDigest: "ROTATED", c.TokenDigest: "ACTIVE",
+		x.TokenDigest: "INACTIVE", z.TokenDigest: "ACTIVE",
+	}
+	if testing.Short() {
+		set = set[:4]
+		want = map[events.Digest]string{a.TokenDigest: "ROTATED", b.TokenDigest: "ROTATED", c.TokenDigest: "ACTIVE",
+			x.TokenDigest: "ROTATED"}
+	}
+	exchanged := []*events.TokenIssued{a, b, x}
+	perms := 0
+	for _, deferRecovery := range []bool{false, true} {
+		seen := map[string]bool{}
+		permute(set, func(order []delivery) {
+			key := describe(order)
+			if seen[key] {
+				return
+			}
+			seen[key] = true
+			perms++
+			got := applyInTx(t, pool, order, deferRecovery, exchanged)
+			if len(got) != len(want) {
+				t.Fatalf("order %s: %d rows, want %d", describe(order), len(got), len(want))
+			}
+			for d, s := range want {
+				if got[d] != s {
+					t.Fatalf("order %s (recovery deferred: %v): token %s is %q, want %q", describe(order), deferRecovery, d.String()[:8], got[d], s)
+				}
+			}
+		})
+	}
+	t.Logf("%d distinct orderings of %d deliveries with exchanges converged", perms, len(set))
 }
 
 // permute calls f with every ordering of items (Heap's algorithm).

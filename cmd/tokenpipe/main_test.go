@@ -40,6 +40,9 @@ func TestBadConfigIsOneLineNamingTheVariable(t *testing.T) {
 		{"TOKENPIPE_LOGIN_FAILURE_MEMORY", "1m", "issuer", key},
 		{"TOKENPIPE_PASSWORD_CHECKS", "-1", "issuer", key},
 		{"TOKENPIPE_PASSWORD_CHECK_WAIT", "-1s", "issuer", key},
+		{"TOKENPIPE_ADMIN_USERS", "alice,bad name", "issuer", key},
+		{"TOKENPIPE_PAGE_SESSION_IDLE", "10s", "issuer", key},
+		{"TOKENPIPE_PAGE_SESSION_IDLE", "48h", "issuer", key},
 	}
 	for _, c := range cases {
 		t.Run(c.env+"="+c.value, func(t *testing.T) {

@@ -93,7 +93,7 @@ func RunAudit(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return fmt.Errorf("stream %s: %w", cfg.Stream, err)
 	}
-	report, err := audit.Check(ctx, pool, digests, stream, cfg.PersisterName, cfg.RecoveryName)
+	report, err := audit.Check(ctx, pool, digests, stream, append(cfg.Topology().PersisterConsumers(), cfg.RecoveryName)...)
 	if err != nil {
 		return err
 	}

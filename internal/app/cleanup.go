@@ -96,7 +96,7 @@ func RunCleanup(ctx context.Context, args []string, stdout, stderr io.Writer) er
 			fmt.Fprintf(stderr, "cleanup: %d rows deleted in %d batches (%s)\n", s.Total(), s.Batches, time.Since(start).Round(time.Second))
 		}
 	})
-	fmt.Fprintf(stdout, "deleted %d token rows, %d refresh rotations, %d family and %d grant revocations in %d batches, %s\n",
-		st.Tokens, st.Rotations, st.RevokedFamilies, st.RevokedGrants, st.Batches, time.Since(start).Round(time.Millisecond))
+	fmt.Fprintf(stdout, "deleted %d token rows, %d refresh rotations, %d token exchanges, %d family and %d grant revocations in %d batches, %s\n",
+		st.Tokens, st.Rotations, st.Exchanges, st.RevokedFamilies, st.RevokedGrants, st.Batches, time.Since(start).Round(time.Millisecond))
 	return err
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tokenpipe/tokenpipe/internal/clients"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
 // RegistryConfig is what client and user management needs. It does not embed
@@ -30,12 +31,14 @@ func (c *RegistryConfig) validate() error {
 	return nil
 }
 
-const clientUsage = `add|list|introspect|remove ...
+const clientUsage = `add|list|grant|introspect|remove ...
 
   add ID [-scopes "a b"] [-grants client_credentials,password] [-introspect]
           register a client; prints its secret ONCE (only a digest is stored);
           -introspect registers a resource server
   list    list clients (never secrets)
+  grant ID GRANT on|off
+          allow a client one grant (client_credentials, password, refresh_token), or withdraw it
   introspect ID on|off
           let a client introspect other clients' tokens (a resource server), or stop it
   remove ID
@@ -45,6 +48,7 @@ Examples:
   tokenpipe client add billing -scopes "invoices:read invoices:write"
   tokenpipe client add mobile -scopes "profile" -grants password,refresh_token
   tokenpipe client add api -grants "" -introspect
+  tokenpipe client grant mobile refresh_token off
   tokenpipe client list
   tokenpipe client remove billing
   tokenpipe client add -h`
@@ -88,6 +92,18 @@ TOKENPIPE_CLIENT_CACHE_TTL.
 
 Example:
   tokenpipe client introspect api on`
+
+const clientGrantUsage = `usage: tokenpipe client grant ID GRANT on|off
+
+Allows client ID one more grant (on) or withdraws it (off); its other grants
+stay as they are. GRANT is client_credentials, password or refresh_token.
+With refresh_token off the client's refresh requests get unauthorized_client
+and its password sign-ins no longer return a refresh token; the tokens it
+already holds are not revoked (tokenpipe tokens revoke -client ID does
+that). Issuers apply the change within TOKENPIPE_CLIENT_CACHE_TTL.
+
+Example:
+  tokenpipe client grant mobile refresh_token off`
 
 const clientRemoveUsage = `usage: tokenpipe client remove ID
 
@@ -136,6 +152,8 @@ func RunClient(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", c.ID, grants, introspect, strings.Join(c.Scopes, " "), c.CreatedAt.UTC().Format(time.RFC3339))
 		}
 		return tw.Flush()
+	case "grant":
+		return clientGrant(ctx, &cfg, rest[1:], stdout, stderr)
 	case "introspect":
 		pos, err := positional(rest[1:], 2, clientIntrospectUsage, stderr)
 		if err != nil {
@@ -183,7 +201,7 @@ func clientAdd(ctx context.Context, cfg *RegistryConfig, args []string, stdout, 
 		fs.PrintDefaults()
 	}
 	scopes := fs.String("scopes", "", "space-separated scopes the client may request")
-	grants := fs.String("grants", "client_credentials", "comma-separated grants: client_credentials, password, refresh_token")
+	grants := fs.String("grants", "client_credentials", "comma-separated grants: client_credentials, password, refresh_token, "+tokens.GrantTokenExchange)
 	introspect := fs.Bool("introspect", false, "a resource server: may introspect every client's tokens")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
@@ -210,6 +228,27 @@ func clientAdd(ctx context.Context, cfg *RegistryConfig, args []string, stdout, 
 	}
 	fmt.Fprintf(stdout, "client_id:     %s\nclient_secret: %s\n", pos[0], secret)
 	fmt.Fprintln(stderr, "The secret is shown only this once; only its digest is stored.")
+	return nil
+}
+
+func clientGrant(ctx context.Context, cfg *RegistryConfig, args []string, stdout, stderr io.Writer) error {
+	pos, err := positional(args, 3, clientGrantUsage, stderr)
+	if err != nil {
+		return HelpIsNil(err)
+	}
+	if (pos[2] != "on" && pos[2] != "off") || !clients.KnownGrant(pos[1]) {
+		fmt.Fprintln(stderr, clientGrantUsage)
+		return ErrUsage
+	}
+	pool, err := ConnectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	if err := clients.SetGrant(ctx, pool, pos[0], pos[1], pos[2] == "on"); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "client %s: %s %s\n", pos[0], pos[1], pos[2])
 	return nil
 }
 

@@ -39,6 +39,7 @@ type Common struct {
 	RecoveryName    string        `envconfig:"RECOVERY_CONSUMER" default:"recovery" desc:"durable consumer of the recovery role"`
 	AckWait         time.Duration `envconfig:"ACK_WAIT" default:"30s" desc:"time a delivered event may stay unacknowledged before redelivery"`
 	MaxAckPending   int           `envconfig:"MAX_ACK_PENDING" default:"20000" desc:"in-flight events per consumer, across all pods"`
+	Partitions      int           `envconfig:"PARTITIONS" default:"1" desc:"split the issued subject by a hash of the token's key into this many partitions, each with its own persister consumer (PERSISTER_CONSUMER-pN); every role must agree; 1: one subject, no partitions"`
 
 	OpsAddr         string        `envconfig:"OPS_ADDR" default:":9090" desc:"address for /metrics, /healthz and /readyz; empty to disable"`
 	Pprof           bool          `envconfig:"PPROF" default:"false" desc:"serve /debug/pprof on the ops address"`
@@ -60,6 +61,7 @@ func (c *Common) Topology() events.Topology {
 		Recovery:   c.RecoveryName,
 		AckWait:    c.AckWait,
 		MaxPending: c.MaxAckPending,
+		Partitions: c.Partitions,
 	}
 }
 
@@ -86,6 +88,7 @@ func (c *Common) validate() error {
 		{c.StreamReplicas < 1 || c.StreamReplicas > 5, "STREAM_REPLICAS", "must be between 1 and 5"},
 		{c.AckWait < time.Second, "ACK_WAIT", "must be at least 1s"},
 		{c.MaxAckPending < 1, "MAX_ACK_PENDING", "must be at least 1"},
+		{c.Partitions < 1 || c.Partitions > events.MaxPartitions, "PARTITIONS", fmt.Sprintf("must be between 1 and %d", events.MaxPartitions)},
 		{c.ShutdownTimeout <= 0, "SHUTDOWN_TIMEOUT", "must be positive"},
 	}
 	for _, ch := range checks {

@@ -31,9 +31,13 @@ type IssuerConfig struct {
 	TokenKeys           string        `envconfig:"TOKEN_KEYS" desc:"required: comma-separated token signing keys (hex or base64, 32+ bytes; the first signs, all verify); every issuer must share them; make one with 'tokenpipe keygen'"`
 	CoalesceWindow      time.Duration `envconfig:"COALESCE_WINDOW" default:"5s" desc:"identical token requests (client, user, scope, grant) within one window get the same token; 0 disables"`
 	RefreshGrace        time.Duration `envconfig:"REFRESH_GRACE" default:"5s" desc:"concurrent redemptions of one refresh token within this long get the same new pair; later ones are reuse and revoke the family; 0 for none"`
+	RotationWindow      time.Duration `envconfig:"ROTATION_WINDOW" default:"5s" desc:"per-request rotation (token exchange): the exchanged token stays valid this long after its first answered exchange, and exchanges within it get the same successor; 0 for none"`
+	RotationReuseKeeps  bool          `envconfig:"ROTATION_REUSE_KEEPS" default:"false" desc:"an exchange after the rotation window is only refused; false: it is reuse and revokes the token's family"`
 	IntrospectCacheTTL  time.Duration `envconfig:"INTROSPECT_CACHE_TTL" default:"5s" desc:"longest reuse of a positive introspection answer (revocation notices end it sooner); 0 disables the cache"`
 	IntrospectCacheSize int           `envconfig:"INTROSPECT_CACHE_SIZE" default:"100000" desc:"most cached introspection answers"`
 	AdminToken          string        `envconfig:"ADMIN_TOKEN" desc:"bearer token for the /admin management API; empty disables it"`
+	AdminUsers          string        `envconfig:"ADMIN_USERS" desc:"comma-separated users who may sign in to the /admin pages with their own password; empty disables the pages"`
+	PageSessionIdle     time.Duration `envconfig:"PAGE_SESSION_IDLE" default:"30m" desc:"a signed-in /account or /admin page session ends after this long unused (and 12h after sign-in in any case)"`
 	PublishTimeout      time.Duration `envconfig:"PUBLISH_TIMEOUT" default:"2s" desc:"longest wait for JetStream's ack before answering 503"`
 	PublishMaxInFlight  int           `envconfig:"PUBLISH_MAX_INFLIGHT" default:"4096" desc:"most unacknowledged publishes shared by all requests"`
 	SyncConflictRetries int           `envconfig:"SYNC_CONFLICT_RETRIES" default:"5" desc:"sync mode: retries when a concurrent request wins the race for a key"`
@@ -90,12 +94,18 @@ func (c *IssuerConfig) validate() error {
 		return fmt.Errorf("%s_REFRESH_GRACE: must be between 0 and 5m", EnvPrefix)
 	case c.Mode == issuer.ModeAsync && c.RefreshGrace >= c.DuplicateWindow:
 		return fmt.Errorf("%s_REFRESH_GRACE: %s must be shorter than %s_DUPLICATE_WINDOW (%s)", EnvPrefix, c.RefreshGrace, EnvPrefix, c.DuplicateWindow)
+	case c.RotationWindow < 0 || c.RotationWindow > 5*time.Minute:
+		return fmt.Errorf("%s_ROTATION_WINDOW: must be between 0 and 5m", EnvPrefix)
+	case c.Mode == issuer.ModeAsync && c.RotationWindow >= c.DuplicateWindow:
+		return fmt.Errorf("%s_ROTATION_WINDOW: %s must be shorter than %s_DUPLICATE_WINDOW (%s), which lets JetStream keep one event per successor", EnvPrefix, c.RotationWindow, EnvPrefix, c.DuplicateWindow)
 	case c.IntrospectCacheTTL < 0:
 		return fmt.Errorf("%s_INTROSPECT_CACHE_TTL: must not be negative", EnvPrefix)
 	case c.IntrospectCacheSize < 1:
 		return fmt.Errorf("%s_INTROSPECT_CACHE_SIZE: must be at least 1", EnvPrefix)
 	case c.AdminToken != "" && len(c.AdminToken) < 16:
 		return fmt.Errorf("%s_ADMIN_TOKEN: must be at least 16 characters", EnvPrefix)
+	case c.PageSessionIdle < time.Minute || c.PageSessionIdle > 12*time.Hour:
+		return fmt.Errorf("%s_PAGE_SESSION_IDLE: must be between 1m and 12h", EnvPrefix)
 	case c.LoginFailuresUserSource < 1:
 		return fmt.Errorf("%s_LOGIN_FAILURES_PER_USER_SOURCE: must be at least 1", EnvPrefix)
 	case c.LoginFailuresUser < c.LoginFailuresUserSource:
@@ -116,6 +126,11 @@ func (c *IssuerConfig) validate() error {
 		return fmt.Errorf("%s_PASSWORD_CHECKS: must not be negative", EnvPrefix)
 	case c.PasswordCheckWait < 0:
 		return fmt.Errorf("%s_PASSWORD_CHECK_WAIT: must not be negative", EnvPrefix)
+	}
+	for _, u := range c.adminUsers() {
+		if err := clients.ValidUsername(u); err != nil {
+			return fmt.Errorf("%s_ADMIN_USERS: %v", EnvPrefix, err)
+		}
 	}
 	if _, err := proxy.Parse(c.TrustedProxies); err != nil {
 		return fmt.Errorf("%s_TRUSTED_PROXIES: %v", EnvPrefix, err)
@@ -165,8 +180,9 @@ func (c *IssuerConfig) IssuerSettings(topo events.Topology) issuer.Config {
 		MaxInFlight: c.PublishMaxInFlight, SyncConflictRetries: c.SyncConflictRetries, Instance: c.instance(),
 		MaxBodyBytes: c.MaxBodyBytes, RequireTLS: c.RequireTLS, Topology: topo,
 		Keys: keys, CoalesceWindow: offIfZero(c.CoalesceWindow), RefreshGrace: offIfZero(c.RefreshGrace),
+		RotationWindow: offIfZero(c.RotationWindow), RotationReuseKeeps: c.RotationReuseKeeps,
 		IntrospectCacheTTL: offIfZero(c.IntrospectCacheTTL), IntrospectCacheSize: c.IntrospectCacheSize,
-		AdminToken: c.AdminToken,
+		AdminToken: c.AdminToken, AdminUsers: c.adminUsers(), PageSessionIdle: c.PageSessionIdle,
 		Login: throttle.Config{
 			PerUserSource: c.LoginFailuresUserSource, PerUser: c.LoginFailuresUser, PerSource: c.LoginFailuresSource,
 			Backoff: c.LoginBackoff, MaxBackoff: c.LoginBackoffMax, Memory: c.LoginFailureMemory, MaxEntries: c.LoginTracked,
@@ -174,6 +190,17 @@ func (c *IssuerConfig) IssuerSettings(topo events.Topology) issuer.Config {
 		PasswordChecks: c.PasswordChecks, PasswordCheckWait: offIfZero(c.PasswordCheckWait),
 		TrustedProxies: trusted,
 	}
+}
+
+// adminUsers splits ADMIN_USERS, ignoring blanks around the commas.
+func (c *IssuerConfig) adminUsers() []string {
+	var out []string
+	for _, u := range strings.Split(c.AdminUsers, ",") {
+		if u = strings.TrimSpace(u); u != "" {
+			out = append(out, u)
+		}
+	}
+	return out
 }
 
 func (c *IssuerConfig) instance() string {
@@ -186,13 +213,17 @@ func (c *IssuerConfig) instance() string {
 const issuerUsage = `[-h]
 
 Serves on TOKENPIPE_HTTP_ADDR:
-  POST /oauth2/token       RFC 6749: client_credentials, password, refresh_token
+  POST /oauth2/token       RFC 6749: client_credentials, password, refresh_token;
+                           RFC 8693 token exchange (per-request rotation)
   POST /oauth2/revoke      RFC 7009
   POST /oauth2/introspect  RFC 7662
   GET  /.well-known/oauth-authorization-server  RFC 8414 metadata (needs
                            TOKENPIPE_ISSUER_URL; 404 without it)
   /account/applications    users list and remove applications (HTTP Basic)
   /admin/...               management API (Bearer TOKENPIPE_ADMIN_TOKEN)
+  GET  /account            My applications: users sign in, see and remove
+                           the applications holding their tokens
+  GET  /admin              administration pages, for TOKENPIPE_ADMIN_USERS
 and /metrics, /healthz, /readyz on TOKENPIPE_OPS_ADDR. Clients authenticate
 by HTTP Basic or client_secret_post.
 

@@ -25,8 +25,11 @@ import (
 // benchmarks and the in-process tests all start them through it.
 type PipelineConfig struct {
 	// Persister and Recovery, when set, start that consumer's worker pool.
-	Persister *consume.Settings
-	Recovery  *consume.Settings
+	// With a partitioned topology the persister runs one writer per
+	// partition in PersisterPartitions (nil: every partition).
+	Persister           *consume.Settings
+	PersisterPartitions []int
+	Recovery            *consume.Settings
 
 	// Issuer, when set, serves the token endpoints on Listener (or, if nil,
 	// Addr) until the pipeline stops, finishing requests within IssuerGrace.
@@ -79,14 +82,46 @@ func StartPipeline(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStre
 		p.start(runCtx, "issuer", serve, c.OnStop)
 	}
 	if c.Persister != nil {
-		per := persister.New(*c.Persister, pool, js, c.Log, persister.NewMetrics(reg))
-		p.start(runCtx, "persister", per.Run, c.OnStop)
+		metrics := persister.NewMetrics(reg)
+		for _, s := range persisterPools(*c.Persister, c.PersisterPartitions) {
+			per := persister.New(s, pool, js, c.Log, metrics)
+			p.start(runCtx, "persister", per.Run, c.OnStop)
+		}
 	}
 	if c.Recovery != nil {
 		rec := recovery.New(*c.Recovery, pool, js, c.Log, recovery.NewMetrics(reg))
 		p.start(runCtx, "recovery", rec.Run, c.OnStop)
 	}
 	return p
+}
+
+// persisterPools are the worker pools a persister runs. Unpartitioned: one
+// pool on the shared consumer, as configured. Partitioned: one writer (one
+// batch in flight) per bound partition, so no two transactions ever hold
+// events of one key at once, and, with partition 0, one more on the
+// unpartitioned consumer, which drains the events published before
+// partitioning was turned on and is idle after.
+func persisterPools(s consume.Settings, bound []int) []consume.Settings {
+	if !s.Topology.Partitioned() {
+		return []consume.Settings{s}
+	}
+	if bound == nil {
+		for p := range s.Topology.Partitions {
+			bound = append(bound, p)
+		}
+	}
+	one := s
+	one.Pool.Workers = 1
+	var pools []consume.Settings
+	for _, p := range bound {
+		part := one
+		part.Topology = s.Topology.ForPartition(p)
+		pools = append(pools, part)
+		if p == 0 {
+			pools = append(pools, one)
+		}
+	}
+	return pools
 }
 
 func (p *Pipeline) start(ctx context.Context, part string, run func(context.Context) error, onStop func(string, error)) {

@@ -45,7 +45,7 @@ func RunReplay(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	toSeq := fs.Uint64("to-seq", 0, "last stream `sequence` of the range")
 	since := fs.String("since", "", "start `time`: RFC 3339, or a duration back from now (2h, 3d)")
 	until := fs.String("until", "", "end `time`: RFC 3339, or a duration back from now")
-	subject := fs.String("subject", "", "subject to replay (default: the issued subject; the conflict subject also works)")
+	subject := fs.String("subject", "", "subject to replay (default: the issued subject, every partition's when partitioned; the conflict subject, or the unpartitioned issued subject after partitioning was turned on, also work)")
 	dryRun := fs.Bool("dry-run", false, "report what would be inserted or is already present; write nothing")
 	workers := fs.Int("workers", 2, "concurrent batches (database transactions)")
 	batch := fs.Int("batch", 1000, "events per batch")

@@ -5,6 +5,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -24,7 +28,7 @@ type WorkerConfig struct {
 	Common
 	Workers         int           `envconfig:"WORKERS" default:"2" desc:"concurrent batches in this process"`
 	BatchSize       int           `envconfig:"BATCH_SIZE" default:"1000" desc:"most events per batch (one transaction)"`
-	BatchWait       time.Duration `envconfig:"BATCH_WAIT" default:"20ms" desc:"how long a worker woken from idle lets a batch gather; bounds added latency at low load"`
+	BatchWait       time.Duration `envconfig:"BATCH_WAIT" default:"20ms" desc:"how long a worker woken from idle, or whose last batch was not full, lets a batch gather; bounds added latency at low load"`
 	RetryMaxElapsed time.Duration `envconfig:"RETRY_MAX_ELAPSED" default:"2m" desc:"give up retrying a transient database error after this long and return the batch for redelivery"`
 	NakDelay        time.Duration `envconfig:"NAK_DELAY" default:"5s" desc:"redelivery delay for a batch that could not be written"`
 	LagInterval     time.Duration `envconfig:"LAG_INTERVAL" default:"5s" desc:"how often to export the consumer's pending and ack-pending gauges"`
@@ -121,26 +125,29 @@ func startRole(ctx context.Context, name string, c *Common, stderr io.Writer) (*
 	return env, stop, nil
 }
 
-// sampleLag exports the consumer's backlog until ctx ends.
-func sampleLag(ctx context.Context, env *roleEnv, streamName, consumer string, every time.Duration) func() {
+// sampleLag exports the consumers' backlog until ctx ends.
+func sampleLag(ctx context.Context, env *roleEnv, streamName string, consumers []string, every time.Duration) func() {
 	gauges := stream.NewLagGauges(env.ops.Registry)
 	lagCtx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		st, err := env.js.Stream(lagCtx, streamName)
-		if err != nil {
-			env.log.Warn("lag gauges disabled", "err", err)
-			return
-		}
-		cons, err := st.Consumer(lagCtx, consumer)
-		if err != nil {
-			env.log.Warn("lag gauges disabled", "err", err)
-			return
-		}
-		gauges.Sample(lagCtx, env.log, st, cons, consumer, every)
-	}()
-	return func() { cancel(); <-done }
+	var wg sync.WaitGroup
+	for _, consumer := range consumers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st, err := env.js.Stream(lagCtx, streamName)
+			if err != nil {
+				env.log.Warn("lag gauges disabled", "consumer", consumer, "err", err)
+				return
+			}
+			cons, err := st.Consumer(lagCtx, consumer)
+			if err != nil {
+				env.log.Warn("lag gauges disabled", "consumer", consumer, "err", err)
+				return
+			}
+			gauges.Sample(lagCtx, env.log, st, cons, consumer, every)
+		}()
+	}
+	return func() { cancel(); wg.Wait() }
 }
 
 // drainingOnCancel marks the ops server draining (readiness fails) as soon
@@ -159,8 +166,70 @@ func drainingOnCancel(ctx context.Context, env *roleEnv) (stop func()) {
 	return func() { close(quit); <-done }
 }
 
+// PersisterConfig is the persister role's: a worker pool, bound to some
+// partitions when the issued subject is partitioned.
+type PersisterConfig struct {
+	WorkerConfig
+	PartitionSet string `envconfig:"PARTITION_SET" desc:"with PARTITIONS > 1: the partitions this persister writes, e.g. 0,2 or 0-3 (empty: all); each has one batch in flight, WORKERS is not used; the owner of partition 0 also drains events published before partitioning"`
+
+	partitions []int // PartitionSet parsed; nil: all
+}
+
+func (c *PersisterConfig) validate() error {
+	if err := c.WorkerConfig.validate(); err != nil {
+		return err
+	}
+	set, err := ParsePartitionSet(c.PartitionSet, c.Partitions)
+	if err != nil {
+		return fmt.Errorf("%s_PARTITION_SET: %v", EnvPrefix, err)
+	}
+	c.partitions = set
+	return nil
+}
+
+// ParsePartitionSet reads a list of partitions and ranges ("0,2,5-7") among
+// n. Empty means every partition (nil).
+func ParsePartitionSet(s string, n int) ([]int, error) {
+	if strings.TrimSpace(s) == "" {
+		return nil, nil
+	}
+	if n <= 1 {
+		return nil, fmt.Errorf("%q given, but PARTITIONS is %d: there are no partitions to choose from", s, n)
+	}
+	seen := map[int]bool{}
+	var set []int
+	for _, item := range strings.Split(s, ",") {
+		lo, hi, isRange := strings.Cut(strings.TrimSpace(item), "-")
+		if !isRange {
+			hi = lo
+		}
+		a, errA := strconv.Atoi(lo)
+		b, errB := strconv.Atoi(hi)
+		if errA != nil || errB != nil || a < 0 || b < a || b >= n {
+			return nil, fmt.Errorf("%q is not a partition or range of partitions 0-%d", item, n-1)
+		}
+		for p := a; p <= b; p++ {
+			if !seen[p] {
+				seen[p] = true
+				set = append(set, p)
+			}
+		}
+	}
+	slices.Sort(set)
+	return set, nil
+}
+
+// boundConsumers names the consumers this persister reads.
+func (c *PersisterConfig) boundConsumers() []string {
+	var names []string
+	for _, s := range persisterPools(c.Settings(), c.partitions) {
+		names = append(names, s.Topology.Persister)
+	}
+	return names
+}
+
 func RunPersister(ctx context.Context, args []string, _, stderr io.Writer) error {
-	var cfg WorkerConfig
+	var cfg PersisterConfig
 	if _, err := LoadConfig("persister", args, stderr, &cfg, ""); err != nil {
 		return HelpIsNil(err)
 	}
@@ -169,10 +238,12 @@ func RunPersister(ctx context.Context, args []string, _, stderr io.Writer) error
 		return err
 	}
 	defer stop()
-	stopLag := sampleLag(ctx, env, cfg.Stream, cfg.PersisterName, cfg.LagInterval)
+	stopLag := sampleLag(ctx, env, cfg.Stream, cfg.boundConsumers(), cfg.LagInterval)
 	defer stopLag()
 	settings := cfg.Settings()
-	pl := StartPipeline(ctx, env.pool, env.js, PipelineConfig{Persister: &settings, Metrics: env.ops.Registry, Log: env.log})
+	pl := StartPipeline(ctx, env.pool, env.js, PipelineConfig{
+		Persister: &settings, PersisterPartitions: cfg.partitions, Metrics: env.ops.Registry, Log: env.log,
+	})
 	defer drainingOnCancel(ctx, env)()
 	return pl.Wait()
 }
@@ -206,7 +277,7 @@ func RunRecovery(ctx context.Context, args []string, _, stderr io.Writer) error 
 		return err
 	}
 	defer stop()
-	stopLag := sampleLag(ctx, env, cfg.Stream, cfg.RecoveryName, cfg.LagInterval)
+	stopLag := sampleLag(ctx, env, cfg.Stream, []string{cfg.RecoveryName}, cfg.LagInterval)
 	defer stopLag()
 	defer drainingOnCancel(ctx, env)()
 	if cfg.CleanupInterval > 0 {

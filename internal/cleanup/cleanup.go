@@ -67,13 +67,16 @@ func (c Config) withDefaults() Config {
 type Stats struct {
 	Tokens          int64 // rows deleted from tokens
 	Rotations       int64 // refresh rotations deleted
+	Exchanges       int64 // token exchanges deleted
 	RevokedFamilies int64 // family revocations deleted
 	RevokedGrants   int64 // grant revocations deleted
 	Batches         int   // delete statements run
 }
 
 // Total is the number of rows deleted from every table.
-func (s Stats) Total() int64 { return s.Tokens + s.Rotations + s.RevokedFamilies + s.RevokedGrants }
+func (s Stats) Total() int64 {
+	return s.Tokens + s.Rotations + s.Exchanges + s.RevokedFamilies + s.RevokedGrants
+}
 
 // What is due, and how a batch deletes it without waiting on the persisters,
 // is in the statements (internal/store, cleanup.go there).
@@ -82,6 +85,7 @@ func (s Stats) Total() int64 { return s.Tokens + s.Rotations + s.RevokedFamilies
 const (
 	TableTokens          = store.TableTokens
 	TableRotations       = store.TableRotations
+	TableExchanges       = store.TableExchanges
 	TableRevokedFamilies = store.TableRevokedFamilies
 	TableRevokedGrants   = store.TableRevokedGrants
 )
@@ -106,6 +110,7 @@ func Pass(ctx context.Context, db *pgxpool.Pool, cfg Config, progress func(Stats
 	}{
 		{TableTokens, tokenCutoff, &st.Tokens},
 		{TableRotations, tokenCutoff, &st.Rotations},
+		{TableExchanges, tokenCutoff, &st.Exchanges},
 		{TableRevokedFamilies, revocationCutoff, &st.RevokedFamilies},
 		{TableRevokedGrants, revocationCutoff, &st.RevokedGrants},
 	}
@@ -165,7 +170,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		RowsDeleted: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_cleanup_rows_deleted_total", Help: "Rows deleted by the cleanup job, by table."}, []string{"table"}),
 		PassSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tokenpipe_cleanup_pass_seconds", Help: "Duration of a cleanup pass, pauses included.", Buckets: prometheus.ExponentialBuckets(0.01, 2, 16)}),
 	}
-	for _, t := range []string{TableTokens, TableRotations, TableRevokedFamilies, TableRevokedGrants} {
+	for _, t := range []string{TableTokens, TableRotations, TableExchanges, TableRevokedFamilies, TableRevokedGrants} {
 		m.RowsDeleted.WithLabelValues(t) // export zeros from the start
 	}
 	reg.MustRegister(m.RowsDeleted, m.PassSeconds)
@@ -183,6 +188,7 @@ func (m *Metrics) add(prev, cur Stats) {
 	}{
 		{TableTokens, cur.Tokens - prev.Tokens},
 		{TableRotations, cur.Rotations - prev.Rotations},
+		{TableExchanges, cur.Exchanges - prev.Exchanges},
 		{TableRevokedFamilies, cur.RevokedFamilies - prev.RevokedFamilies},
 		{TableRevokedGrants, cur.RevokedGrants - prev.RevokedGrants},
 	} {
@@ -215,7 +221,7 @@ func Run(ctx context.Context, db *pgxpool.Pool, cfg Config, every time.Duration,
 		if m != nil {
 			m.PassSeconds.Observe(elapsed.Seconds())
 		}
-		attrs := []any{"tokens", st.Tokens, "rotations", st.Rotations, "revoked_families", st.RevokedFamilies,
+		attrs := []any{"tokens", st.Tokens, "rotations", st.Rotations, "exchanges", st.Exchanges, "revoked_families", st.RevokedFamilies,
 			"revoked_grants", st.RevokedGrants, "batches", st.Batches, "seconds", elapsed.Seconds()}
 		if err != nil {
 			log.Error("cleanup pass failed", append(attrs, "err", err)...)

@@ -178,6 +178,10 @@ func TestPassHonoursRotationAndRevocationRetention(t *testing.T) {
 		_, err := pool.Exec(ctx, `INSERT INTO refresh_rotations (refresh_digest, rotated_at, expires_at)
 			VALUES ($1, now() - $2::interval - interval '1 day', now() - $2::interval)`, keys["rot "+f.name], f.age)
 		testenv.Must(t, err, "insert rotation")
+		keys["exch "+f.name] = random(32)
+		_, err = pool.Exec(ctx, `INSERT INTO token_exchanges (subject_digest, exchanged_at, valid_until, expires_at)
+			VALUES ($1, now() - $2::interval - interval '1 hour', now() - $2::interval - interval '1 hour', now() - $2::interval)`, keys["exch "+f.name], f.age)
+		testenv.Must(t, err, "insert exchange")
 	}
 	for _, f := range revocations {
 		keys["fam "+f.name] = random(16)
@@ -190,12 +194,15 @@ func TestPassHonoursRotationAndRevocationRetention(t *testing.T) {
 	}
 	st, err := cleanup.Pass(ctx, pool, cleanup.Config{BatchSize: 1, Pause: -1}, nil)
 	testenv.Must(t, err, "pass")
-	if st.Rotations != 2 || st.RevokedFamilies != 2 || st.RevokedGrants != 2 || st.Tokens != 0 {
-		t.Fatalf("deleted %+v, want 2 rotations, 2 families, 2 grants, no tokens", st)
+	if st.Rotations != 2 || st.Exchanges != 2 || st.RevokedFamilies != 2 || st.RevokedGrants != 2 || st.Tokens != 0 {
+		t.Fatalf("deleted %+v, want 2 rotations, 2 exchanges, 2 families, 2 grants, no tokens", st)
 	}
 	for _, f := range rotations {
 		if got := exists(t, pool, "refresh_rotations", "refresh_digest = $1", keys["rot "+f.name]); got != f.alive {
 			t.Errorf("rotation whose refresh token expired %s ago: exists = %v, want %v", f.age, got, f.alive)
+		}
+		if got := exists(t, pool, "token_exchanges", "subject_digest = $1", keys["exch "+f.name]); got != f.alive {
+			t.Errorf("exchange whose token expired %s ago: exists = %v, want %v", f.age, got, f.alive)
 		}
 	}
 	for _, f := range revocations {
@@ -210,8 +217,8 @@ func TestPassHonoursRotationAndRevocationRetention(t *testing.T) {
 	// Shorter retentions, as configured.
 	st, err = cleanup.Pass(ctx, pool, cleanup.Config{Retention: time.Minute, RevocationRetention: time.Hour, Pause: -1}, nil)
 	testenv.Must(t, err, "pass with short retention")
-	if st.Rotations != 1 || st.RevokedFamilies != 1 || st.RevokedGrants != 1 {
-		t.Fatalf("short retention deleted %+v, want 1 rotation, 1 family, 1 grant", st)
+	if st.Rotations != 1 || st.Exchanges != 1 || st.RevokedFamilies != 1 || st.RevokedGrants != 1 {
+		t.Fatalf("short retention deleted %+v, want 1 rotation, 1 exchange, 1 family, 1 grant", st)
 	}
 	if count(t, pool, "refresh_rotations") != 1 || count(t, pool, "revoked_families") != 1 || count(t, pool, "revoked_grants") != 1 {
 		t.Fatal("want the future rotation and the newest revocations left")

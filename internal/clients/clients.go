@@ -27,10 +27,11 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/tokens"
 )
 
 // Grants a client may be allowed.
-var knownGrants = []string{"client_credentials", "password", "refresh_token"}
+var knownGrants = []string{"client_credentials", "password", "refresh_token", tokens.GrantTokenExchange}
 
 var (
 	// ErrInvalidClient: unknown client or wrong secret (deliberately not told apart).
@@ -115,7 +116,8 @@ func validScope(s string) error {
 
 // Add registers a client and returns its secret. The secret is shown once:
 // only its digest is stored. Every element of scopes must be one scope token
-// and every grant one of client_credentials, password, refresh_token;
+// and every grant one of client_credentials, password, refresh_token,
+// urn:ietf:params:oauth:grant-type:token-exchange;
 // duplicates are dropped and both sets are stored sorted.
 func Add(ctx context.Context, db *pgxpool.Pool, id string, scopes, grants []string) (string, error) {
 	return AddWith(ctx, db, id, scopes, grants, Options{})
@@ -209,6 +211,34 @@ func SetIntrospect(ctx context.Context, db *pgxpool.Pool, id string, allow bool)
 	}
 	return nil
 }
+
+// SetGrant allows (allow) or withdraws one grant of a client, leaving its
+// other grants as they are. Issuers apply it within their client cache TTL
+// (at once on the issuer that made the change, see Registry.Forget).
+// Withdrawing refresh_token stops the client redeeming refresh tokens
+// (unauthorized_client) and receiving new ones; tokens it holds are not
+// revoked by this: revoke them separately if they must stop working.
+func SetGrant(ctx context.Context, db *pgxpool.Pool, id, grant string, allow bool) error {
+	if !slices.Contains(knownGrants, grant) {
+		return fmt.Errorf("grant %q is not one of %s", grant, strings.Join(knownGrants, ", "))
+	}
+	// One statement: two concurrent changes to different grants of one
+	// client cannot lose each other's update.
+	tag, err := db.Exec(ctx, `UPDATE clients SET grants = coalesce((
+			SELECT array_agg(DISTINCT g ORDER BY g) FROM unnest(grants || $2::text) AS g
+			WHERE $3 OR g <> $2), '{}')
+		WHERE client_id = $1`, id, grant, allow)
+	if err != nil {
+		return fmt.Errorf("set grant %s of %s: %w", grant, id, err)
+	}
+	if tag.RowsAffected() == 0 {
+		return fmt.Errorf("client %q: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+// KnownGrant reports whether grant is one a client may be allowed.
+func KnownGrant(grant string) bool { return slices.Contains(knownGrants, grant) }
 
 // Remove deletes a client. Issuers stop accepting it within their cache TTL.
 func Remove(ctx context.Context, db *pgxpool.Pool, id string) error {
@@ -374,6 +404,15 @@ func (r *Registry) client(ctx context.Context, id string) (*Client, error) {
 	}
 	r.cache[id] = cached{client: found, expires: now.Add(r.ttl)}
 	return found, nil
+}
+
+// Forget drops a client from this registry's cache, so a change this
+// process made (a grant turned off) applies here at once rather than after
+// the TTL. Other processes still apply it within their TTL.
+func (r *Registry) Forget(id string) {
+	r.mu.Lock()
+	delete(r.cache, id)
+	r.mu.Unlock()
 }
 
 // evict makes room in a full cache: expired entries go first; if none had

@@ -277,3 +277,43 @@ func TestAddUserReplacesPassword(t *testing.T) {
 		t.Fatalf("removed user: %v", err)
 	}
 }
+
+// TestSetGrant: one grant goes on or off, the others stay, and the registry
+// that forgets the client sees the change at once.
+func TestSetGrant(t *testing.T) {
+	t.Parallel()
+	_, pool := testenv.Database(t)
+	ctx := context.Background()
+	secret, err := clients.Add(ctx, pool, "mobile", []string{"read"}, []string{"password", "refresh_token"})
+	testenv.Must(t, err, "add")
+	reg := clients.NewRegistry(pool, time.Hour)
+	c, err := reg.Authenticate(ctx, "mobile", secret)
+	testenv.Must(t, err, "authenticate")
+	if !c.Allows("refresh_token") {
+		t.Fatal("refresh_token not allowed after add")
+	}
+	testenv.Must(t, clients.SetGrant(ctx, pool, "mobile", "refresh_token", false), "refresh off")
+	testenv.Must(t, clients.SetGrant(ctx, pool, "mobile", "refresh_token", false), "refresh off twice")
+	if c, _ := reg.Authenticate(ctx, "mobile", secret); !c.Allows("refresh_token") {
+		t.Fatal("the cached registration changed before Forget: the test does not show what Forget does")
+	}
+	reg.Forget("mobile")
+	c, err = reg.Authenticate(ctx, "mobile", secret)
+	testenv.Must(t, err, "authenticate after forget")
+	if c.Allows("refresh_token") || !c.Allows("password") {
+		t.Fatalf("grants after refresh off = %v, want [password]", c.Grants)
+	}
+	testenv.Must(t, clients.SetGrant(ctx, pool, "mobile", "client_credentials", true), "cc on")
+	testenv.Must(t, clients.SetGrant(ctx, pool, "mobile", "password", false), "password off")
+	list, err := clients.List(ctx, pool)
+	testenv.Must(t, err, "list")
+	if len(list) != 1 || strings.Join(list[0].Grants, ",") != "client_credentials" {
+		t.Fatalf("grants = %v, want [client_credentials]", list[0].Grants)
+	}
+	if err := clients.SetGrant(ctx, pool, "mobile", "implicit", true); err == nil {
+		t.Fatal("an unknown grant was accepted")
+	}
+	if err := clients.SetGrant(ctx, pool, "nobody", "password", true); !errors.Is(err, clients.ErrNotFound) {
+		t.Fatalf("unknown client: err = %v, want ErrNotFound", err)
+	}
+}

@@ -231,3 +231,28 @@ func TestPurgeRemovesOnlyDeadLetters(t *testing.T) {
 		t.Fatalf("list after purge: %+v", left)
 	}
 }
+
+// TestReplayOfDeadLetterFromPartition: a letter whose origin is a partition
+// of the issued subject is re-driven like one from the unpartitioned subject.
+func TestReplayOfDeadLetterFromPartition(t *testing.T) {
+	t.Parallel()
+	p := pipetest.New(t)
+	p.Partition(t, 4)
+	p.Start(t, 1)
+	ev := testenv.Token("app", "gina", "read")
+	origin := p.Topo.IssuedSubjectOf(ev.ClientID, ev.Subject, ev.Scope())
+	seq := testenv.PublishRaw(t, p.JS, p.Topo.Prefix+".original", encode(t, ev))
+	p.Drained(t)
+	publishDead(t, p, encode(t, ev), origin, seq, "decode token.issued: bug 123")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	rep, err := dlq.Replay(ctx, p.Writer(t), list(t, p), false)
+	testenv.Must(t, err, "replay")
+	if len(rep.Outcomes) != 1 || !rep.Outcomes[0].Persisted {
+		t.Fatalf("outcomes = %+v, want the letter from %s persisted", rep.Outcomes, origin)
+	}
+	if got := p.Count(t, "SELECT stream_seq FROM tokens WHERE token_digest = $1", ev.TokenDigest[:]); got != int(seq) {
+		t.Fatalf("stream_seq = %d, want the origin %d", got, seq)
+	}
+}

@@ -116,10 +116,10 @@ func originSeq(ctx context.Context, stream jetstream.Stream, topo events.Topolog
 	if l.OriginSeq == 0 {
 		return 0, fmt.Errorf("no valid %s header: the original sequence is unknown", events.HeaderOriginSeq)
 	}
-	switch l.OriginSubject {
-	case topo.IssuedSubject():
+	switch {
+	case topo.IsIssuedSubject(l.OriginSubject):
 		return l.OriginSeq, nil
-	case topo.ConflictSubject():
+	case l.OriginSubject == topo.ConflictSubject():
 		copyMsg, err := stream.GetMsg(ctx, l.OriginSeq)
 		if err != nil {
 			return 0, fmt.Errorf("conflict copy %d is gone (%v), so the original sequence is unknown; replay the issued subject instead", l.OriginSeq, err)
@@ -133,5 +133,5 @@ func originSeq(ctx context.Context, stream jetstream.Stream, topo events.Topolog
 		}
 		return seq, nil
 	}
-	return 0, fmt.Errorf("origin subject %q is neither %s nor %s", l.OriginSubject, topo.IssuedSubject(), topo.ConflictSubject())
+	return 0, fmt.Errorf("origin subject %q is neither %s nor %s", l.OriginSubject, topo.IssuedFilter(), topo.ConflictSubject())
 }

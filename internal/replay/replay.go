@@ -32,7 +32,8 @@ type Options struct {
 	// terminates.
 	FromSeq, ToSeq uint64
 	Since, Until   time.Time
-	// Subject filters the stream; empty means the issued subject. The
+	// Subject filters the stream; empty means the issued subject (every
+	// partition's when the topology is partitioned). The
 	// conflict subject works too (its messages carry their origin
 	// sequence); other subjects in a wildcard are skipped.
 	Subject string
@@ -117,7 +118,7 @@ type Summary struct {
 func Run(ctx context.Context, w *Writer, o Options) (*Summary, error) {
 	topo := w.Topology
 	if o.Subject == "" {
-		o.Subject = topo.IssuedSubject()
+		o.Subject = topo.IssuedFilter()
 	}
 	if err := o.validate(topo); err != nil {
 		return nil, err
@@ -178,7 +179,7 @@ func (o *Options) validate(topo events.Topology) error {
 	if s != topo.Prefix+".>" && !strings.HasPrefix(s, topo.Prefix+".") {
 		return fmt.Errorf("subject %q is not in stream %s (subjects %s.>)", s, topo.Stream, topo.Prefix)
 	}
-	if !strings.ContainsAny(s, "*>") && s != topo.IssuedSubject() && s != topo.ConflictSubject() {
+	if !strings.ContainsAny(s, "*>") && !topo.IsIssuedSubject(s) && s != topo.ConflictSubject() {
 		if s == topo.DeadSubject() {
 			return fmt.Errorf("subject %q holds dead letters: use 'tokenpipe dlq replay'", s)
 		}
@@ -437,10 +438,10 @@ func (r *runner) process(ctx context.Context, b batch) error {
 	)
 	for _, e := range b {
 		var origin uint64
-		switch e.msg.Subject() {
-		case topo.IssuedSubject():
+		switch subj := e.msg.Subject(); {
+		case topo.IsIssuedSubject(subj):
 			origin = e.seq
-		case topo.ConflictSubject():
+		case subj == topo.ConflictSubject():
 			// A conflict is a copy; its header names the original event.
 			s, err := strconv.ParseUint(e.msg.Headers().Get(events.HeaderOriginSeq), 10, 64)
 			if err != nil || s == 0 {

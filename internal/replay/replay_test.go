@@ -495,3 +495,25 @@ func TestParseTime(t *testing.T) {
 		}
 	}
 }
+
+// TestReplayOfPartitionedStreamRestoresEveryPartition: by default replay
+// reads every partition's subject, not only the unpartitioned one.
+func TestReplayOfPartitionedStreamRestoresEveryPartition(t *testing.T) {
+	t.Parallel()
+	p := pipetest.New(t)
+	p.Partition(t, 4)
+	p.Start(t, 2)
+	three, two, singles := keyedEvents(30)
+	all := slices.Concat(three, two, singles)
+	publishAll(t, p, all...)
+	p.Drained(t)
+	before := p.Table(t)
+	p.Exec(t, "DELETE FROM tokens")
+
+	sum := runReplay(t, p, replay.Options{BatchSize: 7})
+
+	assertTable(t, p.Table(t), before)
+	if sum.Subject != p.Topo.Prefix+".issued.*" || sum.Inserted+sum.Resolved != int64(len(all)) {
+		t.Fatalf("summary = %+v, want all %d restored from %s.issued.*", sum, len(all), p.Topo.Prefix)
+	}
+}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/replay"
 	"github.com/tokenpipe/tokenpipe/internal/status"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
@@ -127,4 +128,36 @@ func TestStatusShowsAToolConsumerAsEphemeral(t *testing.T) {
 		t.Fatalf("consumers during a scan = %+v, want the two durables and the tool's", seen)
 	}
 	p.AssertDurablesOnly(t)
+}
+
+// TestStatusShowsEveryPartition: each partition's consumer is listed with
+// its own backlog and the age of its own oldest message.
+func TestStatusShowsEveryPartition(t *testing.T) {
+	t.Parallel()
+	p := pipetest.New(t)
+	p.Partition(t, 3)
+	perPartition := make([]uint64, 3)
+	for range 12 {
+		ev := testenv.Token("app", testenv.Name("u-"), "read")
+		testenv.Publish(t, p.JS, p.Topo, ev)
+		perPartition[events.Partition(ev.ClientID, ev.Subject, ev.Scope(), 3)]++
+	}
+	time.Sleep(1100 * time.Millisecond) // so the oldest message has a measurable age
+
+	r, cons := gather(t, p)
+	for i, want := range perPartition {
+		c, ok := cons[p.Topo.PartitionConsumer(i)]
+		if !ok || c.Pending != want || c.KEDALag != want || c.Filter != p.Topo.PartitionSubject(i) {
+			t.Fatalf("partition %d: %+v (listed %v), want %d pending on %s", i, c, ok, want, p.Topo.PartitionSubject(i))
+		}
+		if want > 0 && (c.OldestUnackedSeconds == nil || *c.OldestUnackedSeconds < 1) {
+			t.Fatalf("partition %d oldest unacked = %v, want at least 1s", i, c.OldestUnackedSeconds)
+		}
+		if got := r.Stream.Subjects[p.Topo.PartitionSubject(i)]; got != want {
+			t.Fatalf("stream holds %d on partition %d, want %d", got, i, want)
+		}
+	}
+	if per := cons[p.Topo.Persister]; per.Pending != 0 {
+		t.Fatalf("unpartitioned consumer = %+v, want nothing: every event went to a partition", per)
+	}
 }

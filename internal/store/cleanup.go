@@ -50,6 +50,17 @@ DELETE FROM refresh_rotations WHERE ctid = ANY(ARRAY(
 	FOR UPDATE SKIP LOCKED))
 RETURNING expires_at`
 
+// An exchange is useless once its presented token expired, for the same
+// reason.
+const exchangesSQL = `
+DELETE FROM token_exchanges WHERE ctid = ANY(ARRAY(
+	SELECT ctid FROM token_exchanges
+	WHERE expires_at < $1 AND expires_at >= $2
+	ORDER BY expires_at
+	LIMIT $3
+	FOR UPDATE SKIP LOCKED))
+RETURNING expires_at`
+
 // The revocation tables are small (one row per revocation) and have no index
 // on revoked_at; a batch scans them.
 const familiesSQL = `
@@ -74,6 +85,7 @@ RETURNING revoked_at`
 const (
 	TableTokens          = "tokens"
 	TableRotations       = "refresh_rotations"
+	TableExchanges       = "token_exchanges"
 	TableRevokedFamilies = "revoked_families"
 	TableRevokedGrants   = "revoked_grants"
 )
@@ -81,6 +93,7 @@ const (
 var cleanupSQL = map[string]string{
 	TableTokens:          tokensSQL,
 	TableRotations:       rotationsSQL,
+	TableExchanges:       exchangesSQL,
 	TableRevokedFamilies: familiesSQL,
 	TableRevokedGrants:   grantsSQL,
 }

@@ -39,6 +39,13 @@ type step struct {
 	revokeToken string
 	revokeFam   string
 	revokeGrant *grant
+	// exchange records the named token's exchange (per-request rotation),
+	// answered, with its batch window still open; exchangeClosed, with the
+	// window already past.
+	exchange, exchangeClosed string
+	// exchangeUnanswered records an exchange whose caller never got the
+	// answer: the window has not started.
+	exchangeUnanswered string
 }
 
 type grant struct {
@@ -95,6 +102,32 @@ var scenarios = []scenario{
 	// family past the watermark: writing a REVOKED revokes its family too.
 	{name: "grant revoked while a family member was queued", toks: map[string]tok{"a": {"u", "read", 3, "f"}, "b": {"u", "read", 7, "f"}},
 		steps: []step{{revokeGrant: &grant{"u", 5}}, d("a"), d("b")}, want: map[string]string{"a": "REVOKED", "b": "REVOKED"}, streamOnly: true},
+}
+
+// Per-request rotation: a successor (same family, higher sequence) is an
+// ordinary newer token to every writer; the exchange record decides only
+// how its predecessor's INACTIVE row reads (store.AccessStatus.Effective).
+var exchangeScenarios = []scenario{
+	{name: "exchange: successor supersedes, predecessor rotated", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
+		steps: []step{{exchange: "a"}, d("a"), d("b")}, want: map[string]string{"a": "ROTATED", "b": "ACTIVE"}},
+	{name: "exchange: successor arrives first", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
+		steps: []step{{exchange: "a"}, d("b"), d("a")}, want: map[string]string{"a": "ROTATED", "b": "ACTIVE"}, streamOnly: true},
+	{name: "exchange: a chain in one batch", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}, "c": {"u", "read", 3, "f"}},
+		steps: []step{{exchange: "a"}, {exchange: "b"}, d("c", "a", "b")}, want: map[string]string{"a": "ROTATED", "b": "ROTATED", "c": "ACTIVE"}, streamOnly: true},
+	{name: "exchange: another sign-in takes the key", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}, "c": {"u", "read", 3, "g"}},
+		steps: []step{{exchange: "a"}, d("a"), d("b"), d("c")}, want: map[string]string{"a": "INACTIVE", "b": "INACTIVE", "c": "ACTIVE"}},
+	{name: "exchange: window passed while the successor is queued", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
+		steps: []step{{exchangeClosed: "a"}, d("a")}, want: map[string]string{"a": "INACTIVE", "b": "QUEUED"}},
+	{name: "exchange: window passed", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
+		steps: []step{{exchangeClosed: "a"}, d("a", "b")}, want: map[string]string{"a": "INACTIVE", "b": "ACTIVE"}},
+	{name: "exchange never answered: the predecessor lives on", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
+		steps: []step{{exchangeUnanswered: "a"}, d("a"), d("b")}, want: map[string]string{"a": "ROTATED", "b": "ACTIVE"}},
+	{name: "exchange: revoked predecessor stays revoked", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
+		steps: []step{{exchange: "a"}, d("a"), {revokeToken: "a"}, d("b")}, want: map[string]string{"a": "REVOKED", "b": "ACTIVE"}},
+	{name: "exchange: grant revocation kills both", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
+		steps: []step{{exchange: "a"}, d("a"), d("b"), {revokeGrant: &grant{"u", 5}}}, want: map[string]string{"a": "REVOKED", "b": "REVOKED"}},
+	{name: "exchange: family revocation kills both, queued successor included", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
+		steps: []step{{exchange: "a"}, d("a"), {revokeFam: "f"}, d("b")}, want: map[string]string{"a": "REVOKED", "b": "REVOKED"}},
 }
 
 // writer applies one batch of rows the way one writer of the pipeline does.
@@ -165,7 +198,7 @@ func TestWritersConform(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	for _, w := range writers(pool, rw) {
-		for _, sc := range scenarios {
+		for _, sc := range slices.Concat(scenarios, exchangeScenarios) {
 			if w.sync && sc.streamOnly {
 				continue
 			}
@@ -226,23 +259,51 @@ func run(ctx context.Context, t *testing.T, pool *pgxpool.Pool, w writer, sc sce
 		case s.revokeGrant != nil:
 			_, err := store.RevokeGrant(ctx, pool, client, s.revokeGrant.user, s.revokeGrant.upTo, "test")
 			testenv.Must(t, err, "revoke grant")
+		case s.exchange != "":
+			recordExchange(ctx, t, pool, evs[s.exchange], time.Hour)
+		case s.exchangeClosed != "":
+			recordExchange(ctx, t, pool, evs[s.exchangeClosed], 0)
+		case s.exchangeUnanswered != "":
+			recordExchange(ctx, t, pool, evs[s.exchangeUnanswered], -1)
 		}
 	}
+	states, err := store.EffectiveStates(ctx, pool)
+	testenv.Must(t, err, "effective states")
 	got := map[string]string{}
 	for name, ev := range evs {
-		var state string
-		err := pool.QueryRow(ctx, `SELECT state FROM tokens WHERE token_digest = $1`, ev.TokenDigest[:]).Scan(&state)
-		if err != nil {
-			state = "no row (" + err.Error() + ")"
+		state, ok := states[ev.TokenDigest]
+		if !ok {
+			state = "QUEUED" // no row: the scenario never delivered it
 		}
 		got[name] = state
 	}
 	var rows int
 	testenv.Must(t, pool.QueryRow(ctx, `SELECT count(*) FROM tokens WHERE client_id = $1`, client).Scan(&rows), "count rows")
-	if rows != len(evs) {
-		t.Errorf("%d rows for %d tokens", rows, len(evs))
+	if want := len(evs) - countQueued(sc.want); rows != want {
+		t.Errorf("%d rows for %d delivered tokens", rows, want)
 	}
 	return got
+}
+
+func countQueued(want map[string]string) int {
+	n := 0
+	for _, s := range want {
+		if s == "QUEUED" {
+			n++
+		}
+	}
+	return n
+}
+
+// recordExchange records ev's exchange as the issuer does, answered, with
+// the given batch window; a negative window leaves it unanswered.
+func recordExchange(ctx context.Context, t *testing.T, pool *pgxpool.Pool, ev *events.TokenIssued, window time.Duration) {
+	t.Helper()
+	_, _, err := store.RecordExchange(ctx, pool, ev.TokenDigest, ev.ExpiresAt)
+	testenv.Must(t, err, "record exchange")
+	if window >= 0 {
+		testenv.Must(t, store.MarkExchangeAnswered(ctx, pool, ev.TokenDigest, window), "mark exchange answered")
+	}
 }
 
 func equal(a, b map[string]string) bool {

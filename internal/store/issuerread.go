@@ -32,21 +32,34 @@ const accessStatusSQL = `
 SELECT (SELECT state FROM tokens WHERE token_digest = $1),
        EXISTS (SELECT 1 FROM revoked_families WHERE family_id = $2),
        EXISTS (SELECT 1 FROM revoked_grants
-               WHERE client_id = $3 AND subject IN ($4, '') AND revoked_at >= $5)`
+               WHERE client_id = $3 AND subject IN ($4, '') AND revoked_at >= $5),
+       x.subject_digest IS NOT NULL,
+       coalesce(clock_timestamp() <= x.valid_until, true),
+       x.valid_until,
+       x.subject_digest IS NOT NULL AND EXISTS (SELECT 1 FROM tokens a
+               WHERE a.client_id = $3 AND a.subject = $4 AND a.scope = $6 AND a.state = 'ACTIVE' AND a.family_id = $2)
+FROM (SELECT 1) AS one LEFT JOIN token_exchanges x ON x.subject_digest = $1`
 
-// AccessStatus is what the database says of an access token.
+// AccessStatus is what the database says of an access token; Effective
+// (exchange.go) turns it into the token's state.
 type AccessStatus struct {
 	State         *string // the row's state; nil while the event is queued
 	FamilyRevoked bool
-	GrantRevoked  bool // a grant revocation at or after grantSince
+	GrantRevoked  bool       // a grant revocation at or after grantSince
+	Exchanged     bool       // the token was exchanged (per-request rotation)
+	WindowOpen    bool       // ... and its batch window is open or not started, by the database's clock
+	ValidUntil    *time.Time // ... and ends then (nil: not started, no exchange was answered)
+	// FamilyHoldsKey: the key's ACTIVE row belongs to the token's family (read
+	// only for exchanged tokens): its successors still hold the key.
+	FamilyHoldsKey bool
 }
 
 // ReadAccessStatus reads an access token's row and the revocations that
 // would cover it while queued.
 func ReadAccessStatus(ctx context.Context, db Querier, d events.Digest, c tokens.Claims, grantSince time.Time) (AccessStatus, error) {
 	var st AccessStatus
-	err := db.QueryRow(ctx, accessStatusSQL, d[:], c.Family[:], c.ClientID, c.Subject, grantSince).
-		Scan(&st.State, &st.FamilyRevoked, &st.GrantRevoked)
+	err := db.QueryRow(ctx, accessStatusSQL, d[:], c.Family[:], c.ClientID, c.Subject, grantSince, c.Scope).
+		Scan(&st.State, &st.FamilyRevoked, &st.GrantRevoked, &st.Exchanged, &st.WindowOpen, &st.ValidUntil, &st.FamilyHoldsKey)
 	return st, err
 }
 

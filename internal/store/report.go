@@ -20,8 +20,9 @@ import (
 type Application struct {
 	ClientID         string     `json:"client_id"`
 	Scopes           []string   `json:"scopes"`
-	IssuedAt         time.Time  `json:"issued_at"`  // newest live token
-	ExpiresAt        time.Time  `json:"expires_at"` // latest access token expiry
+	FirstIssuedAt    time.Time  `json:"first_issued_at"` // oldest unrevoked token on record: when it was authorized
+	IssuedAt         time.Time  `json:"issued_at"`       // newest live token
+	ExpiresAt        time.Time  `json:"expires_at"`      // latest access token expiry
 	RefreshExpiresAt *time.Time `json:"refresh_expires_at,omitempty"`
 	Tokens           int        `json:"tokens"`
 }
@@ -32,18 +33,21 @@ type Application struct {
 // are never a user's application, even if a user shares the client's name.
 func Applications(ctx context.Context, db Querier, subject string) ([]Application, error) {
 	rows, err := db.Query(ctx, `
-		SELECT client_id, array_agg(DISTINCT scope), max(issued_at), max(expires_at), max(refresh_expires_at), count(*)
-		FROM tokens
-		WHERE subject = $1 AND state = 'ACTIVE' AND coalesce(refresh_expires_at, expires_at) > now()
-		  AND subject <> client_id AND grant_type <> 'client_credentials'
-		GROUP BY client_id ORDER BY client_id`, subject)
+		SELECT t.client_id, array_agg(DISTINCT t.scope),
+		       (SELECT min(f.issued_at) FROM tokens f
+		        WHERE f.client_id = t.client_id AND f.subject = t.subject AND f.state <> 'REVOKED'),
+		       max(t.issued_at), max(t.expires_at), max(t.refresh_expires_at), count(*)
+		FROM tokens t
+		WHERE t.subject = $1 AND t.state = 'ACTIVE' AND coalesce(t.refresh_expires_at, t.expires_at) > now()
+		  AND t.subject <> t.client_id AND t.grant_type <> 'client_credentials'
+		GROUP BY t.client_id, t.subject ORDER BY t.client_id`, subject)
 	if err != nil {
 		return nil, err
 	}
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (Application, error) {
 		var a Application
 		var scopes []string
-		err := r.Scan(&a.ClientID, &scopes, &a.IssuedAt, &a.ExpiresAt, &a.RefreshExpiresAt, &a.Tokens)
+		err := r.Scan(&a.ClientID, &scopes, &a.FirstIssuedAt, &a.IssuedAt, &a.ExpiresAt, &a.RefreshExpiresAt, &a.Tokens)
 		for _, s := range scopes {
 			a.Scopes = append(a.Scopes, strings.Fields(s)...)
 		}
@@ -54,6 +58,30 @@ func Applications(ctx context.Context, db Querier, subject string) ([]Applicatio
 		}
 		return a, err
 	})
+}
+
+// LiveTokensByClient counts, per client, the ACTIVE rows whose access or
+// refresh token is unexpired: what the admin page lists. Tokens still
+// queued are not counted yet.
+func LiveTokensByClient(ctx context.Context, db Querier) (map[string]int64, error) {
+	rows, err := db.Query(ctx, `
+		SELECT client_id, count(*) FROM tokens
+		WHERE state = 'ACTIVE' AND coalesce(refresh_expires_at, expires_at) > now()
+		GROUP BY client_id`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string]int64{}
+	for rows.Next() {
+		var c string
+		var n int64
+		if err := rows.Scan(&c, &n); err != nil {
+			return nil, err
+		}
+		out[c] = n
+	}
+	return out, rows.Err()
 }
 
 // TokenInfo is one stored token, without its plaintext.

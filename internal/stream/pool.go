@@ -32,8 +32,10 @@ type Config struct {
 	Workers   int // concurrent batches per process
 	BatchSize int // most messages per batch
 	// BatchWait is how long a worker woken from idle by a message lets the
-	// batch gather before taking it: it bounds the latency added at low load
-	// and keeps batches (and the cost per row) from shrinking to one message.
+	// batch gather before taking it, and the least time between the starts
+	// of a worker's batches while they are not full: it bounds the latency
+	// added at low load and keeps batches (and the cost per row) from
+	// shrinking to what arrives during one commit.
 	BatchWait time.Duration
 	// IdleWait is how long an idle worker's pull request waits at the server
 	// before it is renewed; 0 means DefaultIdleWait.
@@ -116,8 +118,18 @@ func (p *Pool) worker(ctx, work context.Context, log *slog.Logger) {
 			continue
 		}
 		failures = 0
-		if len(msgs) > 0 {
-			p.handle(work, msgs)
+		if len(msgs) == 0 {
+			continue
+		}
+		taken := time.Now()
+		p.handle(work, msgs)
+		if len(msgs) < p.Config.BatchSize {
+			// The queue was not full: fetching again at once would take
+			// only what arrived during this batch's commit, so at a steady
+			// rate a faster commit would make smaller batches, each paying
+			// the whole per-batch cost (transaction, fence, probes, commit).
+			// Let the next batch gather for BatchWait, as after idle.
+			sleep(ctx, p.Config.BatchWait-time.Since(taken))
 		}
 	}
 }

@@ -34,15 +34,16 @@ func joinScopes(s []string) string {
 	return out
 }
 
-// Publish publishes ev to the issued subject the way the issuer does and
-// returns its stream sequence.
+// Publish publishes ev to its issued subject (its key's partition, when
+// topo is partitioned) the way the issuer does and returns its stream
+// sequence.
 func Publish(t testing.TB, js jetstream.JetStream, topo events.Topology, ev *events.TokenIssued) uint64 {
 	t.Helper()
 	body, err := events.EncodeTokenIssued(ev)
 	Must(t, err, "encode event")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	ack, err := js.Publish(ctx, topo.IssuedSubject(), body, jetstream.WithMsgID(ev.TokenDigest.String()))
+	ack, err := js.Publish(ctx, topo.IssuedSubjectOf(ev.ClientID, ev.Subject, ev.Scope()), body, jetstream.WithMsgID(ev.TokenDigest.String()))
 	Must(t, err, "publish event")
 	return ack.Sequence
 }

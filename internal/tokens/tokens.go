@@ -49,8 +49,12 @@ func (k Kind) String() string {
 	return fmt.Sprintf("kind(%d)", byte(k))
 }
 
+// GrantTokenExchange is RFC 8693's grant type: per-request rotation mints
+// the successor of an access token with it.
+const GrantTokenExchange = "urn:ietf:params:oauth:grant-type:token-exchange"
+
 // Grant codes as carried in a token.
-var grantCodes = map[string]byte{"client_credentials": 1, "password": 2, "refresh_token": 3}
+var grantCodes = map[string]byte{"client_credentials": 1, "password": 2, "refresh_token": 3, GrantTokenExchange: 4}
 
 // Family identifies one authorization and every token rotated from it.
 // Revoking a family revokes all of them, including those still queued.
@@ -76,7 +80,7 @@ func (f *Family) UnmarshalText(b []byte) error {
 // Claims are what a token says about itself.
 type Claims struct {
 	Kind      Kind
-	Grant     string // grant that minted it: client_credentials, password, refresh_token
+	Grant     string // grant that minted it: client_credentials, password, refresh_token, GrantTokenExchange
 	ClientID  string
 	Subject   string
 	Scope     string // canonical: sorted, space-joined

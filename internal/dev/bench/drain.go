@@ -159,7 +159,7 @@ func Fill(ctx context.Context, js jetstream.JetStream, topo events.Topology, evs
 		if err != nil {
 			return err
 		}
-		f, err := js.PublishAsync(topo.IssuedSubject(), body, jetstream.WithMsgID(ev.TokenDigest.String()),
+		f, err := js.PublishAsync(topo.IssuedSubjectOf(ev.ClientID, ev.Subject, ev.Scope()), body, jetstream.WithMsgID(ev.TokenDigest.String()),
 			jetstream.WithStallWait(time.Minute))
 		if err != nil {
 			return fmt.Errorf("publish: %w", err)

@@ -18,7 +18,7 @@ import (
 	"github.com/tokenpipe/tokenpipe/internal/schema"
 )
 
-const benchUsage = `e2e|roles|drain|matrix [flags]
+const benchUsage = `e2e|roles|drain|matrix|partitions [flags]
 
   e2e     the benchmark of make bench. Every end-to-end scenario with
           issuer, persister and recovery as separate processes of this
@@ -45,10 +45,19 @@ const benchUsage = `e2e|roles|drain|matrix [flags]
           the goals. -nats-server module runs a nats-server process built
           from the linked nats-server/v2 module instead of the machine's.
 
+  partitions
+          the same tokens (every key re-issued several times, random
+          order) drained by today's shared persister consumer (2 and 4
+          workers) and by one writer per partition with 1, 2 and 4
+          partitions, persisters and recovery in this process; prints
+          rows/s, conflicts forwarded to recovery, deadlock and other
+          retries per layout, medians of -runs.
+
 Examples:
   tokenpipe bench e2e -runs 3 -write BENCHMARKS.md
   tokenpipe bench e2e -runs 1 -nats-server module -scenarios conflict
   tokenpipe bench drain
+  tokenpipe bench partitions -events 50000 -keys 5000 -runs 3
   tokenpipe bench roles -rate 3000 -duration 20s -runs 3
   tokenpipe bench matrix -runs 3 -write BENCHMARKS.md
   tokenpipe bench drain -events 500000 -workers 4 -runs 5`
@@ -84,6 +93,9 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return app.HelpIsNil(err)
 		}
 		return runRoles(ctx, &cfg, o, stdout, stderr)
+	}
+	if len(rest) > 0 && rest[0] == "partitions" {
+		return runPartitions(ctx, &cfg, rest[1:], stdout, stderr)
 	}
 	if len(rest) > 0 && rest[0] == "nats-server" {
 		return runNATSServer(ctx, rest[1:], stderr)

@@ -8,8 +8,9 @@ import "github.com/tokenpipe/tokenpipe/internal/app"
 // Commands are the development build's extra subcommands.
 func Commands() map[string]app.Command {
 	return map[string]app.Command{
-		"demo":     {Summary: "run the whole pipeline in one process and exercise it", Run: runDemo},
-		"bench":    {Summary: "measure the pipeline against raw ceilings (drain, matrix) and its CPU per token per role (roles)", Run: runBench},
-		"loadtest": {Summary: "drive an issuer at a fixed rate and measure queue lag", Run: runLoadtest},
+		"demo":         {Summary: "run the whole pipeline in one process and exercise it", Run: runDemo},
+		"bench":        {Summary: "measure the pipeline against raw ceilings (drain, matrix) and its CPU per token per role (roles)", Run: runBench},
+		"loadtest":     {Summary: "drive an issuer at a fixed rate and measure queue lag", Run: runLoadtest},
+		"rotationtest": {Summary: "replay API requests through the per-request rotation middleware, rotation on or off", Run: runRotationtest},
 	}
 }

@@ -39,6 +39,7 @@ Examples:
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var cfg app.IssuerConfig
 	_, natsSet := os.LookupEnv(app.EnvPrefix + "_NATS_URL")
+	_, adminsSet := os.LookupEnv(app.EnvPrefix + "_ADMIN_USERS")
 	rest, err := app.LoadConfigWith("demo", args, stderr, &cfg, demoUsage, func() { demoDefaults(&cfg) })
 	if err != nil {
 		return app.HelpIsNil(err)
@@ -151,11 +152,15 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	drainStart := time.Now()
 	var report *audit.Report
 	for {
-		report, err = audit.Check(ctx, pool, out.Digests, stream, topo.Persister, topo.Recovery)
+		report, err = audit.Check(ctx, pool, out.Digests, stream, append(topo.PersisterConsumers(), topo.Recovery)...)
 		if err != nil {
 			return err
 		}
-		if report.Pending[topo.Persister]+report.Pending[topo.Recovery] == 0 && len(report.Missing) == 0 {
+		var pending uint64
+		for _, n := range report.Pending {
+			pending += n
+		}
+		if pending == 0 && len(report.Missing) == 0 {
 			break
 		}
 		if time.Since(drainStart) > time.Minute {
@@ -204,6 +209,19 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		say("  %s", l)
 	}
 	say("  curl -s -H 'Authorization: Bearer %s' %s/admin/clients/%s/tokens", cfg.AdminToken, base, clientID)
+	admin := cfg.AdminUsers
+	if adminsSet {
+		admin = ""
+	}
+	pageLines, err := pagesDemo(ctx, pool, base, admin)
+	if err != nil {
+		return fmt.Errorf("pages: %w", err)
+	}
+	say("")
+	say("the pages, in a browser (the passwords are made up for this run and shown only here):")
+	for _, l := range pageLines {
+		say("  %s", l)
+	}
 	if *stay {
 		say("\nthe endpoint stays up until Ctrl-C")
 		<-ctx.Done()
@@ -234,6 +252,9 @@ func demoDefaults(cfg *app.IssuerConfig) {
 	}
 	if unset("_ADMIN_TOKEN") {
 		cfg.AdminToken = app.RandomKey()
+	}
+	if unset("_ADMIN_USERS") {
+		cfg.AdminUsers = "demo-admin-" + app.RandomID()
 	}
 }
 

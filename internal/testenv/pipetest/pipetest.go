@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/app"
@@ -37,6 +38,49 @@ func New(t *testing.T) *Pipeline {
 	return &Pipeline{Pool: pool, JS: js, Topo: topo}
 }
 
+// Partition splits the test's issued subject into n partitions, as
+// TOKENPIPE_PARTITIONS does, and provisions their consumers.
+func (p *Pipeline) Partition(t *testing.T, n int) {
+	t.Helper()
+	p.Topo.Partitions = n
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := events.Provision(ctx, p.JS, p.Topo)
+	testenv.Must(t, err, "provision partitions")
+}
+
+// StartPersister runs a persister bound to the given partitions (nil: all)
+// with its series on reg, until the returned function is called or the
+// test ends.
+func (p *Pipeline) StartPersister(t *testing.T, partitions []int, reg prometheus.Registerer) (stop func()) {
+	t.Helper()
+	per := consume.Settings{
+		Pool:  consume.Config{Workers: 2, BatchSize: 50, BatchWait: 20 * time.Millisecond},
+		Retry: store.DefaultRetryPolicy(), Topology: p.Topo, Finish: 5 * time.Second, NakDelay: time.Second,
+	}
+	pl := app.StartPipeline(context.Background(), p.Pool, p.JS, app.PipelineConfig{
+		Persister: &per, PersisterPartitions: partitions, Metrics: reg, Log: testenv.Logger(t),
+	})
+	var once sync.Once
+	stop = func() { once.Do(func() { _ = pl.Stop() }) }
+	t.Cleanup(stop)
+	return stop
+}
+
+// StartRecovery runs a recovery consumer alone.
+func (p *Pipeline) StartRecovery(t *testing.T) (stop func()) {
+	t.Helper()
+	rec := consume.Settings{
+		Pool:  consume.Config{Workers: 1, BatchSize: 200, BatchWait: 20 * time.Millisecond},
+		Retry: store.DefaultRetryPolicy(), Topology: p.Topo, Finish: 5 * time.Second, NakDelay: time.Second,
+	}
+	pl := app.StartPipeline(context.Background(), p.Pool, p.JS, app.PipelineConfig{Recovery: &rec, Log: testenv.Logger(t)})
+	var once sync.Once
+	stop = func() { once.Do(func() { _ = pl.Stop() }) }
+	t.Cleanup(stop)
+	return stop
+}
+
 // Start runs a persister pool and a recovery consumer. They stop when the
 // returned function is called or the test ends, whichever is first.
 func (p *Pipeline) Start(t *testing.T, workers int) (stop func()) {
@@ -56,11 +100,12 @@ func (p *Pipeline) Start(t *testing.T, workers int) (stop func()) {
 	return stop
 }
 
-// Drained waits until both durable consumers have nothing pending.
+// Drained waits until every durable consumer (each partition's too) has
+// nothing pending.
 func (p *Pipeline) Drained(t *testing.T) {
 	t.Helper()
 	testenv.Eventually(t, 60*time.Second, "consumers drained", func() (bool, error) {
-		for _, name := range []string{p.Topo.Persister, p.Topo.Recovery} {
+		for _, name := range p.durables() {
 			c, err := p.JS.Consumer(context.Background(), p.Topo.Stream, name)
 			if err != nil {
 				return false, err
@@ -170,11 +215,16 @@ func (p *Pipeline) SubjectCount(t *testing.T, subject string) uint64 {
 	return info.State.Subjects[subject]
 }
 
-// AssertDurablesOnly fails unless the stream has exactly its two durable
+// durables names the durable consumers Provision made.
+func (p *Pipeline) durables() []string {
+	return append(p.Topo.PersisterConsumers(), p.Topo.Recovery)
+}
+
+// AssertDurablesOnly fails unless the stream has exactly its durable
 // consumers: a tool left nothing behind.
 func (p *Pipeline) AssertDurablesOnly(t *testing.T) {
 	t.Helper()
-	want := []string{p.Topo.Persister, p.Topo.Recovery}
+	want := p.durables()
 	slices.Sort(want)
 	if got := p.Consumers(t); !slices.Equal(got, want) {
 		t.Fatalf("consumers = %v, want only the durables %v", got, want)

@@ -138,6 +138,33 @@ func TestExchangeAfterWindowOnlyRefusedWhenConfigured(t *testing.T) {
 	}
 }
 
+// TestExchangeAfterWindowByValidatingCallerOnlyRefused: a resource server
+// validated the token inside its window and exchanges it after its handler
+// ran past the window's end (tokenpipe_validated): refused, and the family,
+// which its client holds on with the successor, is not revoked. The same
+// late exchange without the parameter still revokes it.
+func TestExchangeAfterWindowByValidatingCallerOnlyRefused(t *testing.T) {
+	t.Parallel()
+	e, secret, _ := rotEnv(t, 500*time.Millisecond, nil)
+	old := e.signIn(t, "rot", secret)
+	next := e.exchangeAs(t, e.srv.URL, "rot", secret, old).token(t)
+	time.Sleep(time.Second) // past the window
+	a := e.to(t, e.srv.URL, "/oauth2/token", url.Values{"grant_type": {tokens.GrantTokenExchange},
+		"subject_token": {old}, "subject_token_type": {accessType}, "tokenpipe_validated": {"true"}}, basic("rot", secret))
+	if a.status != 400 || a.body["error"] != "invalid_grant" {
+		t.Fatalf("late exchange by a validating caller = %d %v, want invalid_grant", a.status, a.body)
+	}
+	if !e.active(t, next) {
+		t.Fatal("a late exchange by a caller that validated the token revoked its family")
+	}
+	if a := e.exchangeAs(t, e.srv.URL, "rot", secret, old); a.status != 400 || a.body["error"] != "invalid_grant" {
+		t.Fatalf("late exchange = %d %v, want invalid_grant", a.status, a.body)
+	}
+	if e.active(t, next) {
+		t.Fatal("a late exchange without tokenpipe_validated must still revoke the family")
+	}
+}
+
 // TestExchangeRepeatSaysSuccessorExchanged: inside the window of A, once
 // A's successor B was exchanged itself, a repeat exchange of A still gets B
 // (A is valid) but says B was exchanged, so a resource server does not hand

@@ -77,7 +77,7 @@ func (s *Server) exchange(ctx context.Context, client *clients.Client, form url.
 		}
 		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.PublishTimeout)
 		defer cancel()
-		if err := store.MarkExchangeAnswered(uctx, s.db, d, s.cfg.RotationWindow); err != nil {
+		if err := store.MarkExchangeAnswered(uctx, s.db, d, s.rotationWindow(client)); err != nil {
 			return nil, fmt.Errorf("record token exchange of family %s as answered: %w", c.Family, err)
 		}
 		s.metrics.exchanges.WithLabelValues("first").Inc()
@@ -85,6 +85,23 @@ func (s *Server) exchange(ctx context.Context, client *clients.Client, form url.
 		s.metrics.exchanges.WithLabelValues("repeat").Inc()
 	}
 	return resp, nil
+}
+
+// rotationWindow is the batch window of client's tokens: its own when set
+// (tokenpipe client rotation-window), else the issuer's. In async mode
+// every exchange inside a window republishes the successor's event, and
+// JetStream keeps it once only within its duplicate window; a client window
+// not shorter than that is ignored for the issuer's, which the
+// configuration check holds below it.
+func (s *Server) rotationWindow(client *clients.Client) time.Duration {
+	w := client.RotationWindow
+	if w == nil {
+		return s.cfg.RotationWindow
+	}
+	if s.cfg.Mode != ModeSync && s.cfg.Topology.Duplicates > 0 && *w >= s.cfg.Topology.Duplicates {
+		return s.cfg.RotationWindow
+	}
+	return *w
 }
 
 // validatedParam, sent "true" by a caller that validated the subject token

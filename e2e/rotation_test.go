@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -53,8 +54,8 @@ func TestRotationThroughTwoIssuers(t *testing.T) {
 		testenv.Must(t, clients.AddUser(ctx, pool, u, u+"'s password", 4), "add user")
 	}
 	d := newDeployment(t, dbURL, topo, "TOKENPIPE_ROTATION_WINDOW="+rotationWindow.String())
-	_, url1 := d.issuer("issuer-1")
-	_, url2 := d.issuer("issuer-2")
+	iss1, url1 := d.issuer("issuer-1")
+	iss2, url2 := d.issuer("issuer-2")
 	d.start("persister", "persister")
 	d.start("recovery", "recovery")
 
@@ -96,7 +97,7 @@ func TestRotationThroughTwoIssuers(t *testing.T) {
 	successors := 0
 	for _, dev := range devices {
 		rep := dev.rec.judge()
-		t.Logf("%s: %d requests, %d cancelled, %d successors taken, %d refused (401) after their window",
+		t.Logf("%s: %d requests, %d cancelled, %d answers with a successor, %d refused (401) after their window",
 			dev.user, rep.requests, dev.cancelled.Load(), rep.successors, rep.lateRefusals)
 		if rep.cancelledSeen == 0 || rep.requests == 0 {
 			t.Errorf("%s: the run exercised nothing: %+v", dev.user, rep)
@@ -114,7 +115,33 @@ func TestRotationThroughTwoIssuers(t *testing.T) {
 	if successors == 0 {
 		t.Fatal("no request carried a successor: rotation did not run")
 	}
+	results := map[string]int{}
+	for _, p := range []*proc{iss1, iss2} {
+		for _, r := range []string{"first", "repeat", "refused", "reuse"} {
+			results[r] += exchangeCount(t, scrape(t, p), r)
+		}
+	}
+	// refused: exchanges of a held request after its token's window ended.
+	t.Logf("exchanges over both issuers: %v", results)
+	if results["reuse"] > 0 || results["first"] == 0 {
+		t.Fatalf("exchanges %v: a late exchange from the middleware was taken for reuse, or none ran", results)
+	}
 	auditUntilClean(t, "per-request rotation, 2 issuers, 2 devices x 10 goroutines", len(digests), digests, pool, js, topo, time.Now())
+}
+
+// exchangeCount reads tokenpipe_issuer_token_exchanges_total{result} from
+// an issuer's metrics.
+func exchangeCount(t *testing.T, metrics, result string) int {
+	t.Helper()
+	prefix := `tokenpipe_issuer_token_exchanges_total{result="` + result + `"} `
+	for _, line := range strings.Split(metrics, "\n") {
+		if v, ok := strings.CutPrefix(line, prefix); ok {
+			n, err := strconv.ParseFloat(v, 64)
+			testenv.Must(t, err, "parse "+line)
+			return int(n)
+		}
+	}
+	return 0
 }
 
 // slowHandler answers after ?hold= (a duration), or, with ?until=cancel,

@@ -83,7 +83,9 @@ type Config struct {
 	IssuerClient *http.Client
 	// Hosts, when set, are the only URL hosts (host or host:port, as in the
 	// request URL) that receive the token; requests to other hosts pass
-	// through without one, so a redirect elsewhere never carries it.
+	// through without one. Without Hosts, any host the application asks
+	// receives it, but a redirect to another host than the one first asked
+	// never does. A redirect from https to plain http never carries it.
 	Hosts []string
 	// UnavailableWait bounds the total wait for an issuer that answers 503
 	// or cannot be reached, per token request.
@@ -149,7 +151,7 @@ func (t *Transport) Close() { t.fetching.Wait() }
 // the body can be replayed, sends req once more; otherwise, or if the retry
 // is refused too, the application gets the 401.
 func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
-	if len(t.cfg.Hosts) > 0 && !slices.Contains(t.cfg.Hosts, req.URL.Host) {
+	if !t.mayCarryToken(req) {
 		return t.base.RoundTrip(req)
 	}
 	ctx := req.Context()
@@ -184,6 +186,27 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	discard(resp)
 	return t.send(req, body, next)
+}
+
+// mayCarryToken reports whether req may be sent with the token: it is no
+// redirect from https to plain http, and its host is one of Hosts or,
+// without Hosts, it is no redirect to a host other than the one the
+// application asked (http.Client drops its own Authorization
+// header on such a redirect, but this transport adds the token itself, so
+// it must drop it too; the redirected host's answer could also plant a
+// token of its choosing through the rotation header).
+func (t *Transport) mayCarryToken(req *http.Request) bool {
+	first := req
+	for first.Response != nil && first.Response.Request != nil {
+		first = first.Response.Request
+	}
+	if first.URL.Scheme == "https" && req.URL.Scheme != "https" {
+		return false // a redirect from TLS to plain HTTP: the token in the clear
+	}
+	if len(t.cfg.Hosts) > 0 {
+		return slices.Contains(t.cfg.Hosts, req.URL.Host)
+	}
+	return first.URL.Host == req.URL.Host
 }
 
 // send sends a copy of req with body and tok, and follows the rotation header

@@ -18,7 +18,7 @@ func TestPersisterKilledMidBatchLosesNothing(t *testing.T) {
 	t.Parallel()
 	dbURL, pool := testenv.Database(t)
 	_, js, topo := testenv.JetStream(t)
-	ctx := ctxT(t, 3*time.Minute)
+	ctx := ctxT(t, 3*hangGuard)
 	evs := bench.MakeEvents(30000)
 	testenv.Must(t, bench.Fill(ctx, js, topo, evs, nil), "fill")
 	// A short ack wait so the killed process's batch comes back quickly.
@@ -32,7 +32,7 @@ func TestPersisterKilledMidBatchLosesNothing(t *testing.T) {
 	for round := 0; round < 3; round++ {
 		p := d.start("persister", "persister")
 		before := count()
-		testenv.Eventually(t, 60*time.Second, "progress before the kill", func() (bool, error) {
+		testenv.Eventually(t, hangGuard, "progress before the kill", func() (bool, error) {
 			return count() >= before+3000, nil
 		})
 		p.kill(t)
@@ -57,7 +57,7 @@ func TestRecoveryKilledMidTransactionLosesNothing(t *testing.T) {
 	t.Parallel()
 	dbURL, pool := testenv.Database(t)
 	_, js, topo := testenv.JetStream(t)
-	ctx := ctxT(t, 3*time.Minute)
+	ctx := ctxT(t, 3*hangGuard)
 	// 400 keys, 15 tokens each, interleaved: most events conflict.
 	var evs []*events.TokenIssued
 	for round := 0; round < 15; round++ {
@@ -77,7 +77,7 @@ func TestRecoveryKilledMidTransactionLosesNothing(t *testing.T) {
 	for round := 0; round < 3; round++ {
 		r := d.start("recovery", "recovery")
 		before := resolved()
-		testenv.Eventually(t, 60*time.Second, "recovery progress", func() (bool, error) {
+		testenv.Eventually(t, hangGuard, "recovery progress", func() (bool, error) {
 			return resolved() >= before+200, nil
 		})
 		r.kill(t)
@@ -114,16 +114,15 @@ func TestIssuerKilledMidRequestLosesNothing(t *testing.T) {
 	d.start("persister", "persister")
 	d.start("recovery", "recovery")
 	load := startLoad(t, 400, "kill-app", "kill-secret", scopes, url1, url2)
-	time.Sleep(1500 * time.Millisecond)
+	load.waitMore(t, "before the kill", 150)
 	victim.kill(t)
+	// Requests keep going to the dead issuer for a moment, as they would
+	// until a load balancer's health check notices.
 	time.Sleep(500 * time.Millisecond)
 	load.setTargets(url2)
-	time.Sleep(1500 * time.Millisecond)
+	load.waitMore(t, "after the kill", 150)
 	digests, errs := load.finish()
 	t.Logf("%d tokens issued; failed: %v", len(digests), errs)
-	if len(digests) < 300 {
-		t.Fatalf("only %d tokens issued", len(digests))
-	}
 	auditUntilClean(t, "issuer SIGKILL mid-request (1 of 2, 400 req/s)", int(load.sent.Load()), digests, pool, js, topo, time.Now())
 }
 
@@ -135,7 +134,7 @@ func TestConnectionsCutMidTransaction(t *testing.T) {
 	t.Parallel()
 	dbURL, pool := testenv.Database(t)
 	_, js, topo := testenv.JetStream(t)
-	ctx := ctxT(t, 3*time.Minute)
+	ctx := ctxT(t, 3*hangGuard)
 	var evs []*events.TokenIssued
 	for round := 0; round < 4; round++ {
 		evs = append(evs, bench.MakeEvents(10000)...)

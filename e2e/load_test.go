@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"slices"
 	"sync"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/tokenpipe/tokenpipe/events"
+	"github.com/tokenpipe/tokenpipe/internal/testenv"
 )
 
 // steadyLoad sends client_credentials requests at a fixed rate, round-robin
@@ -90,6 +92,22 @@ func (l *steadyLoad) issuedSoFar() []events.Digest {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return slices.Clone(l.digests)
+}
+
+// hangGuard bounds waits that are driven by counts. It only catches a hang:
+// on a machine with a load average of 50 on 2 cores a phase may take many
+// times longer than alone, and that must not fail a test.
+const hangGuard = 5 * time.Minute
+
+// waitMore waits until n more tokens were issued than when it was called;
+// phases of a test are driven by this count, not by time, so a busy machine
+// slows them down instead of making them too short to prove anything.
+func (l *steadyLoad) waitMore(t *testing.T, what string, n int) {
+	t.Helper()
+	base := len(l.issuedSoFar())
+	testenv.Eventually(t, hangGuard, fmt.Sprintf("%s: %d more tokens issued", what, n), func() (bool, error) {
+		return len(l.issuedSoFar()) >= base+n, nil
+	})
 }
 
 // requests returns every request answered or failed so far.

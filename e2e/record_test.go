@@ -20,11 +20,11 @@ import (
 // the clean report.
 func auditUntilClean(t *testing.T, name string, offered int, digests []events.Digest, pool *pgxpool.Pool, js jetstream.JetStream, topo events.Topology, since time.Time) *audit.Report {
 	t.Helper()
-	ctx := ctxT(t, 3*time.Minute)
+	ctx := ctxT(t, hangGuard+time.Minute)
 	stream, err := js.Stream(ctx, topo.Stream)
 	testenv.Must(t, err, "stream")
 	var r *audit.Report
-	testenv.Eventually(t, 2*time.Minute, name+": clean audit", func() (bool, error) {
+	testenv.Eventually(t, hangGuard, name+": clean audit", func() (bool, error) {
 		r, err = audit.Check(ctx, pool, digests, stream, append(topo.PersisterConsumers(), topo.Recovery)...)
 		return err == nil && r.Clean(), err
 	})

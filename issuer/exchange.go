@@ -80,6 +80,9 @@ func (s *Server) exchange(ctx context.Context, client *clients.Client, form url.
 		if err := store.MarkExchangeAnswered(uctx, s.db, d, s.rotationWindow(client)); err != nil {
 			return nil, fmt.Errorf("record token exchange of family %s as answered: %w", c.Family, err)
 		}
+		// An answer cached before the exchange would outlive the window
+		// that starts now.
+		s.cache.invalidate([]events.Digest{d})
 		s.metrics.exchanges.WithLabelValues("first").Inc()
 	} else {
 		s.metrics.exchanges.WithLabelValues("repeat").Inc()

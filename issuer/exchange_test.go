@@ -15,8 +15,10 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/tokenpipe/tokenpipe/events"
 	"github.com/tokenpipe/tokenpipe/internal/clients"
 	"github.com/tokenpipe/tokenpipe/internal/grants"
+	"github.com/tokenpipe/tokenpipe/internal/store"
 	"github.com/tokenpipe/tokenpipe/internal/testenv"
 	"github.com/tokenpipe/tokenpipe/internal/tokens"
 	"github.com/tokenpipe/tokenpipe/issuer"
@@ -386,5 +388,38 @@ func TestExchangeAbandonedByCallerKeepsToken(t *testing.T) {
 	}
 	if !e.active(t, next.token(t)) {
 		t.Fatal("successor inactive")
+	}
+}
+
+// TestAbandonedExchangeDoesNotReviveRefreshedToken: an access token whose
+// exchange was recorded but never answered (its caller went away after
+// store.RecordExchange, the exchange's first step) and that a refresh of
+// its own family then superseded is dead like any superseded token: it
+// neither introspects active nor can be exchanged for a successor that
+// would take the key back from the refreshed one.
+func TestAbandonedExchangeDoesNotReviveRefreshedToken(t *testing.T) {
+	t.Parallel()
+	e, _, _ := rotEnv(t, 2*time.Second, nil)
+	ctx := context.Background()
+	secret, err := clients.Add(ctx, e.pool, "rot3", []string{"read"}, []string{"password", "refresh_token", tokens.GrantTokenExchange})
+	testenv.Must(t, err, "add client")
+	signIn := e.to(t, e.srv.URL, "/oauth2/token", url.Values{"grant_type": {"password"}, "username": {"alice"},
+		"password": {userPassword}}, basic("rot3", secret))
+	old, refresh := signIn.token(t), signIn.body["refresh_token"].(string)
+	c, err := testenv.Keys().Decode(old)
+	testenv.Must(t, err, "decode")
+	if _, first, err := store.RecordExchange(ctx, e.pool, events.DigestOf(old), c.ExpiresAt); err != nil || !first {
+		t.Fatalf("record the abandoned exchange: first=%v err=%v", first, err)
+	}
+	refreshed := e.to(t, e.srv.URL, "/oauth2/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {refresh}},
+		basic("rot3", secret)).token(t)
+	testenv.Eventually(t, 10*time.Second, "refreshed token ACTIVE, the old one INACTIVE", func() (bool, error) {
+		return e.state(t, refreshed) == "ACTIVE" && e.state(t, old) == "INACTIVE", nil
+	})
+	if e.active(t, old) {
+		t.Fatal("a token superseded by its family's refresh introspects active (an abandoned exchange revived it)")
+	}
+	if a := e.exchangeAs(t, e.srv.URL, "rot3", secret, old); a.status != 400 || a.body["error"] != "invalid_grant" {
+		t.Fatalf("exchange of the superseded token = %d %v, want invalid_grant", a.status, a.body)
 	}
 }

@@ -95,7 +95,10 @@ func (s *Server) introspection(ctx context.Context, caller, text string, now tim
 	if live && st.ValidUntil != nil && st.ValidUntil.Before(c.ExpiresAt) {
 		a.Exp = st.ValidUntil.Unix()
 	}
-	if st.State != nil {
+	// Nor is a live answer for a token exchanged without an answer yet: its
+	// window starts with the answer, on any instance, and a cached answer
+	// would outlive it.
+	if st.State != nil && !(live && st.Exchanged && st.ValidUntil == nil) {
 		until := c.ExpiresAt
 		if st.ValidUntil != nil && st.ValidUntil.Before(until) {
 			until = *st.ValidUntil

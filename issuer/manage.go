@@ -227,7 +227,7 @@ func (s *Server) setGrant(w http.ResponseWriter, r *http.Request, allow bool) {
 		return
 	}
 	if !clients.KnownGrant(grant) {
-		writeJSON(w, http.StatusBadRequest, apiError("invalid_request", "grant must be client_credentials, password or refresh_token"))
+		writeJSON(w, http.StatusBadRequest, apiError("invalid_request", "grant must be one of "+clients.GrantNames()))
 		return
 	}
 	err := s.changeGrant(r.Context(), client, grant, allow, "admin API")

@@ -36,7 +36,7 @@ func TestGracefulStopLeavesNothingInFlight(t *testing.T) {
 	go func() { done <- p.Run(runCtx) }()
 	cons, err := js.Consumer(ctx, topo.Stream, topo.Persister)
 	testenv.Must(t, err, "consumer")
-	testenv.Eventually(t, 20*time.Second, "persister under way", func() (bool, error) {
+	testenv.Eventually(t, 2*time.Minute, "persister under way", func() (bool, error) {
 		info, err := cons.Info(ctx)
 		if err != nil {
 			return false, err

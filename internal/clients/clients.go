@@ -285,6 +285,9 @@ func SetGrant(ctx context.Context, db *pgxpool.Pool, id, grant string, allow boo
 // KnownGrant reports whether grant is one a client may be allowed.
 func KnownGrant(grant string) bool { return slices.Contains(knownGrants, grant) }
 
+// GrantNames lists the grants a client may be given, for error messages.
+func GrantNames() string { return strings.Join(knownGrants, ", ") }
+
 // Remove deletes a client. Issuers stop accepting it within their cache TTL.
 func Remove(ctx context.Context, db *pgxpool.Pool, id string) error {
 	tag, err := db.Exec(ctx, `DELETE FROM clients WHERE client_id = $1`, id)

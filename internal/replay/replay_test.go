@@ -207,11 +207,24 @@ func TestReplayOverlappingLiveTraffic(t *testing.T) {
 		digests []events.Digest
 		pubErr  error
 	)
+	// Publishing is driven by counts, not time, so a busy machine cannot cut
+	// it short: at least 10 tokens per key, and on until both replays ran.
+	const minEvents = 250
 	publishing := make(chan struct{})
+	replaysDone := make(chan struct{})
+	stopPublishing := sync.OnceFunc(func() { close(replaysDone) })
+	goOn := func(i int) bool {
+		select {
+		case <-replaysDone:
+			return i < minEvents
+		default:
+			return true
+		}
+	}
 	go func() {
 		defer close(publishing)
 		ctx := context.Background()
-		for i, deadline := 0, time.Now().Add(1200*time.Millisecond); time.Now().Before(deadline); i++ {
+		for i := 0; goOn(i); i++ {
 			ev := testenv.Token("app", keys[i%len(keys)], "read")
 			body, err := events.EncodeTokenIssued(ev)
 			if err == nil {
@@ -227,14 +240,26 @@ func TestReplayOverlappingLiveTraffic(t *testing.T) {
 			mu.Unlock()
 		}
 	}()
+	defer func() { stopPublishing(); <-publishing }()
 	// A backlog builds up; then the workers and a replay start on it at
 	// once, and a second replay with more workers follows while publishing
 	// goes on.
-	time.Sleep(300 * time.Millisecond)
+	published := func(n int) func() (bool, error) {
+		return func() (bool, error) {
+			mu.Lock()
+			defer mu.Unlock()
+			return len(digests) >= n || pubErr != nil, nil
+		}
+	}
+	testenv.Eventually(t, 2*time.Minute, "a backlog of 100 events", published(100))
 	p.Start(t, 2)
 	first := runReplay(t, p, replay.Options{BatchSize: 20})
-	time.Sleep(200 * time.Millisecond)
+	mu.Lock()
+	base := len(digests)
+	mu.Unlock()
+	testenv.Eventually(t, 2*time.Minute, "more events after the first replay", published(base+50))
 	second := runReplay(t, p, replay.Options{BatchSize: 20, Workers: 4})
+	stopPublishing()
 	<-publishing
 	if pubErr != nil {
 		t.Fatalf("publish: %v", pubErr)

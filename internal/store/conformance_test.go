@@ -44,8 +44,9 @@ type step struct {
 	// window already past.
 	exchange, exchangeClosed string
 	// exchangeUnanswered records an exchange whose caller never got the
-	// answer: the window has not started.
-	exchangeUnanswered string
+	// answer: the window has not started. successor names the token the
+	// exchange minted (its grant and issue time made so), if any.
+	exchangeUnanswered, successor string
 }
 
 type grant struct {
@@ -121,7 +122,11 @@ var exchangeScenarios = []scenario{
 	{name: "exchange: window passed", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
 		steps: []step{{exchangeClosed: "a"}, d("a", "b")}, want: map[string]string{"a": "INACTIVE", "b": "ACTIVE"}},
 	{name: "exchange never answered: the predecessor lives on", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
-		steps: []step{{exchangeUnanswered: "a"}, d("a"), d("b")}, want: map[string]string{"a": "ROTATED", "b": "ACTIVE"}},
+		steps: []step{{exchangeUnanswered: "a", successor: "b"}, d("a"), d("b")}, want: map[string]string{"a": "ROTATED", "b": "ACTIVE"}},
+	// b is not a's successor (a refresh of the family): nobody was given
+	// a's successor, so nothing keeps a alive past b.
+	{name: "exchange never answered: a refresh of the family supersedes", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
+		steps: []step{{exchangeUnanswered: "a"}, d("a"), d("b")}, want: map[string]string{"a": "INACTIVE", "b": "ACTIVE"}},
 	{name: "exchange: revoked predecessor stays revoked", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
 		steps: []step{{exchange: "a"}, d("a"), {revokeToken: "a"}, d("b")}, want: map[string]string{"a": "REVOKED", "b": "ACTIVE"}},
 	{name: "exchange: grant revocation kills both", toks: map[string]tok{"a": {"u", "read", 1, "f"}, "b": {"u", "read", 2, "f"}},
@@ -265,6 +270,11 @@ func run(ctx context.Context, t *testing.T, pool *pgxpool.Pool, w writer, sc sce
 			recordExchange(ctx, t, pool, evs[s.exchangeClosed], 0)
 		case s.exchangeUnanswered != "":
 			recordExchange(ctx, t, pool, evs[s.exchangeUnanswered], -1)
+			if s.successor != "" {
+				x, _, err := store.ReadExchange(ctx, pool, evs[s.exchangeUnanswered].TokenDigest)
+				testenv.Must(t, err, "read exchange")
+				evs[s.successor].GrantType, evs[s.successor].IssuedAt = tokens.GrantTokenExchange, x.At
+			}
 		}
 	}
 	states, err := store.EffectiveStates(ctx, pool)

@@ -110,7 +110,8 @@ func ExchangedDigests(ctx context.Context, db Querier, ds ...events.Digest) (map
 //   - exchanged, window open (or not started: no exchange was answered, so
 //     nobody holds the successor): ROTATED (live) while its row is ACTIVE or
 //     queued, or INACTIVE with its own family still holding the key (the
-//     successor, or the successor's successor, is the key's ACTIVE row);
+//     successor, or the successor's successor, is the key's ACTIVE row;
+//     before any answer, only the successor itself: successorHoldsKey);
 //     REVOKED rows stay REVOKED; superseded by another authorization (a new
 //     sign-in on another device), it is INACTIVE like any superseded token;
 //   - exchanged, window closed: INACTIVE whatever its row says (REVOKED
@@ -156,8 +157,20 @@ const effectiveSQL = `
 SELECT t.token_digest, t.state, x.subject_digest IS NOT NULL, coalesce(clock_timestamp() <= x.valid_until, true),
        x.subject_digest IS NOT NULL AND EXISTS (SELECT 1 FROM tokens a
            WHERE a.client_id = t.client_id AND a.subject = t.subject AND a.scope = t.scope
-             AND a.state = 'ACTIVE' AND a.family_id = t.family_id)
+             AND a.state = 'ACTIVE' AND a.family_id = t.family_id AND ` + successorHoldsKey + `)
 FROM tokens t LEFT JOIN token_exchanges x ON x.subject_digest = t.token_digest`
+
+// successorHoldsKey narrows "the family holds the key" (a, the key's ACTIVE
+// row of the exchanged token's family; x, the token's exchange) for an
+// exchange never answered: then nobody holds the successor, nor any
+// token exchanged from it, so only the successor itself (the token-exchange
+// token issued at the exchange's time) keeps the presented token alive. A
+// refresh of the family that superseded the token, or a successor of that,
+// must leave it INACTIVE: the window never started and would never end. An
+// answered exchange's token lives to valid_until at most whoever holds the
+// key.
+const successorHoldsKey = `(x.valid_until IS NOT NULL OR
+               (a.grant_type = 'urn:ietf:params:oauth:grant-type:token-exchange' AND a.issued_at = x.exchanged_at))`
 
 // EffectiveStates reads every stored token's state under the exchange rule
 // (Effective): what introspection answers for it. The tests that compare

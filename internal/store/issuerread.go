@@ -37,7 +37,8 @@ SELECT (SELECT state FROM tokens WHERE token_digest = $1),
        coalesce(clock_timestamp() <= x.valid_until, true),
        x.valid_until,
        x.subject_digest IS NOT NULL AND EXISTS (SELECT 1 FROM tokens a
-               WHERE a.client_id = $3 AND a.subject = $4 AND a.scope = $6 AND a.state = 'ACTIVE' AND a.family_id = $2)
+               WHERE a.client_id = $3 AND a.subject = $4 AND a.scope = $6 AND a.state = 'ACTIVE' AND a.family_id = $2
+                 AND ` + successorHoldsKey + `)
 FROM (SELECT 1) AS one LEFT JOIN token_exchanges x ON x.subject_digest = $1`
 
 // AccessStatus is what the database says of an access token; Effective

@@ -138,8 +138,13 @@ func MakeEvents(n int) []*events.TokenIssued {
 
 // Fill publishes evs with bounded asynchronous publishing and waits for
 // every acknowledgement.
+//
+// The window stays well under the client's limit of pending acks (4000 by
+// default): a publish past that limit waits only the stall wait (200 ms by
+// default) for a slot and then fails, which on a busy machine, where acks
+// come late, it did. The long stall wait covers callers sharing js.
 func Fill(ctx context.Context, js jetstream.JetStream, topo events.Topology, evs []*events.TokenIssued, w io.Writer) error {
-	const window = 4096
+	const window = 2000
 	futures := make([]jetstream.PubAckFuture, 0, window)
 	wait := func() error {
 		if err := stream.WaitAcks(ctx, futures); err != nil {
@@ -154,7 +159,8 @@ func Fill(ctx context.Context, js jetstream.JetStream, topo events.Topology, evs
 		if err != nil {
 			return err
 		}
-		f, err := js.PublishAsync(topo.IssuedSubjectOf(ev.ClientID, ev.Subject, ev.Scope()), body, jetstream.WithMsgID(ev.TokenDigest.String()))
+		f, err := js.PublishAsync(topo.IssuedSubjectOf(ev.ClientID, ev.Subject, ev.Scope()), body, jetstream.WithMsgID(ev.TokenDigest.String()),
+			jetstream.WithStallWait(time.Minute))
 		if err != nil {
 			return fmt.Errorf("publish: %w", err)
 		}

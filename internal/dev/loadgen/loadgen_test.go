@@ -159,14 +159,32 @@ func TestRunAgainstRealPipeline(t *testing.T) {
 	running := app.StartPipeline(ctx, pool, js, app.PipelineConfig{Persister: &settings, Recovery: &settings, Metrics: reg, Log: log})
 	defer func() { _ = running.Stop() }()
 
-	rep, err := loadgen.Run(ctx, loadgen.Options{
-		Target: loadgen.Target{URL: srv.URL + "/oauth2/token", ClientID: "lt", Secret: secret, ScopePool: 50},
-		Mix:    loadgen.Mix{Reissue: 0.2, Duplicate: 0.05, DupWidth: 3},
-		Rate:   300, Duration: 2 * time.Second, Concurrency: 64, LagEvery: 1,
-		Pool: pool, JS: js, Stream: topo.Stream, Consumers: []string{topo.Persister, topo.Recovery},
-		DeadMargin: audit.DefaultDeadMargin, DrainTimeout: 30 * time.Second,
-	})
-	testenv.Must(t, err, "run")
+	// The load is open-loop for a fixed time, and on a busy machine most of
+	// it may be dropped at the concurrency bound. So runs repeat, each one
+	// checked in full, until 100 tokens were issued and recovery had work.
+	ok, inactive := 0, 0
+	for run := 1; ok < 100 || inactive == 0; run++ {
+		if run > 20 {
+			t.Fatalf("20 runs issued %d tokens and made %d INACTIVE; want 100 and some", ok, inactive)
+		}
+		rep, err := loadgen.Run(ctx, loadgen.Options{
+			Target: loadgen.Target{URL: srv.URL + "/oauth2/token", ClientID: "lt", Secret: secret, ScopePool: 50},
+			Mix:    loadgen.Mix{Reissue: 0.2, Duplicate: 0.05, DupWidth: 3},
+			Rate:   300, Duration: 2 * time.Second, Concurrency: 64, LagEvery: 1,
+			Pool: pool, JS: js, Stream: topo.Stream, Consumers: []string{topo.Persister, topo.Recovery},
+			DeadMargin: audit.DefaultDeadMargin, DrainTimeout: 5 * time.Minute,
+		})
+		testenv.Must(t, err, "run")
+		checkRun(t, rep)
+		ok += rep.Steps[0].OK
+		inactive = rep.Inactive
+	}
+}
+
+// checkRun checks what must hold for every run: the accounting, the
+// verification and the lag measurement, whatever the machine's load.
+func checkRun(t *testing.T, rep *loadgen.Report) {
+	t.Helper()
 	// Without coalescing every request gets its own token, none of them dead.
 	if cv := rep.ClientVisible; cv == nil || cv.HandedOut != rep.Steps[0].OK || cv.DeadCount != 0 || cv.MaxReceived != nil || !rep.Clean() {
 		t.Fatalf("client visible = %+v", rep.ClientVisible)
@@ -178,14 +196,11 @@ func TestRunAgainstRealPipeline(t *testing.T) {
 	}
 	// No throughput floor: CI runs this beside other packages under the race
 	// detector. What must hold is the accounting and the verification.
-	if s.OK < 100 || s.OK+failed != s.Sent || !rep.Audit.Clean() || rep.Audit.Tokens != s.OK {
+	if s.OK+failed != s.Sent || !rep.Audit.Clean() || rep.Audit.Tokens != s.OK {
 		t.Fatalf("sent=%d ok=%d errors=%v audit=%+v", s.Sent, s.OK, s.Errors, rep.Audit)
 	}
 	if s.Lag.Measured != s.OK || s.Lag.Unpersisted != 0 {
 		t.Fatalf("lag = %+v for %d tokens", s.Lag, s.OK)
-	}
-	if rep.Inactive == 0 {
-		t.Fatal("a re-issue and duplicate mix made no token INACTIVE: the recovery path was not exercised")
 	}
 	if len(rep.Queue) == 0 || len(rep.Seconds) < 2 {
 		t.Fatalf("time series missing: %d queue samples, %d seconds", len(rep.Queue), len(rep.Seconds))

@@ -1,0 +1,164 @@
+package stream_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/tokenpipe/tokenpipe/internal/stream"
+	"github.com/tokenpipe/tokenpipe/internal/testenv"
+)
+
+// slowLink is a TCP proxy to NATS that delivers everything the server sends
+// a fixed delay late, in order, as a client starved of CPU on a busy machine
+// sees it: the bytes arrive, but the client reads them late.
+type slowLink struct {
+	ln    net.Listener
+	delay time.Duration
+	wg    sync.WaitGroup
+}
+
+func newSlowLink(t *testing.T, server string, delay time.Duration) *slowLink {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	testenv.Must(t, err, "listen")
+	l := &slowLink{ln: ln, delay: delay}
+	l.wg.Add(1)
+	go func() {
+		defer l.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("tcp", server)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			l.wg.Add(2)
+			go func() { defer l.wg.Done(); _, _ = io.Copy(s, c); s.Close() }()
+			go func() { defer l.wg.Done(); l.late(c, s); c.Close() }()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); l.wg.Wait() })
+	return l
+}
+
+// late copies src to dst, each chunk delay after it was read.
+func (l *slowLink) late(dst, src net.Conn) {
+	type chunk struct {
+		at   time.Time
+		data []byte
+	}
+	q := make(chan chunk, 4096)
+	go func() {
+		defer close(q)
+		for {
+			buf := make([]byte, 32*1024)
+			n, err := src.Read(buf)
+			if n > 0 {
+				q <- chunk{time.Now(), buf[:n]}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	for c := range q {
+		time.Sleep(time.Until(c.at.Add(l.delay)))
+		if _, err := dst.Write(c.data); err != nil {
+			src.Close()
+			for range q {
+			}
+			return
+		}
+	}
+}
+
+func (l *slowLink) url() string { return "nats://" + l.ln.Addr().String() }
+
+// A worker whose pulls are answered late (a starved process on a busy
+// machine) must still take every message the server delivered to it: a
+// graceful stop leaves nothing delivered but unacknowledged, waiting for
+// the ack timeout.
+//
+// It fails on the current pool: FetchNoWait gives up one second after its
+// last message (a client-side timer in nats.go), so a batch the server
+// sends later goes to an inbox nobody reads and stays ack pending until the
+// ack wait, then is redelivered into the same trap. With answers 1.5 s late
+// the pool handled 6 of 400 messages in 40 s, 394 ack pending; a persister
+// on a machine with a load average of 50 showed the same as "100 ack
+// pending" after a graceful stop. Set TOKENPIPE_TEST_KNOWN_DEFECTS=1 to run.
+func TestLateAnswersLeaveNothingInFlight(t *testing.T) {
+	if os.Getenv("TOKENPIPE_TEST_KNOWN_DEFECTS") == "" {
+		t.Skip("known defect, not fixed yet: no-wait fetches orphan late answers; TOKENPIPE_TEST_KNOWN_DEFECTS=1 runs it")
+	}
+	t.Parallel()
+	_, js, topo := testenv.JetStream(t)
+	for range 400 {
+		testenv.Publish(t, js, topo, testenv.Token("app", testenv.Name("user-"), "read"))
+	}
+	link := newSlowLink(t, strings.TrimPrefix(testenv.NATSURL(), "nats://"), 1500*time.Millisecond)
+	nc, err := nats.Connect(link.url(), nats.Timeout(10*time.Second))
+	testenv.Must(t, err, "connect through the slow link")
+	defer nc.Close()
+	slowJS, err := jetstream.New(nc, jetstream.WithDefaultTimeout(30*time.Second))
+	testenv.Must(t, err, "jetstream")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cons, err := slowJS.Consumer(ctx, topo.Stream, topo.Persister)
+	testenv.Must(t, err, "consumer")
+
+	var handled atomic.Int64
+	pool := &stream.Pool{
+		Consumer: cons, Config: stream.Config{Workers: 1, BatchSize: 50, BatchWait: 10 * time.Millisecond},
+		Finish: 30 * time.Second, Settler: settler(t, slowJS, topo), Log: testenv.Logger(t),
+		Handler: func(_ context.Context, msgs []jetstream.Msg) []stream.Verdict {
+			handled.Add(int64(len(msgs)))
+			v := make([]stream.Verdict, len(msgs))
+			for i := range v {
+				v[i] = stream.Ack()
+			}
+			return v
+		},
+	}
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- pool.Run(runCtx) }()
+	direct, err := js.Consumer(ctx, topo.Stream, topo.Persister)
+	testenv.Must(t, err, "consumer")
+	testenv.Eventually(t, 2*time.Minute, "100 messages handled", func() (bool, error) {
+		info, err := direct.Info(ctx)
+		if err != nil {
+			return false, err
+		}
+		return handled.Load() >= 100, fmt.Errorf("delivered %d, acked up to %d, %d ack pending, %d handled",
+			info.Delivered.Consumer, info.AckFloor.Consumer, info.NumAckPending, handled.Load())
+	})
+	stop()
+	testenv.Must(t, <-done, "run")
+	testenv.Must(t, nc.FlushTimeout(30*time.Second), "flush")
+
+	testenv.Eventually(t, 10*time.Second, "acks processed", func() (bool, error) {
+		info, err := direct.Info(ctx)
+		if err != nil {
+			return false, err
+		}
+		if info.AckFloor.Consumer == info.Delivered.Consumer {
+			return true, nil
+		}
+		return false, fmt.Errorf("delivered %d, acked up to %d, %d ack pending, %d handled",
+			info.Delivered.Consumer, info.AckFloor.Consumer, info.NumAckPending, handled.Load())
+	})
+}

@@ -30,7 +30,11 @@ const accessTokenType = "urn:ietf:params:oauth:token-type:access_token"
 // caller went away before the answer starts nothing), and every exchange
 // inside the window gets the same successor. An exchange after the window is
 // refused and, unless RotationReuseKeeps, revokes the family: a token
-// presented that late was replayed by someone who is not its holder.
+// presented that late was replayed by someone who is not its holder. A
+// caller that says it validated the token before (validatedParam, the
+// resource middleware: it refuses a token past its window at validation)
+// is only refused: its late exchange is a request that ran past the window,
+// not a replay.
 //
 // Only the token's own client may exchange it: a token is never converted
 // into another client's, and a refresh token is never exchanged.
@@ -50,7 +54,7 @@ func (s *Server) exchange(ctx context.Context, client *clients.Client, form url.
 		return nil, badRequest("invalid_grant", "the subject token was issued to another client")
 	}
 	d := events.DigestOf(text)
-	at, err := s.exchangeTime(ctx, d, c)
+	at, err := s.exchangeTime(ctx, d, c, form.Get(validatedParam) == "true")
 	if err != nil {
 		return nil, err
 	}
@@ -73,7 +77,7 @@ func (s *Server) exchange(ctx context.Context, client *clients.Client, form url.
 		}
 		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.PublishTimeout)
 		defer cancel()
-		if err := store.MarkExchangeAnswered(uctx, s.db, d, s.cfg.RotationWindow); err != nil {
+		if err := store.MarkExchangeAnswered(uctx, s.db, d, s.rotationWindow(client)); err != nil {
 			return nil, fmt.Errorf("record token exchange of family %s as answered: %w", c.Family, err)
 		}
 		// An answer cached before the exchange would outlive the window
@@ -85,6 +89,28 @@ func (s *Server) exchange(ctx context.Context, client *clients.Client, form url.
 	}
 	return resp, nil
 }
+
+// rotationWindow is the batch window of client's tokens: its own when set
+// (tokenpipe client rotation-window), else the issuer's. In async mode
+// every exchange inside a window republishes the successor's event, and
+// JetStream keeps it once only within its duplicate window; a client window
+// not shorter than that is ignored for the issuer's, which the
+// configuration check holds below it.
+func (s *Server) rotationWindow(client *clients.Client) time.Duration {
+	w := client.RotationWindow
+	if w == nil {
+		return s.cfg.RotationWindow
+	}
+	if s.cfg.Mode != ModeSync && s.cfg.Topology.Duplicates > 0 && *w >= s.cfg.Topology.Duplicates {
+		return s.cfg.RotationWindow
+	}
+	return *w
+}
+
+// validatedParam, sent "true" by a caller that validated the subject token
+// (introspection) while it was live and exchanges it after serving the
+// request it came with.
+const validatedParam = "tokenpipe_validated"
 
 // exchangeParams checks an exchange request's parameters (RFC 8693 section
 // 2.1) and returns the subject token. Delegation (actor_token) and other
@@ -118,15 +144,16 @@ type exchangeAt struct {
 
 // exchangeTime checks that the presented token is live and records its
 // first exchange, or reads it. An exchange after the window is refused,
-// and counts as reuse once the successor was handed out.
-func (s *Server) exchangeTime(ctx context.Context, d events.Digest, c tokens.Claims) (exchangeAt, error) {
+// and counts as reuse once the successor was handed out, unless the caller
+// validated the token before (validated).
+func (s *Server) exchangeTime(ctx context.Context, d events.Digest, c tokens.Claims, validated bool) (exchangeAt, error) {
 	st, err := s.accessStatus(ctx, d, c)
 	if err != nil {
 		return exchangeAt{}, err
 	}
 	if !st.Live() {
 		if st.Exchanged && !st.WindowOpen {
-			return exchangeAt{}, s.refuseLateExchange(ctx, c)
+			return exchangeAt{}, s.refuseLateExchange(ctx, c, validated)
 		}
 		s.metrics.exchanges.WithLabelValues("refused").Inc()
 		return exchangeAt{}, badRequest("invalid_grant", "the subject token is not active")
@@ -152,7 +179,7 @@ func (s *Server) exchangeTime(ctx context.Context, d events.Digest, c tokens.Cla
 		return exchangeAt{}, err
 	}
 	if x.Closed {
-		return exchangeAt{}, s.refuseLateExchange(ctx, c)
+		return exchangeAt{}, s.refuseLateExchange(ctx, c, validated)
 	}
 	return exchangeAt{at: x.At, answered: x.Answered}, nil
 }
@@ -161,9 +188,10 @@ func (s *Server) exchangeTime(ctx context.Context, d events.Digest, c tokens.Cla
 // successor was handed out (the window starts with the answer), so the
 // presented token is someone's copy of a token its holder has moved on
 // from: unless configured otherwise its family is revoked, successors
-// included.
-func (s *Server) refuseLateExchange(ctx context.Context, c tokens.Claims) error {
-	if s.cfg.RotationReuseKeeps {
+// included. A token its caller validated inside the window (validated) is
+// not a replay but a request that outlasted the window: refused only.
+func (s *Server) refuseLateExchange(ctx context.Context, c tokens.Claims, validated bool) error {
+	if s.cfg.RotationReuseKeeps || validated {
 		s.metrics.exchanges.WithLabelValues("refused").Inc()
 		return badRequest("invalid_grant", "the subject token was already exchanged")
 	}

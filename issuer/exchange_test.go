@@ -140,6 +140,69 @@ func TestExchangeAfterWindowOnlyRefusedWhenConfigured(t *testing.T) {
 	}
 }
 
+// TestExchangeAfterWindowByValidatingCallerOnlyRefused: a resource server
+// validated the token inside its window and exchanges it after its handler
+// ran past the window's end (tokenpipe_validated): refused, and the family,
+// which its client holds on with the successor, is not revoked. The same
+// late exchange without the parameter still revokes it.
+func TestExchangeAfterWindowByValidatingCallerOnlyRefused(t *testing.T) {
+	t.Parallel()
+	e, secret, _ := rotEnv(t, 500*time.Millisecond, nil)
+	old := e.signIn(t, "rot", secret)
+	next := e.exchangeAs(t, e.srv.URL, "rot", secret, old).token(t)
+	time.Sleep(time.Second) // past the window
+	a := e.to(t, e.srv.URL, "/oauth2/token", url.Values{"grant_type": {tokens.GrantTokenExchange},
+		"subject_token": {old}, "subject_token_type": {accessType}, "tokenpipe_validated": {"true"}}, basic("rot", secret))
+	if a.status != 400 || a.body["error"] != "invalid_grant" {
+		t.Fatalf("late exchange by a validating caller = %d %v, want invalid_grant", a.status, a.body)
+	}
+	if !e.active(t, next) {
+		t.Fatal("a late exchange by a caller that validated the token revoked its family")
+	}
+	if a := e.exchangeAs(t, e.srv.URL, "rot", secret, old); a.status != 400 || a.body["error"] != "invalid_grant" {
+		t.Fatalf("late exchange = %d %v, want invalid_grant", a.status, a.body)
+	}
+	if e.active(t, next) {
+		t.Fatal("a late exchange without tokenpipe_validated must still revoke the family")
+	}
+}
+
+// TestExchangeWindowPerClient: a client's own rotation window decides its
+// tokens' window end, the issuer's applies to a client without one, and a
+// client window not shorter than the stream's duplicate window (2m in
+// tests) is ignored for the issuer's. Each client's token is exchanged
+// once; past the short window only the short-window client's is inactive.
+func TestExchangeWindowPerClient(t *testing.T) {
+	t.Parallel()
+	e, secret, _ := rotEnv(t, 3*time.Second, nil)
+	ctx := context.Background()
+	short, long := 300*time.Millisecond, 3*time.Minute
+	exchangeGrants := []string{"password", tokens.GrantTokenExchange}
+	shortSecret, err := clients.AddWith(ctx, e.pool, "quick", []string{"read"}, exchangeGrants, clients.Options{RotationWindow: &short})
+	testenv.Must(t, err, "add quick")
+	longSecret, err := clients.AddWith(ctx, e.pool, "slow", []string{"read"}, exchangeGrants, clients.Options{RotationWindow: &long})
+	testenv.Must(t, err, "add slow")
+
+	olds := map[string]string{}
+	for id, sec := range map[string]string{"rot": secret, "quick": shortSecret, "slow": longSecret} {
+		olds[id] = e.signIn(t, id, sec)
+		if a := e.exchangeAs(t, e.srv.URL, id, sec, olds[id]); a.status != 200 {
+			t.Fatalf("exchange of %s's token = %d %v", id, a.status, a.body)
+		}
+	}
+	time.Sleep(time.Second) // past quick's window, inside the issuer's
+	if e.active(t, olds["quick"]) {
+		t.Fatal("quick's exchanged token outlived its client's 300ms window")
+	}
+	if !e.active(t, olds["rot"]) || !e.active(t, olds["slow"]) {
+		t.Fatal("inside the issuer's 3s window the exchanged tokens of rot (no own window) and slow (ignored) must be active")
+	}
+	time.Sleep(2500 * time.Millisecond) // past the issuer's window
+	if e.active(t, olds["rot"]) || e.active(t, olds["slow"]) {
+		t.Fatal("an exchanged token outlived the issuer's window: slow's 3m window, beyond the duplicate window, was not ignored")
+	}
+}
+
 // TestExchangeRepeatSaysSuccessorExchanged: inside the window of A, once
 // A's successor B was exchanged itself, a repeat exchange of A still gets B
 // (A is valid) but says B was exchanged, so a resource server does not hand

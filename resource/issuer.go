@@ -198,7 +198,13 @@ func (x *Exchanger) exchange(ctx context.Context, clientID, token string) (Succe
 		SuccessorExchanged bool   `json:"tokenpipe_successor_exchanged"`
 	}
 	form := url.Values{"grant_type": {"urn:ietf:params:oauth:grant-type:token-exchange"},
-		"subject_token": {token}, "subject_token_type": {"urn:ietf:params:oauth:token-type:access_token"}}
+		"subject_token": {token}, "subject_token_type": {"urn:ietf:params:oauth:token-type:access_token"},
+		// The middleware validated the token before the handler ran, so an
+		// exchange that arrives after the window (a long handler, a slow
+		// network) is a late request, not a replay: the issuer refuses it
+		// without revoking the family, and the client keeps the token it
+		// has moved on to.
+		"tokenpipe_validated": {"true"}}
 	err := post(ctx, x.HTTP, x.TokenURL, clientID, x.Clients[clientID], form, &ans)
 	if err != nil {
 		return Successor{}, fmt.Errorf("token exchange: %w", err)

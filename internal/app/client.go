@@ -31,9 +31,9 @@ func (c *RegistryConfig) validate() error {
 	return nil
 }
 
-const clientUsage = `add|list|grant|introspect|remove ...
+const clientUsage = `add|list|grant|introspect|rotation-window|remove ...
 
-  add ID [-scopes "a b"] [-grants client_credentials,password] [-introspect]
+  add ID [-scopes "a b"] [-grants client_credentials,password] [-introspect] [-rotation-window 2s]
           register a client; prints its secret ONCE (only a digest is stored);
           -introspect registers a resource server
   list    list clients (never secrets)
@@ -41,6 +41,9 @@ const clientUsage = `add|list|grant|introspect|remove ...
           allow a client one grant (client_credentials, password, refresh_token), or withdraw it
   introspect ID on|off
           let a client introspect other clients' tokens (a resource server), or stop it
+  rotation-window ID DURATION|default
+          the client's own batch window for per-request rotation, or back to
+          TOKENPIPE_ROTATION_WINDOW
   remove ID
           delete a client; issuers stop accepting it within TOKENPIPE_CLIENT_CACHE_TTL
 
@@ -49,11 +52,12 @@ Examples:
   tokenpipe client add mobile -scopes "profile" -grants password,refresh_token
   tokenpipe client add api -grants "" -introspect
   tokenpipe client grant mobile refresh_token off
+  tokenpipe client rotation-window spa 2s
   tokenpipe client list
   tokenpipe client remove billing
   tokenpipe client add -h`
 
-const clientAddUsage = `usage: tokenpipe client add ID [-scopes "a b"] [-grants g1,g2] [-introspect]
+const clientAddUsage = `usage: tokenpipe client add ID [-scopes "a b"] [-grants g1,g2] [-introspect] [-rotation-window D]
 
 Registers client ID and prints its secret. The secret is shown only this once:
 only its SHA-256 digest is stored, so a lost secret means removing and adding
@@ -67,6 +71,10 @@ name or, for client_credentials, the client's id.
 tokens at POST /oauth2/introspect. Any other client learns only about its own
 tokens (active=false for the rest). A resource server that only checks
 tokens needs no grant: -grants "".
+
+-rotation-window gives the client its own batch window for per-request
+rotation (see tokenpipe client rotation-window -h); without it the issuers'
+TOKENPIPE_ROTATION_WINDOW applies.
 
 Examples:
   tokenpipe client add billing -scopes "invoices:read invoices:write"
@@ -92,6 +100,21 @@ TOKENPIPE_CLIENT_CACHE_TTL.
 
 Example:
   tokenpipe client introspect api on`
+
+const clientRotationWindowUsage = `usage: tokenpipe client rotation-window ID DURATION|default
+
+Sets client ID's own batch window for per-request rotation (token
+exchange): a token exchanged for its successor stays valid this long after
+the first answered exchange, and exchanges inside it get the same
+successor. DURATION is 0 (the token ends when its exchange is answered) to
+5m, in whole milliseconds; "default" returns the client to the issuers'
+TOKENPIPE_ROTATION_WINDOW. In async mode a window not shorter than
+TOKENPIPE_DUPLICATE_WINDOW is ignored for the issuers' own. Issuers apply
+the change within TOKENPIPE_CLIENT_CACHE_TTL, to tokens exchanged after it.
+
+Examples:
+  tokenpipe client rotation-window spa 2s
+  tokenpipe client rotation-window spa default`
 
 const clientGrantUsage = `usage: tokenpipe client grant ID GRANT on|off
 
@@ -140,7 +163,7 @@ func RunClient(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			return err
 		}
 		tw := tabwriter.NewWriter(stdout, 2, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "CLIENT\tGRANTS\tINTROSPECT\tSCOPES\tCREATED")
+		fmt.Fprintln(tw, "CLIENT\tGRANTS\tINTROSPECT\tROTATION WINDOW\tSCOPES\tCREATED")
 		for _, c := range list {
 			grants, introspect := strings.Join(c.Grants, ","), "own"
 			if grants == "" {
@@ -149,7 +172,11 @@ func RunClient(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			if c.Introspect {
 				introspect = "all"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", c.ID, grants, introspect, strings.Join(c.Scopes, " "), c.CreatedAt.UTC().Format(time.RFC3339))
+			window := "default"
+			if c.RotationWindow != nil {
+				window = c.RotationWindow.String()
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", c.ID, grants, introspect, window, strings.Join(c.Scopes, " "), c.CreatedAt.UTC().Format(time.RFC3339))
 		}
 		return tw.Flush()
 	case "grant":
@@ -173,6 +200,8 @@ func RunClient(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		}
 		fmt.Fprintf(stdout, "client %s: introspect %s\n", pos[0], pos[1])
 		return nil
+	case "rotation-window":
+		return clientRotationWindow(ctx, &cfg, rest[1:], stdout, stderr)
 	case "remove":
 		pos, err := positional(rest[1:], 1, clientRemoveUsage, stderr)
 		if err != nil {
@@ -203,6 +232,7 @@ func clientAdd(ctx context.Context, cfg *RegistryConfig, args []string, stdout, 
 	scopes := fs.String("scopes", "", "space-separated scopes the client may request")
 	grants := fs.String("grants", "client_credentials", "comma-separated grants: client_credentials, password, refresh_token, "+tokens.GrantTokenExchange)
 	introspect := fs.Bool("introspect", false, "a resource server: may introspect every client's tokens")
+	window := fs.String("rotation-window", "", "the client's own per-request rotation window (0 to 5m); empty: TOKENPIPE_ROTATION_WINDOW")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return HelpIsNil(FlagErr(err))
@@ -210,6 +240,12 @@ func clientAdd(ctx context.Context, cfg *RegistryConfig, args []string, stdout, 
 	if len(pos) != 1 {
 		fs.Usage()
 		return ErrUsage
+	}
+	opts := clients.Options{Introspect: *introspect}
+	if *window != "" {
+		if opts.RotationWindow, err = parseRotationWindow(*window); err != nil {
+			return fmt.Errorf("-rotation-window: %w", err)
+		}
 	}
 	var grantList []string
 	for _, g := range strings.Split(*grants, ",") {
@@ -222,7 +258,7 @@ func clientAdd(ctx context.Context, cfg *RegistryConfig, args []string, stdout, 
 		return err
 	}
 	defer pool.Close()
-	secret, err := clients.AddWith(ctx, pool, pos[0], strings.Fields(*scopes), grantList, clients.Options{Introspect: *introspect})
+	secret, err := clients.AddWith(ctx, pool, pos[0], strings.Fields(*scopes), grantList, opts)
 	if err != nil {
 		return err
 	}
@@ -250,6 +286,42 @@ func clientGrant(ctx context.Context, cfg *RegistryConfig, args []string, stdout
 	}
 	fmt.Fprintf(stdout, "client %s: %s %s\n", pos[0], pos[1], pos[2])
 	return nil
+}
+
+func clientRotationWindow(ctx context.Context, cfg *RegistryConfig, args []string, stdout, stderr io.Writer) error {
+	pos, err := positional(args, 2, clientRotationWindowUsage, stderr)
+	if err != nil {
+		return HelpIsNil(err)
+	}
+	var window *time.Duration
+	if pos[1] != "default" {
+		if window, err = parseRotationWindow(pos[1]); err != nil {
+			fmt.Fprintf(stderr, "tokenpipe client rotation-window: %v\n", err)
+			return ErrUsage
+		}
+	}
+	pool, err := ConnectPostgres(ctx, &Common{DatabaseURL: cfg.DatabaseURL, DBMaxConns: 2})
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	if err := clients.SetRotationWindow(ctx, pool, pos[0], window); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "client %s: rotation window %s\n", pos[0], pos[1])
+	return nil
+}
+
+// parseRotationWindow reads a client's rotation window (a Go duration).
+func parseRotationWindow(text string) (*time.Duration, error) {
+	w, err := time.ParseDuration(text)
+	if err != nil {
+		return nil, fmt.Errorf("rotation window %q: not a duration (like 2s or 500ms)", text)
+	}
+	if err := clients.ValidRotationWindow(w); err != nil {
+		return nil, err
+	}
+	return &w, nil
 }
 
 // parseInterleaved parses flags given before, between or after positional

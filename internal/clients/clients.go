@@ -51,8 +51,11 @@ type Client struct {
 	// Introspect: a resource server, which may introspect other clients'
 	// tokens. Every client may introspect its own.
 	Introspect bool
-	CreatedAt  time.Time
-	scopeSet   map[string]bool
+	// RotationWindow is the client's own batch window for per-request
+	// rotation; nil: the issuer's TOKENPIPE_ROTATION_WINDOW.
+	RotationWindow *time.Duration
+	CreatedAt      time.Time
+	scopeSet       map[string]bool
 }
 
 // AllowsScope reports whether the client may request scope.
@@ -128,6 +131,23 @@ type Options struct {
 	// Introspect registers a resource server: it may introspect every
 	// client's tokens. Without it a client introspects only its own.
 	Introspect bool
+	// RotationWindow sets the client's own rotation window (see
+	// SetRotationWindow); nil leaves it to the issuers' setting.
+	RotationWindow *time.Duration
+}
+
+// MaxRotationWindow bounds a client's rotation window, as
+// TOKENPIPE_ROTATION_WINDOW is bounded.
+const MaxRotationWindow = 5 * time.Minute
+
+// ValidRotationWindow checks a client's rotation window: 0 (the presented
+// token ends at its exchange's answer) to MaxRotationWindow, in whole
+// milliseconds (Postgres keeps microseconds; a window needs no finer).
+func ValidRotationWindow(w time.Duration) error {
+	if w < 0 || w > MaxRotationWindow || w%time.Millisecond != 0 {
+		return fmt.Errorf("rotation window %s: must be between 0 and %s, in whole milliseconds", w, MaxRotationWindow)
+	}
+	return nil
 }
 
 // AddWith is Add with options. A resource server (Introspect) may have no
@@ -153,14 +173,19 @@ func AddWith(ctx context.Context, db *pgxpool.Pool, id string, scopes, grants []
 		}
 	}
 	grants = sortedSet(grants)
+	if opts.RotationWindow != nil {
+		if err := ValidRotationWindow(*opts.RotationWindow); err != nil {
+			return "", err
+		}
+	}
 	raw := make([]byte, 32)
 	if _, err := rand.Read(raw); err != nil {
 		return "", fmt.Errorf("generate secret: %w", err)
 	}
 	secret := base64.RawURLEncoding.EncodeToString(raw)
 	digest := sha256.Sum256([]byte(secret))
-	_, err := db.Exec(ctx, `INSERT INTO clients (client_id, secret_digest, scopes, grants, introspect) VALUES ($1, $2, $3, $4, $5)`,
-		id, digest[:], scopes, grants, opts.Introspect)
+	_, err := db.Exec(ctx, `INSERT INTO clients (client_id, secret_digest, scopes, grants, introspect, rotation_window)
+		VALUES ($1, $2, $3, $4, $5, $6)`, id, digest[:], scopes, grants, opts.Introspect, opts.RotationWindow)
 	if nameTaken(err) {
 		return "", fmt.Errorf("client id %q is a user's name: users and clients share one subject namespace", id)
 	}
@@ -188,13 +213,13 @@ func sortedSet(s []string) []string {
 
 // List returns every client, without secrets.
 func List(ctx context.Context, db *pgxpool.Pool) ([]Client, error) {
-	rows, err := db.Query(ctx, `SELECT client_id, scopes, grants, introspect, created_at FROM clients ORDER BY client_id`)
+	rows, err := db.Query(ctx, `SELECT client_id, scopes, grants, introspect, rotation_window, created_at FROM clients ORDER BY client_id`)
 	if err != nil {
 		return nil, fmt.Errorf("list clients: %w", err)
 	}
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (Client, error) {
 		var c Client
-		err := r.Scan(&c.ID, &c.Scopes, &c.Grants, &c.Introspect, &c.CreatedAt)
+		err := r.Scan(&c.ID, &c.Scopes, &c.Grants, &c.Introspect, &c.RotationWindow, &c.CreatedAt)
 		return c, err
 	})
 }
@@ -205,6 +230,26 @@ func SetIntrospect(ctx context.Context, db *pgxpool.Pool, id string, allow bool)
 	tag, err := db.Exec(ctx, `UPDATE clients SET introspect = $2 WHERE client_id = $1`, id, allow)
 	if err != nil {
 		return fmt.Errorf("set introspect permission: %w", err)
+	}
+	if tag.RowsAffected() == 0 {
+		return fmt.Errorf("client %q: %w", id, ErrNotFound)
+	}
+	return nil
+}
+
+// SetRotationWindow sets a client's own rotation window, or with nil
+// returns it to the issuers' TOKENPIPE_ROTATION_WINDOW. Issuers apply it
+// within their client cache TTL, to windows that start after that: a token
+// already exchanged keeps the window its exchange's answer gave it.
+func SetRotationWindow(ctx context.Context, db *pgxpool.Pool, id string, w *time.Duration) error {
+	if w != nil {
+		if err := ValidRotationWindow(*w); err != nil {
+			return err
+		}
+	}
+	tag, err := db.Exec(ctx, `UPDATE clients SET rotation_window = $2 WHERE client_id = $1`, id, w)
+	if err != nil {
+		return fmt.Errorf("set rotation window: %w", err)
 	}
 	if tag.RowsAffected() == 0 {
 		return fmt.Errorf("client %q: %w", id, ErrNotFound)
@@ -379,8 +424,9 @@ func (r *Registry) client(ctx context.Context, id string) (*Client, error) {
 	}
 	var c Client
 	var digest []byte
-	err := r.db.QueryRow(ctx, `SELECT client_id, secret_digest, scopes, grants, introspect, created_at FROM clients WHERE client_id = $1`, id).
-		Scan(&c.ID, &digest, &c.Scopes, &c.Grants, &c.Introspect, &c.CreatedAt)
+	err := r.db.QueryRow(ctx, `SELECT client_id, secret_digest, scopes, grants, introspect, rotation_window, created_at
+		FROM clients WHERE client_id = $1`, id).
+		Scan(&c.ID, &digest, &c.Scopes, &c.Grants, &c.Introspect, &c.RotationWindow, &c.CreatedAt)
 	var found *Client
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):

@@ -317,3 +317,53 @@ func TestSetGrant(t *testing.T) {
 		t.Fatalf("unknown client: err = %v, want ErrNotFound", err)
 	}
 }
+
+// TestRotationWindow: a client's own rotation window is set at add or
+// later, read by the registry and List, returned to the issuers' default
+// with nil; values out of bounds are refused and change nothing.
+func TestRotationWindow(t *testing.T) {
+	t.Parallel()
+	_, pool := testenv.Database(t)
+	ctx := context.Background()
+	two := 2 * time.Second
+	secret, err := clients.AddWith(ctx, pool, "spa", []string{"read"}, []string{"password"}, clients.Options{RotationWindow: &two})
+	testenv.Must(t, err, "add with a window")
+	plainSecret, err := clients.Add(ctx, pool, "plain", nil, []string{"client_credentials"})
+	testenv.Must(t, err, "add")
+	window := func(id, secret string) *time.Duration {
+		t.Helper()
+		c, err := clients.NewRegistry(pool, time.Hour).Authenticate(ctx, id, secret)
+		testenv.Must(t, err, "authenticate "+id)
+		return c.RotationWindow
+	}
+	if w := window("spa", secret); w == nil || *w != two {
+		t.Fatalf("spa's window = %v, want 2s", w)
+	}
+	if w := window("plain", plainSecret); w != nil {
+		t.Fatalf("a client added without a window has %v, want nil (the issuers' default)", *w)
+	}
+	zero := time.Duration(0)
+	testenv.Must(t, clients.SetRotationWindow(ctx, pool, "plain", &zero), "set 0")
+	if w := window("plain", plainSecret); w == nil || *w != 0 {
+		t.Fatalf("plain's window after setting 0 = %v, want 0", w)
+	}
+	for _, bad := range []time.Duration{-time.Second, 6 * time.Minute, 1500 * time.Microsecond} {
+		if err := clients.SetRotationWindow(ctx, pool, "spa", &bad); err == nil {
+			t.Errorf("window %s accepted", bad)
+		}
+		if _, err := clients.AddWith(ctx, pool, "other", nil, []string{"password"}, clients.Options{RotationWindow: &bad}); err == nil {
+			t.Errorf("add with window %s accepted", bad)
+		}
+	}
+	if err := clients.SetRotationWindow(ctx, pool, "nobody", &two); !errors.Is(err, clients.ErrNotFound) {
+		t.Fatalf("unknown client: err = %v, want ErrNotFound", err)
+	}
+	testenv.Must(t, clients.SetRotationWindow(ctx, pool, "spa", nil), "back to the default")
+	list, err := clients.List(ctx, pool)
+	testenv.Must(t, err, "list")
+	for _, c := range list {
+		if c.ID == "spa" && c.RotationWindow != nil || c.ID == "plain" && (c.RotationWindow == nil || *c.RotationWindow != 0) || c.ID == "other" {
+			t.Fatalf("listed %s with window %v", c.ID, c.RotationWindow)
+		}
+	}
+}

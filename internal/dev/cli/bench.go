@@ -14,6 +14,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
 	"github.com/tokenpipe/tokenpipe/internal/schema"
 )
@@ -127,22 +128,11 @@ func runDrain(ctx context.Context, cfg *app.Common, args []string, stdout, stder
 		defer stop()
 	}
 	log := app.NewLogger(cfg, stderr)
-	dbURL, dropDB, err := scratchDatabase(ctx, cfg.DatabaseURL)
+	pool, closeScratch, err := migratedScratch(ctx, cfg, int32(*workers+2))
 	if err != nil {
 		return err
 	}
-	defer dropDB()
-	scratch := *cfg
-	scratch.DatabaseURL = dbURL
-	scratch.DBMaxConns = int32(*workers + 2)
-	pool, err := app.ConnectPostgres(ctx, &scratch)
-	if err != nil {
-		return err
-	}
-	defer pool.Close()
-	if _, err := schema.Up(ctx, pool); err != nil {
-		return err
-	}
+	defer closeScratch()
 	nc, js, err := app.ConnectNATS(cfg, "tokenpipe-bench", log, nil)
 	if err != nil {
 		return err
@@ -170,6 +160,28 @@ func runDrain(ctx context.Context, cfg *app.Common, args []string, stdout, stder
 	fmt.Fprintf(stdout, "  persister drain   %8.0f rows/s  [%.0f-%.0f]\n", d.Median, d.Min, d.Max)
 	fmt.Fprintf(stdout, "  ratio             %8.2f         [%.2f-%.2f]\n", r.Median, r.Min, r.Max)
 	return nil
+}
+
+// migratedScratch creates a scratch database with the schema and a pool of
+// at most maxConns connections to it; release closes the pool and drops it.
+func migratedScratch(ctx context.Context, cfg *app.Common, maxConns int32) (pool *pgxpool.Pool, release func(), err error) {
+	dbURL, dropDB, err := scratchDatabase(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return nil, nil, err
+	}
+	scratch := *cfg
+	scratch.DatabaseURL = dbURL
+	scratch.DBMaxConns = maxConns
+	if pool, err = app.ConnectPostgres(ctx, &scratch); err != nil {
+		dropDB()
+		return nil, nil, err
+	}
+	release = func() { pool.Close(); dropDB() }
+	if _, err := schema.Up(ctx, pool); err != nil {
+		release()
+		return nil, nil, err
+	}
+	return pool, release, nil
 }
 
 // scratchDatabase creates a uniquely named database next to the configured

@@ -11,7 +11,6 @@ import (
 
 	"github.com/tokenpipe/tokenpipe/internal/app"
 	"github.com/tokenpipe/tokenpipe/internal/dev/bench"
-	"github.com/tokenpipe/tokenpipe/internal/schema"
 )
 
 // partitionLayouts are today's shared consumer at two pool sizes, and one
@@ -43,22 +42,11 @@ func runPartitions(ctx context.Context, cfg *app.Common, args []string, stdout, 
 		quiet.LogLevel = "warn"
 	}
 	log := app.NewLogger(&quiet, stderr)
-	dbURL, dropDB, err := scratchDatabase(ctx, cfg.DatabaseURL)
+	pool, closeScratch, err := migratedScratch(ctx, cfg, 12)
 	if err != nil {
 		return err
 	}
-	defer dropDB()
-	scratch := *cfg
-	scratch.DatabaseURL = dbURL
-	scratch.DBMaxConns = 12
-	pool, err := app.ConnectPostgres(ctx, &scratch)
-	if err != nil {
-		return err
-	}
-	defer pool.Close()
-	if _, err := schema.Up(ctx, pool); err != nil {
-		return err
-	}
+	defer closeScratch()
 	nc, _, err := app.ConnectNATS(cfg, "tokenpipe-bench", log, nil)
 	if err != nil {
 		return err

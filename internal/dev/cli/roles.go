@@ -38,6 +38,7 @@ type rolesOpts struct {
 	runs        int
 	concurrency int
 	natsServer  string // "machine" (TOKENPIPE_NATS_URL) or "module"
+	profileDir  string // CPU profiles of the first measured run, when set
 }
 
 func parseRolesFlags(args []string, stderr io.Writer) (rolesOpts, error) {
@@ -50,6 +51,7 @@ func parseRolesFlags(args []string, stderr io.Writer) (rolesOpts, error) {
 	fs.IntVar(&o.runs, "runs", 3, "runs; medians are reported")
 	fs.IntVar(&o.concurrency, "concurrency", 256, "most requests in flight")
 	fs.StringVar(&o.natsServer, "nats-server", "machine", "machine: the server at TOKENPIPE_NATS_URL; module: a nats-server process built from the nats-server/v2 module this binary links")
+	fs.StringVar(&o.profileDir, "profile", "", "write CPU profiles of each role and of the load generator over the first measured run into `dir` (the roles get "+app.EnvPrefix+"_PPROF=true)")
 	if err := fs.Parse(args); err != nil {
 		return o, app.FlagErr(err) // app.ErrHelp for -h: the caller stops there
 	}
@@ -150,7 +152,11 @@ func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr 
 		}
 		defer stop()
 	}
-	d, err := deploy(ctx, cfg, stderr, deployOpts{nats: np})
+	dopts := deployOpts{nats: np}
+	if o.profileDir != "" {
+		dopts.env = append(dopts.env, app.EnvPrefix+"_PPROF=true")
+	}
+	d, err := deploy(ctx, cfg, stderr, dopts)
 	if err != nil {
 		return err
 	}
@@ -167,7 +173,19 @@ func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr 
 		if o.warmup > 0 {
 			gen.Run(ctx, loadgen.Step{Rate: o.rate, Duration: o.warmup, Concurrency: o.concurrency}, nil)
 		}
-		r, err := measureLoad(ctx, d, gen, loadgen.Step{Rate: o.rate, Duration: o.duration, Concurrency: o.concurrency}, costs)
+		step := loadgen.Step{Rate: o.rate, Duration: o.duration, Concurrency: o.concurrency}
+		var r bench.RolesRun
+		measure := func() (err error) {
+			r, err = measureLoad(ctx, d, gen, step, costs)
+			return err
+		}
+		if run == 1 && o.profileDir != "" {
+			// The profile covers the sending interval; the row count after it
+			// is not the product's work.
+			err = profileRoles(ctx, d, o.profileDir, int(o.duration.Seconds()), measure)
+		} else {
+			err = measure()
+		}
 		if err != nil {
 			return fmt.Errorf("run %d: %w", run, err)
 		}

@@ -7,15 +7,9 @@ package loadgen
 import (
 	"context"
 	"crypto/sha256"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"maps"
 	"math/rand/v2"
-	"net/http"
-	"net/url"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -104,7 +98,7 @@ func (r *StepResult) ErrorRate() float64 {
 type Generator struct {
 	target Target
 	mix    Mix
-	client *http.Client
+	wire   *wireClient
 	rng    *rand.Rand
 	mu     sync.Mutex
 	keys   []string
@@ -119,15 +113,13 @@ func New(target Target, mix Mix, maxConns int) *Generator {
 	}
 	return &Generator{
 		target: target, mix: mix,
-		client: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-			MaxIdleConns: maxConns, MaxIdleConnsPerHost: maxConns, MaxConnsPerHost: maxConns,
-		}},
-		rng: rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 42)),
+		wire: newWireClient(target, maxConns),
+		rng:  rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 42)),
 	}
 }
 
-// Close releases idle connections.
-func (g *Generator) Close() { g.client.CloseIdleConnections() }
+// Close closes the generator's connections.
+func (g *Generator) Close() { g.wire.closeAll() }
 
 // freshKey returns a scope pair never used before in this run, or with
 // Mix.Keys, the next of the run's keys once they are all in use.
@@ -183,22 +175,64 @@ func (g *Generator) Run(ctx context.Context, step Step, progress func(*StepResul
 		}
 		return s
 	}
-	slots := make(chan struct{}, step.Concurrency)
-	var inflight sync.WaitGroup
+	// A fixed set of senders, one per request that may be in flight: a
+	// request due when none is free is dropped, not delayed (open loop).
+	type job struct {
+		due       time.Time
+		kind, key string
+	}
+	jobs := make(chan job, step.Concurrency)
+	var inFlight atomic.Int64
+	var senders sync.WaitGroup
+	for range step.Concurrency {
+		senders.Add(1)
+		go func() {
+			defer senders.Done()
+			for j := range jobs {
+				sent := time.Now()
+				token, errKind := g.request(ctx, j.key)
+				now := time.Now()
+				inFlight.Add(-1)
+				mu.Lock()
+				s := acc(now)
+				if errKind != "" {
+					res.Errors[errKind]++
+					s.errors++
+					mu.Unlock()
+					continue
+				}
+				lat := now.Sub(j.due).Microseconds()
+				_ = res.Latency.RecordValue(lat)
+				_ = s.hist.RecordValue(lat)
+				s.achieved++
+				res.OK++
+				res.Tokens = append(res.Tokens, Token{Digest: events.Digest(sha256.Sum256([]byte(token))), Sent: sent, Received: now, Kind: j.kind, Key: j.key})
+				mu.Unlock()
+			}
+		}()
+	}
+	// Requests in flight when ctx ends fail at once instead of running out
+	// their timeout.
+	stopClosing := context.AfterFunc(ctx, g.wire.closeAll)
+	defer stopClosing()
 	start := time.Now()
 	res.Started = start
 	end := start.Add(step.Duration)
 	interval := time.Duration(float64(time.Second) / step.Rate)
 	lastProgress := start
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	<-timer.C
 	for i := 0; ; i++ {
 		due := start.Add(time.Duration(i) * interval)
 		if !due.Before(end) || ctx.Err() != nil {
 			break
 		}
 		if d := time.Until(due); d > 0 {
+			timer.Reset(d)
 			select {
 			case <-ctx.Done():
-			case <-time.After(d):
+			case <-timer.C:
 			}
 		}
 		kind, key, width := g.pick()
@@ -207,9 +241,7 @@ func (g *Generator) Run(ctx context.Context, step Step, progress func(*StepResul
 			res.Sent++
 			acc(due).offered++
 			mu.Unlock()
-			select {
-			case slots <- struct{}{}:
-			default:
+			if inFlight.Load() >= int64(step.Concurrency) {
 				mu.Lock()
 				res.Dropped++
 				res.Errors["dropped: client saturated"]++
@@ -217,28 +249,9 @@ func (g *Generator) Run(ctx context.Context, step Step, progress func(*StepResul
 				mu.Unlock()
 				continue
 			}
-			inflight.Add(1)
-			go func() {
-				defer inflight.Done()
-				defer func() { <-slots }()
-				sent := time.Now()
-				token, errKind := g.request(ctx, key)
-				now := time.Now()
-				mu.Lock()
-				defer mu.Unlock()
-				s := acc(now)
-				if errKind != "" {
-					res.Errors[errKind]++
-					s.errors++
-					return
-				}
-				lat := now.Sub(due).Microseconds()
-				_ = res.Latency.RecordValue(lat)
-				_ = s.hist.RecordValue(lat)
-				s.achieved++
-				res.OK++
-				res.Tokens = append(res.Tokens, Token{Digest: events.Digest(sha256.Sum256([]byte(token))), Sent: sent, Received: now, Kind: kind, Key: key})
-			}()
+			inFlight.Add(1)
+			jobs <- job{due: due, kind: kind, key: key} // never blocks: room for Concurrency
+
 		}
 		if progress != nil && time.Since(lastProgress) >= 250*time.Millisecond {
 			lastProgress = time.Now()
@@ -252,7 +265,8 @@ func (g *Generator) Run(ctx context.Context, step Step, progress func(*StepResul
 			progress(&snap)
 		}
 	}
-	inflight.Wait()
+	close(jobs)
+	senders.Wait()
 	res.Ended = time.Now()
 	for sec := start.Unix(); sec <= res.Ended.Unix(); sec++ {
 		s, ok := perSecond[sec]
@@ -276,40 +290,17 @@ type secondAcc struct {
 // newHist records 1 µs to 60 s with 3 significant digits.
 func newHist() *hdrhistogram.Histogram { return hdrhistogram.New(1, 60_000_000, 3) }
 
-// request performs one client_credentials request for the scope pair key.
+// request performs one client_credentials request for the scope pair key,
+// round-robin over the target's URLs.
 func (g *Generator) request(ctx context.Context, key string) (token, errKind string) {
-	form := url.Values{"grant_type": {"client_credentials"}, "scope": {key}}
+	if ctx.Err() != nil {
+		return "", "timeout"
+	}
 	target := g.target.URL
 	if n := uint64(len(g.target.URLs)); n > 0 {
 		if i := g.rr.Add(1) % (n + 1); i > 0 {
 			target = g.target.URLs[i-1]
 		}
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, target, strings.NewReader(form.Encode()))
-	if err != nil {
-		return "", "request"
-	}
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	req.SetBasicAuth(url.QueryEscape(g.target.ClientID), url.QueryEscape(g.target.Secret))
-	resp, err := g.client.Do(req)
-	if err != nil {
-		if errors.Is(err, context.DeadlineExceeded) || strings.Contains(err.Error(), "Timeout") {
-			return "", "timeout"
-		}
-		return "", "transport"
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 16<<10))
-	if err != nil {
-		return "", "transport"
-	}
-	var tr struct {
-		AccessToken string `json:"access_token"`
-		Error       string `json:"error"`
-	}
-	_ = json.Unmarshal(body, &tr)
-	if resp.StatusCode != http.StatusOK || tr.AccessToken == "" {
-		return "", fmt.Sprintf("HTTP %d %s", resp.StatusCode, tr.Error)
-	}
-	return tr.AccessToken, ""
+	return g.wire.tokenRequest(target, key)
 }

@@ -17,7 +17,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
@@ -50,6 +49,11 @@ const DefaultIdleWait = 5 * time.Second
 // drainWait bounds how long a stopping worker waits for its idle pull
 // request to be withdrawn (one round trip to the server when it is up).
 const drainWait = 5 * time.Second
+
+// answerWait bounds a worker's wait for the answer to a no-wait pull
+// request. An answer later than that is not lost: it arrives in the worker's
+// inbox and the next fetch takes it.
+const answerWait = 5 * time.Second
 
 // Pool is a consumer's worker pool.
 type Pool struct {
@@ -102,11 +106,29 @@ func (p *Pool) Run(ctx context.Context) error {
 }
 
 func (p *Pool) worker(ctx, work context.Context, log *slog.Logger) {
+	puller, err := newPuller(p.Settler.JS, p.Consumer, answerWait)
+	for err != nil {
+		// Only a closed connection fails here; the pool keeps trying as it
+		// does for a failed fetch.
+		log.Warn("open the worker's pull inbox; retrying", "err", err)
+		sleep(ctx, time.Second)
+		if ctx.Err() != nil {
+			return
+		}
+		puller, err = newPuller(p.Settler.JS, p.Consumer, answerWait)
+	}
+	defer func() {
+		// Whatever the server sent this worker before the inbox closed is
+		// handled, not left to wait for the ack timeout.
+		if late := puller.drain(drainWait); len(late) > 0 {
+			p.handle(work, late)
+		}
+	}()
 	failures := 0
 	for ctx.Err() == nil {
-		msgs, err := fetch(p.Consumer, p.Config.BatchSize)
+		msgs, err := puller.fetch(ctx, p.Config.BatchSize)
 		if err == nil && len(msgs) == 0 {
-			msgs, err = p.awaitBatch(ctx, log)
+			msgs, err = p.awaitBatch(ctx, log, puller)
 		}
 		if err != nil {
 			failures++
@@ -138,7 +160,7 @@ func (p *Pool) worker(ctx, work context.Context, log *slog.Logger) {
 // server for the next message (see await), then lets the batch gather for
 // BatchWait and takes the rest of it without waiting. Messages it returns
 // must be handled, also after ctx ends: they are delivered to this worker.
-func (p *Pool) awaitBatch(ctx context.Context, log *slog.Logger) ([]jetstream.Msg, error) {
+func (p *Pool) awaitBatch(ctx context.Context, log *slog.Logger, puller *puller) ([]jetstream.Msg, error) {
 	msgs, err := p.await(ctx, log)
 	if err != nil || len(msgs) == 0 || len(msgs) >= p.Config.BatchSize {
 		return msgs, err
@@ -147,7 +169,7 @@ func (p *Pool) awaitBatch(ctx context.Context, log *slog.Logger) ([]jetstream.Ms
 	if ctx.Err() != nil {
 		return msgs, nil // stopping: no new pull request
 	}
-	more, err := fetch(p.Consumer, p.Config.BatchSize-len(msgs))
+	more, err := puller.fetch(ctx, p.Config.BatchSize-len(msgs))
 	if err != nil {
 		// The messages held are handled; the next fetch meets the error again.
 		log.Warn("fetch after idle failed", "err", err)
@@ -217,27 +239,4 @@ func sleep(ctx context.Context, d time.Duration) {
 	case <-ctx.Done():
 	case <-t.C:
 	}
-}
-
-// fetch takes what is available now, up to n, without waiting. The
-// server answers a no-wait pull at once and ends it, so no request of ours is
-// left open at the server (a stopped worker leaves nothing to redeliver after
-// an ack timeout), and batching needs no server-side expiry: under load,
-// messages pile up while the previous batch commits and the next fetch takes
-// them all. (A short FetchMaxWait relies on the server's expiry notice; when
-// that comes late the client waits a further second, which showed as a
-// one-second p99 lag.)
-func fetch(cons jetstream.Consumer, n int) ([]jetstream.Msg, error) {
-	batch, err := cons.FetchNoWait(n)
-	if err != nil {
-		return nil, err
-	}
-	msgs := make([]jetstream.Msg, 0, n)
-	for m := range batch.Messages() {
-		msgs = append(msgs, m)
-	}
-	if err := batch.Error(); err != nil && !errors.Is(err, nats.ErrTimeout) && !errors.Is(err, jetstream.ErrNoMessages) && len(msgs) == 0 {
-		return nil, err
-	}
-	return msgs, nil
 }

@@ -2,6 +2,7 @@ package stream_test
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -262,5 +263,56 @@ func TestIdlePoolStopsPromptlyLeavingNothingOpen(t *testing.T) {
 	testenv.Must(t, err, "consumer info")
 	if got := info.AckFloor.Stream + info.NumPending; got != uint64(published) {
 		t.Errorf("acked %d + pending %d, want the %d published", info.AckFloor.Stream, info.NumPending, published)
+	}
+}
+
+// A pool shares its connection with the process's other JetStream calls.
+// Deliveries to its pull requests carry each message's own subject, so an
+// inbox under the client's request mux had them taken for the answer to a
+// request in flight: a consumer info during a drain failed with "consumer
+// not found" (the pull's 404 status). Requests made while the pool drains a
+// backlog must get their own answers, and every message must be handled.
+func TestPoolLeavesConcurrentRequestsTheirAnswers(t *testing.T) {
+	t.Parallel()
+	_, js, topo := testenv.JetStream(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const n = 3000
+	for i := range n {
+		if _, err := js.PublishAsync(topo.IssuedSubject(), fmt.Appendf(nil, "m%d", i)); err != nil {
+			t.Fatalf("publish: %v", err)
+		}
+	}
+	select {
+	case <-js.PublishAsyncComplete():
+	case <-ctx.Done():
+		t.Fatal("publishes not acknowledged")
+	}
+	cons, err := js.Consumer(ctx, topo.Stream, topo.Persister)
+	testenv.Must(t, err, "open consumer")
+	var handled sync.Map
+	pool := idlePool(t, cons, settler(t, js, topo), 2, &handled)
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- pool.Run(runCtx) }()
+	defer func() { stop(); <-done }()
+	infos := 0
+	for {
+		info, err := cons.Info(ctx)
+		if err != nil {
+			t.Fatalf("consumer info while the pool drains (after %d good ones): %v", infos, err)
+		}
+		infos++
+		if info.Name != topo.Persister {
+			t.Fatalf("consumer info names %q, want %q", info.Name, topo.Persister)
+		}
+		if info.NumPending == 0 && info.NumAckPending == 0 {
+			break
+		}
+	}
+	got := 0
+	handled.Range(func(any, any) bool { got++; return true })
+	if got != n {
+		t.Fatalf("handled %d of %d messages", got, n)
 	}
 }

@@ -174,14 +174,14 @@ type pulled struct{ m *nats.Msg }
 
 var _ jetstream.Msg = pulled{}
 
-func (p pulled) Data() []byte          { return p.m.Data }
-func (p pulled) Headers() nats.Header  { return p.m.Header }
-func (p pulled) Subject() string       { return p.m.Subject }
-func (p pulled) Reply() string         { return p.m.Reply }
-func (p pulled) Ack() error            { return p.m.Ack() }
-func (p pulled) Nak() error            { return p.m.Nak() }
-func (p pulled) InProgress() error     { return p.m.InProgress() }
-func (p pulled) Term() error           { return p.m.Term() }
+func (p pulled) Data() []byte         { return p.m.Data }
+func (p pulled) Headers() nats.Header { return p.m.Header }
+func (p pulled) Subject() string      { return p.m.Subject }
+func (p pulled) Reply() string        { return p.m.Reply }
+func (p pulled) Ack() error           { return p.m.Ack() }
+func (p pulled) Nak() error           { return p.m.Nak() }
+func (p pulled) InProgress() error    { return p.m.InProgress() }
+func (p pulled) Term() error          { return p.m.Term() }
 func (p pulled) NakWithDelay(d time.Duration) error {
 	return p.m.NakWithDelay(d)
 }

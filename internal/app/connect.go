@@ -98,9 +98,19 @@ func ConnectNATS(c *Common, name string, log *slog.Logger, m *connMetrics) (*nat
 // reconnects on its own: a broken connection is discarded and a new one dialled
 // on the next acquire.
 func ConnectPostgres(ctx context.Context, c *Common) (*pgxpool.Pool, error) {
+	return ConnectPostgresAs(ctx, c, "tokenpipe")
+}
+
+// ConnectPostgresAs is ConnectPostgres with the application_name the
+// connections show in pg_stat_activity (unless the URL sets one), so an
+// operator can tell the roles' backends, their load and their locks apart.
+func ConnectPostgresAs(ctx context.Context, c *Common, name string) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(c.DatabaseURL)
 	if err != nil {
 		return nil, fmt.Errorf("%s_DATABASE_URL: %w", EnvPrefix, RedactErr(err))
+	}
+	if cfg.ConnConfig.RuntimeParams["application_name"] == "" {
+		cfg.ConnConfig.RuntimeParams["application_name"] = name
 	}
 	cfg.MaxConns = c.DBMaxConns
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)

@@ -252,7 +252,7 @@ func RunIssuer(ctx context.Context, args []string, _, stderr io.Writer) error {
 	log := NewLogger(&cfg.Common, stderr).With("role", "issuer", "instance", icfg.Instance)
 	srv := ops.NewServer(log)
 	srv.Profiling = cfg.Pprof
-	pool, err := ConnectPostgres(ctx, &cfg.Common)
+	pool, err := ConnectPostgresAs(ctx, &cfg.Common, "tokenpipe-issuer")
 	if err != nil {
 		return err
 	}

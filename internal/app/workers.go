@@ -94,7 +94,7 @@ func startRole(ctx context.Context, name string, c *Common, stderr io.Writer) (*
 		nc.Close()
 		return nil, nil, err
 	}
-	pool, err := ConnectPostgres(ctx, c)
+	pool, err := ConnectPostgresAs(ctx, c, "tokenpipe-"+name)
 	if err != nil {
 		nc.Close()
 		return nil, nil, err

@@ -29,18 +29,27 @@ type KeyState struct {
 	MaxSeq uint64
 }
 
-// lockKeysSQL reads every row of the given keys that matters to the rule,
-// locking the ACTIVE ones so no other recovery transaction can deactivate them
-// under us. Locks are taken in key order to avoid deadlocks between workers.
+// lockKeysSQL reads the ACTIVE row of each given key and locks it, so no
+// other recovery transaction can deactivate it under us. Locks are taken in
+// key order (the materialised, sorted keys drive the loop) to avoid deadlocks
+// between workers.
+//
+// One index probe per key, on purpose: as a join of the keys with tokens,
+// the planner may choose a hash join over every ACTIVE row of the table when
+// its statistics lag the table's growth, which costs milliseconds per batch
+// and grows with the table.
 const lockKeysSQL = `
-WITH keys AS (
-	SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::text[]) AS k(client_id, subject, scope)
+WITH keys AS MATERIALIZED (
+	SELECT * FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::text[]) AS k(client_id, subject, scope)) d
+	ORDER BY client_id COLLATE "C", subject COLLATE "C", scope COLLATE "C"
 )
-SELECT t.client_id, t.subject, t.scope, t.token_digest, t.stream_seq
-FROM tokens t JOIN keys k USING (client_id, subject, scope)
-WHERE t.state = 'ACTIVE'
-ORDER BY t.client_id COLLATE "C", t.subject COLLATE "C", t.scope COLLATE "C"
-FOR UPDATE OF t`
+SELECT k.client_id, k.subject, k.scope, a.token_digest, a.stream_seq
+FROM keys k CROSS JOIN LATERAL (
+	SELECT t.token_digest, t.stream_seq FROM tokens t
+	WHERE t.subject = k.subject AND t.client_id = k.client_id AND t.scope = k.scope AND t.state = 'ACTIVE'
+	LIMIT 1
+	FOR UPDATE
+) a`
 
 const maxSeqSQL = `
 WITH keys AS (
@@ -51,9 +60,14 @@ SELECT k.client_id, k.subject, k.scope,
         WHERE t.client_id = k.client_id AND t.subject = k.subject AND t.scope = k.scope)
 FROM keys k`
 
+// deactivateSQL is only used on rows lockKeysSQL returned: they are ACTIVE
+// and locked, so the primary key alone finds them. With "AND state =
+// 'ACTIVE'" the planner, when its statistics lag, combined the primary key
+// with a scan of the whole ACTIVE index (milliseconds per batch, growing
+// with the table).
 const deactivateSQL = `
 UPDATE tokens SET state = 'INACTIVE', state_changed_at = now()
-WHERE token_digest = ANY($1::bytea[]) AND state = 'ACTIVE'`
+WHERE token_digest = ANY($1::bytea[])`
 
 // insertResolvedSQL writes a token covered by a family or grant revocation
 // as REVOKED: the older row it supersedes is still deactivated, so the
@@ -61,10 +75,13 @@ WHERE token_digest = ANY($1::bytea[]) AND state = 'ACTIVE'`
 // It returns the families of the rows it wrote REVOKED, which the caller
 // revokes as the batch write does (revokeFamiliesOf).
 //
-// It never uses DO NOTHING on the partial unique index: if another
-// transaction activated a token for the key since we read it, the insert
-// fails, the whole transaction (our UPDATE included) rolls back, and the
-// retry reads the new state. Nothing is half-applied.
+// DO NOTHING covers the partial unique index too: if another transaction
+// activated a token for a key since we read it (a key that had no ACTIVE row
+// then, so we deactivated nothing of it), the row is skipped and reported,
+// and the caller resolves that key again in the same transaction with the
+// new row locked. A failed insert would roll back the whole batch instead,
+// and under a stream of re-issues the retried (and grown) batch met the next
+// such race, which held the conflict-heavy mix at about 1,000 tokens/s.
 var insertResolvedSQL = `
 INSERT INTO tokens (token_digest, refresh_digest, client_id, subject, scope, state,
                     grant_type, issued_at, expires_at, stream_seq, instance, family_id, refresh_expires_at,
@@ -79,8 +96,8 @@ FROM unnest($1::bytea[], $2::bytea[], $3::text[], $4::text[], $5::text[], $6::te
             $12::bytea[], $13::timestamptz[])
     AS b(token_digest, refresh_digest, client_id, subject, scope, state,
          grant_type, issued_at, expires_at, stream_seq, instance, family_id, refresh_expires_at)
-ON CONFLICT (token_digest) DO NOTHING
-RETURNING state = 'REVOKED' AND family_id IS NOT NULL, family_id`
+ON CONFLICT DO NOTHING
+RETURNING token_digest, state = 'REVOKED' AND family_id IS NOT NULL, family_id`
 
 // LockKeys locks the ACTIVE rows of the keys and reads each key's newest
 // stream sequence. Keys without rows are absent from the map.
@@ -128,7 +145,8 @@ func LockKeys(ctx context.Context, tx pgx.Tx, keys []Key) (map[Key]KeyState, err
 	return stored, nil
 }
 
-// Deactivate makes the given ACTIVE rows INACTIVE.
+// Deactivate makes the given rows INACTIVE: ACTIVE rows this transaction
+// locked with LockKeys.
 func Deactivate(ctx context.Context, tx pgx.Tx, digests []events.Digest) error {
 	raw := make([][]byte, len(digests))
 	for i := range digests {
@@ -145,7 +163,10 @@ func Deactivate(ctx context.Context, tx pgx.Tx, digests []events.Digest) error {
 // A row covered by a grant revocation is written REVOKED and its family is
 // revoked with it, as in WriteBatch: a refresh that raced with the
 // revocation may have minted a newer member the watermark does not reach.
-func InsertResolved(ctx context.Context, tx pgx.Tx, rows []Row, active []bool) error {
+// It returns the indices of rows meant ACTIVE that were not written because
+// another transaction activated a token of their key meanwhile; the caller
+// must resolve them again.
+func InsertResolved(ctx context.Context, tx pgx.Tx, rows []Row, active []bool) (lost []int, err error) {
 	n := len(rows)
 	var (
 		digests, refresh         = make([][]byte, n), make([][]byte, n)
@@ -170,26 +191,52 @@ func InsertResolved(ctx context.Context, tx pgx.Tx, rows []Row, active []bool) e
 	}
 	res, err := tx.Query(ctx, insertResolvedSQL, digests, refresh, clients, subjects, scope, states, grants, issued, expires, seqs, inst, families, refExp)
 	if err != nil {
-		return fmt.Errorf("insert %d resolved rows: %w", n, err)
+		return nil, fmt.Errorf("insert %d resolved rows: %w", n, err)
 	}
 	var revoked [][]byte
+	inserted := make(map[string]bool, n)
 	for res.Next() {
+		var d, fam []byte
 		var isRevoked bool
-		var fam []byte
-		if err := res.Scan(&isRevoked, &fam); err != nil {
-			return fmt.Errorf("insert %d resolved rows: %w", n, err)
+		if err := res.Scan(&d, &isRevoked, &fam); err != nil {
+			res.Close()
+			return nil, fmt.Errorf("insert %d resolved rows: %w", n, err)
 		}
+		inserted[string(d)] = true
 		if isRevoked {
 			revoked = append(revoked, fam)
 		}
 	}
 	if err := res.Err(); err != nil {
-		return fmt.Errorf("insert %d resolved rows: %w", n, err)
+		return nil, fmt.Errorf("insert %d resolved rows: %w", n, err)
 	}
 	if len(revoked) > 0 {
-		return revokeFamiliesOf(ctx, tx, revoked)
+		if err := revokeFamiliesOf(ctx, tx, revoked); err != nil {
+			return nil, err
+		}
 	}
-	return nil
+	// A row meant ACTIVE that was skipped lost to a stored digest (nothing
+	// to do) or to a key activated meanwhile (resolve again). A separate
+	// statement takes a fresh snapshot and sees what the insert waited for.
+	var skipped [][]byte
+	for i := range rows {
+		if active[i] && !inserted[string(digests[i])] {
+			skipped = append(skipped, digests[i])
+		}
+	}
+	if len(skipped) == 0 {
+		return nil, nil
+	}
+	existing, err := ExistingDigests(ctx, tx, skipped)
+	if err != nil {
+		return nil, fmt.Errorf("rows skipped by the resolved insert: %w", err)
+	}
+	for i := range rows {
+		if active[i] && !inserted[string(digests[i])] && !existing[rows[i].Event.TokenDigest] {
+			lost = append(lost, i)
+		}
+	}
+	return lost, nil
 }
 
 func deref(p *int64) int64 {

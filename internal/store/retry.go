@@ -17,11 +17,18 @@ import (
 // token per (client, subject, scope).
 const ActiveKeyConstraint = "tokens_one_active_per_key"
 
+// ErrConcurrentActivation: other writers kept activating tokens of a batch's
+// keys while recovery resolved them; a new transaction reads the new state.
+var ErrConcurrentActivation = errors.New("concurrent activation")
+
 // RetryReason names the class of a transient error for metrics and logs; "" means
 // the error is permanent: retrying the same statement would fail the same way.
 func RetryReason(err error) string {
 	if err == nil {
 		return ""
+	}
+	if errors.Is(err, ErrConcurrentActivation) {
+		return "concurrent_activation"
 	}
 	var pe *pgconn.PgError
 	if errors.As(err, &pe) {

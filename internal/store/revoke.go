@@ -34,10 +34,13 @@ import (
 // fenceID is an advisory lock id every tokenpipe process agrees on.
 const fenceID int64 = 7_460_301_119
 
+// lockSharedSQL takes the revocation fence (shared).
+const lockSharedSQL = `SELECT pg_advisory_xact_lock_shared($1)`
+
 // LockShared takes the revocation fence for a transaction that writes token
 // rows. Hold it before reading CoveredSQL.
 func LockShared(ctx context.Context, tx pgx.Tx) error {
-	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock_shared($1)`, fenceID); err != nil {
+	if _, err := tx.Exec(ctx, lockSharedSQL, fenceID); err != nil {
 		return fmt.Errorf("take revocation fence: %w", err)
 	}
 	return nil

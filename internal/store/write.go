@@ -5,6 +5,7 @@ package store
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -94,6 +95,9 @@ WHERE (SELECT true FROM tokens t WHERE t.token_digest = b.token_digest LIMIT 1)
 var copyColumns = []string{"token_digest", "refresh_digest", "client_id", "subject", "scope", "state",
 	"grant_type", "issued_at", "expires_at", "stream_seq", "instance", "family_id", "refresh_expires_at"}
 
+// afterProbe, when set by a test, runs between a batch's probe and its COPY.
+var afterProbe func()
+
 // WriteBatch writes rows in one transaction and reports each row's outcome,
 // in the order of rows. Rows must have distinct token digests.
 //
@@ -101,20 +105,45 @@ var copyColumns = []string{"token_digest", "refresh_digest", "client_id", "subje
 // rows. Rows that may meet another token of their key, and rows of a key that
 // repeats in the batch, take the set-based INSERT that decides each state.
 // If a concurrent writer wins a race between the probe and the COPY, the COPY
-// is rolled back to its savepoint and its rows take the careful path too.
+// fails on a unique index, the transaction rolls back, and the batch is
+// written again with every row on the careful path. That race is rare (two
+// writers with the same key or token within one batch's probe-to-COPY gap),
+// so a savepoint around every COPY, two round trips per batch, cost more
+// than the occasional second transaction.
 func WriteBatch(ctx context.Context, db Beginner, rows []Row) ([]Outcome, error) {
+	out, err := writeBatch(ctx, db, rows, false)
+	if errors.Is(err, errLostRace) {
+		return writeBatch(ctx, db, rows, true)
+	}
+	return out, err
+}
+
+// errLostRace: the COPY met a token or key a concurrent writer committed
+// after the probe.
+var errLostRace = errors.New("a concurrent writer stored a row of the batch first")
+
+// writeBatch is one attempt of WriteBatch; allCareful skips the probe and
+// the COPY.
+func writeBatch(ctx context.Context, db Beginner, rows []Row, allCareful bool) ([]Outcome, error) {
 	out := make([]Outcome, len(rows))
 	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
-		if err := LockShared(ctx, tx); err != nil {
-			return err
-		}
-		careful, err := probe(ctx, tx, rows)
-		if err != nil {
-			return err
+		var careful map[int]bool
+		if allCareful {
+			if err := LockShared(ctx, tx); err != nil {
+				return err
+			}
+		} else {
+			var err error
+			if careful, err = lockAndProbe(ctx, tx, rows); err != nil {
+				return err
+			}
+			if afterProbe != nil {
+				afterProbe()
+			}
 		}
 		var fast []int
 		for i := range rows {
-			if !careful[i] {
+			if !allCareful && !careful[i] {
 				fast = append(fast, i)
 			}
 		}
@@ -122,21 +151,16 @@ func WriteBatch(ctx context.Context, db Beginner, rows []Row) ([]Outcome, error)
 		// their index locks in one order and cannot deadlock on them.
 		slices.SortFunc(fast, func(a, b int) int { return compareKeys(rows[a].Event, rows[b].Event) })
 		if len(fast) > 0 {
-			copied, err := copyRows(ctx, tx, rows, fast)
-			if err != nil {
+			if err := copyRows(ctx, tx, rows, fast); err != nil {
 				return err
 			}
 			for _, i := range fast {
-				if copied {
-					out[i] = Inserted
-				} else {
-					careful[i] = true
-				}
+				out[i] = Inserted
 			}
 		}
 		var slow []int
 		for i := range rows {
-			if careful[i] {
+			if allCareful || careful[i] {
 				slow = append(slow, i)
 			}
 		}
@@ -153,8 +177,9 @@ func compareKeys(a, b *events.TokenIssued) int {
 	return cmp.Or(strings.Compare(a.ClientID, b.ClientID), strings.Compare(a.Subject, b.Subject), strings.Compare(a.Scope(), b.Scope()))
 }
 
-// probe marks the rows that must take the careful path.
-func probe(ctx context.Context, tx pgx.Tx, rows []Row) (map[int]bool, error) {
+// lockAndProbe takes the revocation fence (shared) and marks the rows that
+// must take the careful path, in one round trip.
+func lockAndProbe(ctx context.Context, tx pgx.Tx, rows []Row) (map[int]bool, error) {
 	careful := map[int]bool{}
 	keys := map[[3]string]int{}
 	n := len(rows)
@@ -172,46 +197,53 @@ func probe(ctx context.Context, tx pgx.Tx, rows []Row) (map[int]bool, error) {
 		idx[i], digests[i], seqs[i] = int32(i), e.TokenDigest[:], int64(r.Seq)
 		clients[i], subjects[i], scopes[i] = k[0], k[1], k[2]
 	}
-	res, err := tx.Query(ctx, probeSQL, idx, digests, clients, subjects, scopes, seqs, families)
+	b := &pgx.Batch{}
+	b.Queue(lockSharedSQL, fenceID)
+	b.Queue(probeSQL, idx, digests, clients, subjects, scopes, seqs, families)
+	br := tx.SendBatch(ctx, b)
+	defer br.Close()
+	if _, err := br.Exec(); err != nil {
+		return nil, fmt.Errorf("take revocation fence: %w", err)
+	}
+	res, err := br.Query()
 	if err != nil {
 		return nil, fmt.Errorf("probe batch of %d: %w", n, err)
 	}
 	for res.Next() {
 		var i int32
 		if err := res.Scan(&i); err != nil {
+			res.Close()
 			return nil, err
 		}
 		careful[int(i)] = true
 	}
+	res.Close()
 	if err := res.Err(); err != nil {
+		return nil, fmt.Errorf("probe batch of %d: %w", n, err)
+	}
+	if err := br.Close(); err != nil {
 		return nil, fmt.Errorf("probe batch of %d: %w", n, err)
 	}
 	return careful, nil
 }
 
-// copyRows COPYs the given rows as ACTIVE inside a savepoint. It reports
-// false, with the savepoint rolled back, if a concurrent transaction took a
-// token or key first.
-func copyRows(ctx context.Context, tx pgx.Tx, rows []Row, which []int) (bool, error) {
-	sp, err := tx.Begin(ctx)
-	if err != nil {
-		return false, fmt.Errorf("savepoint: %w", err)
-	}
+// copyRows COPYs the given rows as ACTIVE. It fails with errLostRace if a
+// concurrent transaction took a token or key first.
+func copyRows(ctx context.Context, tx pgx.Tx, rows []Row, which []int) error {
 	src := make([][]any, len(which))
 	for j, i := range which {
 		e := rows[i].Event
 		src[j] = []any{e.TokenDigest[:], refreshBytes(e), e.ClientID, e.Subject, e.Scope(), "ACTIVE",
 			e.GrantType, e.IssuedAt, e.ExpiresAt, int64(rows[i].Seq), e.Instance, familyBytes(e), e.RefreshExpiresAt}
 	}
-	_, err = sp.CopyFrom(ctx, pgx.Identifier{"tokens"}, copyColumns, pgx.CopyFromRows(src))
+	_, err := tx.CopyFrom(ctx, pgx.Identifier{"tokens"}, copyColumns, pgx.CopyFromRows(src))
 	if err == nil {
-		return true, sp.Commit(ctx)
+		return nil
 	}
-	_ = sp.Rollback(ctx) // the transaction fails anyway if the connection is gone
 	if isUniqueViolation(err) {
-		return false, nil
+		return errLostRace
 	}
-	return false, fmt.Errorf("copy %d rows: %w", len(which), err)
+	return fmt.Errorf("copy %d rows: %w", len(which), err)
 }
 
 // insertCareful writes the given rows with insertSQL and records outcomes.

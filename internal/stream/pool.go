@@ -130,6 +130,12 @@ func (p *Pool) worker(ctx, work context.Context, log *slog.Logger) {
 		if err == nil && len(msgs) == 0 {
 			msgs, err = p.awaitBatch(ctx, log, puller)
 		}
+		if err != nil && len(msgs) > 0 {
+			// Delivered to this worker: handled now, the error met again
+			// on the next fetch.
+			log.Warn("fetch failed after taking messages", "err", err, "messages", len(msgs))
+			err = nil
+		}
 		if err != nil {
 			failures++
 			delay := min(time.Duration(failures)*200*time.Millisecond, 5*time.Second)

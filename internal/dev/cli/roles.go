@@ -39,6 +39,7 @@ type rolesOpts struct {
 	concurrency int
 	natsServer  string // "machine" (TOKENPIPE_NATS_URL) or "module"
 	profileDir  string // CPU profiles of the first measured run, when set
+	mix         loadgen.Mix
 }
 
 func parseRolesFlags(args []string, stderr io.Writer) (rolesOpts, error) {
@@ -51,12 +52,15 @@ func parseRolesFlags(args []string, stderr io.Writer) (rolesOpts, error) {
 	fs.IntVar(&o.runs, "runs", 3, "runs; medians are reported")
 	fs.IntVar(&o.concurrency, "concurrency", 256, "most requests in flight")
 	fs.StringVar(&o.natsServer, "nats-server", "machine", "machine: the server at TOKENPIPE_NATS_URL; module: a nats-server process built from the nats-server/v2 module this binary links")
+	fs.Float64Var(&o.mix.Reissue, "reissue", 0, "share of requests that re-issue a key asked for earlier (conflicts for recovery)")
+	fs.Float64Var(&o.mix.Duplicate, "dup", 0, "share of requests sent as a pair of simultaneous identical requests")
 	fs.StringVar(&o.profileDir, "profile", "", "write CPU profiles of each role and of the load generator over the first measured run into `dir` (the roles get "+app.EnvPrefix+"_PPROF=true)")
 	if err := fs.Parse(args); err != nil {
 		return o, app.FlagErr(err) // app.ErrHelp for -h: the caller stops there
 	}
-	if o.rate <= 0 || o.duration <= 0 || o.warmup < 0 || o.runs < 1 || o.concurrency < 1 || (o.natsServer != "machine" && o.natsServer != "module") {
-		fmt.Fprintln(stderr, "bench roles: -rate, -duration, -runs and -concurrency must be positive, -warmup not negative, -nats-server machine or module")
+	if o.rate <= 0 || o.duration <= 0 || o.warmup < 0 || o.runs < 1 || o.concurrency < 1 || (o.natsServer != "machine" && o.natsServer != "module") ||
+		o.mix.Reissue < 0 || o.mix.Duplicate < 0 || o.mix.Reissue+o.mix.Duplicate > 1 {
+		fmt.Fprintln(stderr, "bench roles: -rate, -duration, -runs and -concurrency must be positive, -warmup not negative, -nats-server machine or module, -reissue and -dup shares adding up to at most 1")
 		return o, app.ErrUsage
 	}
 	return o, nil
@@ -166,7 +170,7 @@ func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr 
 	if err != nil {
 		return err
 	}
-	gen := loadgen.New(target, loadgen.Mix{}, o.concurrency)
+	gen := loadgen.New(target, o.mix, o.concurrency)
 	defer gen.Close()
 	costs := newCosts(d)
 	for run := 1; run <= o.runs; run++ {

@@ -105,6 +105,9 @@ type Config struct {
 	// PublishTimeout bounds the wait for JetStream's ack, including the
 	// wait for a free in-flight slot; past it the answer is 503.
 	PublishTimeout time.Duration
+	// PublishWindow gathers the publishes of concurrent requests for this
+	// long and sends them together (see publishBatch); 0 sends each at once.
+	PublishWindow time.Duration
 	// MaxInFlight bounds the publishes awaiting an ack, shared by all
 	// requests. Only NewJetStream reads it: the bound lives in the
 	// JetStream handle.
@@ -213,6 +216,7 @@ type Server struct {
 	logins  *throttle.Limiter
 	hashers *throttle.Pool
 	pages   *pages.Handler
+	batch   *publishBatch
 }
 
 // NewJetStream returns the JetStream handle async mode needs: at most
@@ -246,6 +250,7 @@ func New(cfg Config, registry *clients.Registry, nc *nats.Conn, js jetstream.Jet
 		cache:   newIntroCache(cfg.IntrospectCacheTTL, cfg.IntrospectCacheSize),
 		logins:  throttle.New(cfg.Login),
 		hashers: throttle.NewPool(cfg.PasswordChecks, cfg.PasswordCheckWait),
+		batch:   &publishBatch{window: cfg.PublishWindow},
 		now:     time.Now}
 	s.pages = pages.New(pages.Config{DB: db, JS: s.grantStream(), Topology: cfg.Topology,
 		AdminUsers: cfg.AdminUsers, SessionIdle: cfg.PageSessionIdle, Log: log}, pagesBackend{s})

@@ -336,7 +336,7 @@ func (s *Server) publish(ctx context.Context, ev *events.TokenIssued) (*jetstrea
 		return nil, errUnavailable
 	}
 	start := time.Now()
-	f, err := s.js.PublishAsync(s.cfg.Topology.IssuedSubjectOf(ev.ClientID, ev.Subject, ev.Scope()), body,
+	f, err := s.batch.publish(s.js, s.cfg.Topology.IssuedSubjectOf(ev.ClientID, ev.Subject, ev.Scope()), body,
 		jetstream.WithMsgID(ev.TokenDigest.String()),
 		jetstream.WithExpectStream(s.cfg.Topology.Stream),
 		jetstream.WithStallWait(s.cfg.PublishTimeout))

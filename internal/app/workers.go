@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -228,11 +230,30 @@ func (c *PersisterConfig) boundConsumers() []string {
 	return names
 }
 
+// persisterGCPercent is the persister's GOGC unless the environment sets
+// one. Its live heap is small (the batches in hand and the clients'
+// buffers) while it allocates a batch's worth every few milliseconds, so at
+// Go's default of 100 it collects many times a second for little: at 8,000
+// tokens/s, 400 took its CPU per row from 27 to 18 µs and its drain from
+// 50k to 54k rows/s, with a resident size of about 45 MB at 9,000 tokens/s.
+const persisterGCPercent = 400
+
+// TunePersisterGC applies persisterGCPercent unless GOGC is set, and returns
+// a function that restores the previous setting.
+func TunePersisterGC() (restore func()) {
+	if os.Getenv("GOGC") != "" {
+		return func() {}
+	}
+	prev := debug.SetGCPercent(persisterGCPercent)
+	return func() { debug.SetGCPercent(prev) }
+}
+
 func RunPersister(ctx context.Context, args []string, _, stderr io.Writer) error {
 	var cfg PersisterConfig
 	if _, err := LoadConfig("persister", args, stderr, &cfg, ""); err != nil {
 		return HelpIsNil(err)
 	}
+	defer TunePersisterGC()()
 	env, stop, err := startRole(ctx, "persister", &cfg.Common, stderr)
 	if err != nil {
 		return err

@@ -230,6 +230,9 @@ func drainOnce(ctx context.Context, pool *pgxpool.Pool, js jetstream.JetStream, 
 		Retry:    store.DefaultRetryPolicy(),
 		Topology: o.Topology, Finish: 10 * time.Second, NakDelay: time.Second,
 	}
+	// The persister role's garbage collection setting, in this process for
+	// the drain only.
+	defer app.TunePersisterGC()()
 	start := time.Now()
 	running := app.StartPipeline(ctx, pool, js, app.PipelineConfig{Persister: &settings, Log: o.Log})
 	// Every return stops the persister and waits for it: none leaves it

@@ -1,6 +1,7 @@
 package issuer
 
 import (
+	"errors"
 	"sync"
 	"time"
 
@@ -64,10 +65,20 @@ func (b *publishBatch) publish(js jetstream.JetStream, subject string, body []by
 	batch := b.queue
 	b.queue = nil
 	b.mu.Unlock()
+	// Each request goes on as soon as its own publish is handed over. Once
+	// one has waited out the stall wait (every in-flight slot taken for the
+	// whole PublishTimeout), the rest fail at once instead of waiting their
+	// turn for as long again.
+	var stalled error
 	for _, q := range batch {
-		q.future, q.err = js.PublishAsync(q.subject, q.body, q.opts...)
-	}
-	for _, q := range batch {
+		if stalled != nil {
+			q.err = stalled
+		} else {
+			q.future, q.err = js.PublishAsync(q.subject, q.body, q.opts...)
+			if errors.Is(q.err, jetstream.ErrTooManyStalledMsgs) {
+				stalled = q.err
+			}
+		}
 		close(q.ready)
 	}
 	return p.future, p.err

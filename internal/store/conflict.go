@@ -215,12 +215,12 @@ func InsertResolved(ctx context.Context, tx pgx.Tx, rows []Row, active []bool) (
 			return nil, err
 		}
 	}
-	// A row meant ACTIVE that was skipped lost to a stored digest (nothing
-	// to do) or to a key activated meanwhile (resolve again). A separate
+	// A skipped row lost to a stored digest (nothing to do) or, meant
+	// ACTIVE, to a key activated meanwhile (resolve again). A separate
 	// statement takes a fresh snapshot and sees what the insert waited for.
 	var skipped [][]byte
 	for i := range rows {
-		if active[i] && !inserted[string(digests[i])] {
+		if !inserted[string(digests[i])] {
 			skipped = append(skipped, digests[i])
 		}
 	}
@@ -231,12 +231,58 @@ func InsertResolved(ctx context.Context, tx pgx.Tx, rows []Row, active []bool) (
 	if err != nil {
 		return nil, fmt.Errorf("rows skipped by the resolved insert: %w", err)
 	}
+	var odd []int // skipped, not stored: only the key's index may explain it
 	for i := range rows {
-		if active[i] && !inserted[string(digests[i])] && !existing[rows[i].Event.TokenDigest] {
-			lost = append(lost, i)
+		if !inserted[string(digests[i])] && !existing[rows[i].Event.TokenDigest] {
+			odd = append(odd, i)
 		}
 	}
+	if len(odd) == 0 {
+		return nil, nil
+	}
+	activeKeys, err := keysWithActiveRow(ctx, tx, rows, odd)
+	if err != nil {
+		return nil, err
+	}
+	for _, i := range odd {
+		if !active[i] || !activeKeys[i] {
+			// Another unique index refused it (its refresh digest is another
+			// token's): retrying cannot help.
+			return nil, fmt.Errorf("resolved row %s refused by a unique index other than its token's or its key's", rows[i].Event.TokenDigest)
+		}
+		lost = append(lost, i)
+	}
 	return lost, nil
+}
+
+// keysWithActiveRow reports which of rows[which] have a key with an ACTIVE
+// row now: one index probe per row (see lockKeysSQL on why not a join).
+func keysWithActiveRow(ctx context.Context, tx pgx.Tx, rows []Row, which []int) (map[int]bool, error) {
+	n := len(which)
+	idx := make([]int32, n)
+	clients, subjects, scopes := make([]string, n), make([]string, n), make([]string, n)
+	for j, i := range which {
+		e := rows[i].Event
+		idx[j], clients[j], subjects[j], scopes[j] = int32(i), e.ClientID, e.Subject, e.Scope()
+	}
+	res, err := tx.Query(ctx, `
+SELECT k.i FROM unnest($1::int[], $2::text[], $3::text[], $4::text[]) AS k(i, client_id, subject, scope)
+WHERE (SELECT true FROM tokens t
+       WHERE t.subject = k.subject AND t.client_id = k.client_id AND t.scope = k.scope AND t.state = 'ACTIVE'
+       LIMIT 1)`, idx, clients, subjects, scopes)
+	if err != nil {
+		return nil, fmt.Errorf("keys of skipped rows: %w", err)
+	}
+	defer res.Close()
+	out := make(map[int]bool, n)
+	for res.Next() {
+		var i int32
+		if err := res.Scan(&i); err != nil {
+			return nil, fmt.Errorf("keys of skipped rows: %w", err)
+		}
+		out[int(i)] = true
+	}
+	return out, res.Err()
 }
 
 func deref(p *int64) int64 {

@@ -201,7 +201,12 @@ func (p *Pool) await(ctx context.Context, log *slog.Logger) ([]jetstream.Msg, er
 		return nil, fmt.Errorf("idle pull: %w", err)
 	}
 	var msgs []jetstream.Msg
-	first, waitErr := it.Next(jetstream.NextContext(ctx))
+	// Bounded by wait: then the worker fetches again, which also takes
+	// anything its own inbox received late while it waited here.
+	waitCtx, cancel := context.WithTimeout(ctx, wait)
+	first, waitErr := it.Next(jetstream.NextContext(waitCtx))
+	quiet := waitCtx.Err() != nil && ctx.Err() == nil
+	cancel()
 	if waitErr == nil {
 		msgs = append(msgs, first)
 	}
@@ -220,7 +225,7 @@ func (p *Pool) await(ctx context.Context, log *slog.Logger) ([]jetstream.Msg, er
 		}
 		msgs = append(msgs, m)
 	}
-	if len(msgs) == 0 && waitErr != nil && ctx.Err() == nil {
+	if len(msgs) == 0 && waitErr != nil && ctx.Err() == nil && !quiet {
 		return nil, fmt.Errorf("idle pull: %w", waitErr)
 	}
 	return msgs, nil

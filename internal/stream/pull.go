@@ -24,8 +24,9 @@ import (
 type puller struct {
 	nc      *nats.Conn
 	subject string // the consumer's MSG.NEXT API subject
-	inbox   string
+	inbox   string // each request answers on inbox.<n>
 	sub     *nats.Subscription
+	n       uint64 // requests sent
 	// answerWait bounds one wait for the server's answer; a fetch that
 	// times out returns what it has and the rest arrives for the next one.
 	answerWait time.Duration
@@ -44,7 +45,7 @@ func newPuller(js jetstream.JetStream, cons jetstream.Consumer, answerWait time.
 	// subject, which the client's request mux would take for the answer to
 	// any single request in flight on the connection.
 	inbox := nc.NewInbox()
-	sub, err := nc.SubscribeSync(inbox)
+	sub, err := nc.SubscribeSync(inbox + ".*")
 	if err != nil {
 		return nil, fmt.Errorf("pull: subscribe to the inbox: %w", err)
 	}
@@ -72,7 +73,10 @@ func apiPrefix(js jetstream.JetStream) string {
 }
 
 // fetch returns up to n messages the consumer has now. Messages of an
-// earlier request that arrived late come first.
+// earlier request that arrived late come first. Each request answers on a
+// reply subject of its own, so only its own end marker ends it: a late
+// marker of an earlier request would otherwise end a later one before its
+// messages arrived.
 func (p *puller) fetch(ctx context.Context, n int) ([]jetstream.Msg, error) {
 	msgs := make([]jetstream.Msg, 0, n)
 	// What is already in the inbox: late messages, and the end markers of
@@ -91,7 +95,9 @@ func (p *puller) fetch(ctx context.Context, n int) ([]jetstream.Msg, error) {
 	}
 	req := strconv.AppendInt([]byte(`{"no_wait":true,"batch":`), int64(n-len(msgs)), 10)
 	req = append(req, '}')
-	if err := p.nc.PublishRequest(p.subject, p.inbox, req); err != nil {
+	p.n++
+	reply := p.inbox + "." + strconv.FormatUint(p.n, 10)
+	if err := p.nc.PublishRequest(p.subject, reply, req); err != nil {
 		return msgs, fmt.Errorf("pull request: %w", err)
 	}
 	wait, cancel := context.WithTimeout(ctx, p.answerWait)
@@ -112,25 +118,34 @@ func (p *puller) fetch(ctx context.Context, n int) ([]jetstream.Msg, error) {
 			msgs = append(msgs, pulled{m})
 			continue
 		}
-		switch code {
-		case "404", "408", "409":
-			// No (more) messages, the request expired, or a limit of the
-			// consumer: this request is over. A deleted consumer is a
-			// failure the worker backs off from.
-			if code == "409" && strings.Contains(strings.ToLower(m.Header.Get("Description")), "deleted") && len(msgs) == 0 {
-				return nil, fmt.Errorf("pull: %w", jetstream.ErrConsumerDeleted)
-			}
-			return msgs, nil
-		case "100":
-			continue // a heartbeat: not for no-wait requests, harmless
-		default:
-			if len(msgs) > 0 {
-				return msgs, nil
-			}
-			return nil, fmt.Errorf("pull: status %s %s", code, m.Header.Get("Description"))
+		if m.Subject != reply || code == "100" {
+			continue // the end of an earlier request that answered late, or a heartbeat
 		}
+		if err := endOfRequest(code, m.Header.Get("Description")); err != nil && len(msgs) == 0 {
+			return nil, err
+		}
+		return msgs, nil
 	}
 	return msgs, nil
+}
+
+// endOfRequest interprets the status that ends a pull request, as the
+// client's own fetch does: no messages, an expired request, or a consumer
+// changing leader or a server shutting down end it normally (the worker
+// fetches again); anything else (a deleted consumer, a refused request) is
+// an error the worker backs off from.
+func endOfRequest(code, description string) error {
+	d := strings.ToLower(description)
+	switch {
+	case code == "404", code == "408":
+		return nil
+	case code == "409" && (strings.Contains(d, "leadership change") || strings.Contains(d, "server shutdown") || strings.Contains(d, "batch completed")):
+		return nil
+	case code == "409" && strings.Contains(d, "consumer deleted"):
+		return fmt.Errorf("pull: %w", jetstream.ErrConsumerDeleted)
+	default:
+		return fmt.Errorf("pull: status %s %s", code, description)
+	}
 }
 
 // drain withdraws the inbox and returns every message that was on its way
@@ -158,9 +173,10 @@ func (p *puller) drain(limit time.Duration) []jetstream.Msg {
 }
 
 // status reports whether m is a status message of the pull protocol (no
-// payload, a Status header) and its code.
+// payload, no reply, a Status header) and its code. A stream message always
+// has a reply subject (its ack subject), whatever its headers.
 func status(m *nats.Msg) (string, bool) {
-	if len(m.Data) > 0 || m.Header == nil {
+	if len(m.Data) > 0 || m.Header == nil || m.Reply != "" {
 		return "", false
 	}
 	code := m.Header.Get("Status")

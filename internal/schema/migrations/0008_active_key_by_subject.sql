@@ -14,6 +14,15 @@
 -- migration runs in a transaction). On a large table, build the index first
 -- by hand with CREATE UNIQUE INDEX CONCURRENTLY tokens_one_active_per_key_new
 -- ...; this migration then only swaps names (IF NOT EXISTS below).
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+               WHERE c.relname = 'tokens_one_active_per_key_new'
+                 AND (NOT i.indisvalid OR pg_get_indexdef(i.indexrelid) NOT LIKE
+                      '%UNIQUE INDEX tokens_one_active_per_key_new ON %tokens USING btree (subject, client_id, scope) WHERE (state = ''ACTIVE''::text)%')) THEN
+        RAISE EXCEPTION 'tokens_one_active_per_key_new exists but is invalid (a failed CREATE INDEX CONCURRENTLY) or not the index this migration builds: drop it and run again';
+    END IF;
+END $$;
 CREATE UNIQUE INDEX IF NOT EXISTS tokens_one_active_per_key_new
     ON tokens (subject, client_id, scope) WHERE state = 'ACTIVE';
 DROP INDEX tokens_one_active_per_key;

@@ -12,74 +12,38 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
+// purgeSQL deletes one batch of table's rows whose due time (the
+// expression due) is before $1 and not before $2, at most $3 of them, and
+// returns their due times: the batch statement of every table cleanup
+// empties.
+//
 // A token row is deleted only once its every credential expired more than
 // Retention ago, whatever its state. Before that the row must stay, whatever
 // its state too: tokens are self-contained, so an unexpired token whose row
 // is INACTIVE or REVOKED is refused only because that row says so. Deleting
 // it would make the token look queued (no row yet), and a queued token is
-// live. The refresh token outlives its access token, so it decides when
-// present (coalesce, the expression of the tokens_purge index).
+// live.
 //
-// The sub-select walks tokens_purge in order from the previous batch's last
-// expiry (so it does not step over the index entries it just deleted again)
-// and skips rows another transaction holds (a persister's or recovery's), so
-// cleanup never waits on them; a skipped row goes in a later pass.
+// The sub-select walks the due times in order (for tokens, along
+// tokens_purge) from the previous batch's last one, so it does not step over
+// the index entries it just deleted again, and skips rows another
+// transaction holds (a persister's or recovery's), so cleanup never waits
+// on them; a skipped row goes in a later pass.
 //
 // The rows are deleted by the ctid the sub-select locked (a TID scan, not a
 // primary key probe per row: half the work). A locked row cannot move, and
 // a row updated between the statement's snapshot and the lock is simply
 // not deleted by this batch.
-const tokensSQL = `
-DELETE FROM tokens WHERE ctid = ANY(ARRAY(
-	SELECT ctid FROM tokens
-	WHERE coalesce(refresh_expires_at, expires_at) < $1
-	  AND coalesce(refresh_expires_at, expires_at) >= $2
-	ORDER BY coalesce(refresh_expires_at, expires_at)
+func purgeSQL(table, due string) string {
+	return `
+DELETE FROM ` + table + ` WHERE ctid = ANY(ARRAY(
+	SELECT ctid FROM ` + table + `
+	WHERE ` + due + ` < $1 AND ` + due + ` >= $2
+	ORDER BY ` + due + `
 	LIMIT $3
 	FOR UPDATE SKIP LOCKED))
-RETURNING coalesce(refresh_expires_at, expires_at)`
-
-// A rotation is useless once its refresh token expired: presenting that
-// token fails on its exp claim before anyone looks for reuse.
-const rotationsSQL = `
-DELETE FROM refresh_rotations WHERE ctid = ANY(ARRAY(
-	SELECT ctid FROM refresh_rotations
-	WHERE expires_at < $1 AND expires_at >= $2
-	ORDER BY expires_at
-	LIMIT $3
-	FOR UPDATE SKIP LOCKED))
-RETURNING expires_at`
-
-// An exchange is useless once its presented token expired, for the same
-// reason.
-const exchangesSQL = `
-DELETE FROM token_exchanges WHERE ctid = ANY(ARRAY(
-	SELECT ctid FROM token_exchanges
-	WHERE expires_at < $1 AND expires_at >= $2
-	ORDER BY expires_at
-	LIMIT $3
-	FOR UPDATE SKIP LOCKED))
-RETURNING expires_at`
-
-// The revocation tables are small (one row per revocation) and have no index
-// on revoked_at; a batch scans them.
-const familiesSQL = `
-DELETE FROM revoked_families WHERE ctid = ANY(ARRAY(
-	SELECT ctid FROM revoked_families
-	WHERE revoked_at < $1 AND revoked_at >= $2
-	ORDER BY revoked_at
-	LIMIT $3
-	FOR UPDATE SKIP LOCKED))
-RETURNING revoked_at`
-
-const grantsSQL = `
-DELETE FROM revoked_grants WHERE ctid = ANY(ARRAY(
-	SELECT ctid FROM revoked_grants
-	WHERE revoked_at < $1 AND revoked_at >= $2
-	ORDER BY revoked_at
-	LIMIT $3
-	FOR UPDATE SKIP LOCKED))
-RETURNING revoked_at`
+RETURNING ` + due
+}
 
 // The tables cleanup deletes from, as named in its metrics.
 const (
@@ -91,11 +55,19 @@ const (
 )
 
 var cleanupSQL = map[string]string{
-	TableTokens:          tokensSQL,
-	TableRotations:       rotationsSQL,
-	TableExchanges:       exchangesSQL,
-	TableRevokedFamilies: familiesSQL,
-	TableRevokedGrants:   grantsSQL,
+	// The refresh token outlives its access token, so it decides when
+	// present (the expression of the tokens_purge index).
+	TableTokens: purgeSQL(TableTokens, "coalesce(refresh_expires_at, expires_at)"),
+	// A rotation is useless once its refresh token expired: presenting that
+	// token fails on its exp claim before anyone looks for reuse.
+	TableRotations: purgeSQL(TableRotations, "expires_at"),
+	// An exchange is useless once its presented token expired, for the same
+	// reason.
+	TableExchanges: purgeSQL(TableExchanges, "expires_at"),
+	// The revocation tables are small (one row per revocation) and have no
+	// index on revoked_at; a batch scans them.
+	TableRevokedFamilies: purgeSQL(TableRevokedFamilies, "revoked_at"),
+	TableRevokedGrants:   purgeSQL(TableRevokedGrants, "revoked_at"),
 }
 
 // CleanupCutoffs reads the database's clock, the clock the persisters' and

@@ -106,8 +106,12 @@ func (p *Pool) Run(ctx context.Context) error {
 }
 
 func (p *Pool) worker(ctx, work context.Context, log *slog.Logger) {
-	puller, err := newPuller(p.Settler.JS, p.Consumer, answerWait)
-	for err != nil {
+	var puller *puller
+	for {
+		var err error
+		if puller, err = newPuller(p.Settler.JS, p.Consumer); err == nil {
+			break
+		}
 		// Only a closed connection fails here; the pool keeps trying as it
 		// does for a failed fetch.
 		log.Warn("open the worker's pull inbox; retrying", "err", err)
@@ -115,7 +119,6 @@ func (p *Pool) worker(ctx, work context.Context, log *slog.Logger) {
 		if ctx.Err() != nil {
 			return
 		}
-		puller, err = newPuller(p.Settler.JS, p.Consumer, answerWait)
 	}
 	defer func() {
 		// Whatever the server sent this worker before the inbox closed is

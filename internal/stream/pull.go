@@ -27,15 +27,12 @@ type puller struct {
 	inbox   string // each request answers on inbox.<n>
 	sub     *nats.Subscription
 	n       uint64 // requests sent
-	// answerWait bounds one wait for the server's answer; a fetch that
-	// times out returns what it has and the rest arrives for the next one.
-	answerWait time.Duration
 }
 
 // errNoAnswer: the server did not answer a pull request within answerWait.
 var errNoAnswer = errors.New("no answer to the pull request")
 
-func newPuller(js jetstream.JetStream, cons jetstream.Consumer, answerWait time.Duration) (*puller, error) {
+func newPuller(js jetstream.JetStream, cons jetstream.Consumer) (*puller, error) {
 	info := cons.CachedInfo()
 	if info == nil {
 		return nil, errors.New("pull: consumer without info")
@@ -56,7 +53,7 @@ func newPuller(js jetstream.JetStream, cons jetstream.Consumer, answerWait time.
 		return nil, fmt.Errorf("pull: inbox limits: %w", err)
 	}
 	return &puller{nc: nc, subject: apiPrefix(js) + "CONSUMER.MSG.NEXT." + info.Stream + "." + info.Name,
-		inbox: inbox, sub: sub, answerWait: answerWait}, nil
+		inbox: inbox, sub: sub}, nil
 }
 
 // apiPrefix is the JetStream API prefix js sends its requests to.
@@ -100,7 +97,9 @@ func (p *puller) fetch(ctx context.Context, n int) ([]jetstream.Msg, error) {
 	if err := p.nc.PublishRequest(p.subject, reply, req); err != nil {
 		return msgs, fmt.Errorf("pull request: %w", err)
 	}
-	wait, cancel := context.WithTimeout(ctx, p.answerWait)
+	// A fetch that waited answerWait returns what it has; the rest arrives
+	// for the next one.
+	wait, cancel := context.WithTimeout(ctx, answerWait)
 	defer cancel()
 	for len(msgs) < n {
 		m, err := p.sub.NextMsgWithContext(wait)

@@ -26,8 +26,12 @@ type Config = consume.Settings
 
 // Metrics are recovery's Prometheus series.
 type Metrics struct {
-	Resolved     prometheus.Counter
-	Deactivated  prometheus.Counter
+	Resolved    prometheus.Counter
+	Deactivated prometheus.Counter
+	// BatchSeconds is the time to resolve and commit a batch, retries
+	// included: with the persister's commit time, what a conflict waits.
+	BatchSeconds prometheus.Histogram
+	BatchSize    prometheus.Histogram
 	Retries      *prometheus.CounterVec
 	DeadLettered prometheus.Counter
 	// SettleFailures counts acknowledgements that failed, by operation.
@@ -41,9 +45,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Deactivated:    prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_recovery_tokens_deactivated_total", Help: "ACTIVE tokens made INACTIVE by a newer token."}),
 		Retries:        prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_recovery_retries_total", Help: "Recovery transaction retries by reason."}, []string{"reason"}),
 		DeadLettered:   prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_recovery_dead_lettered_total", Help: "Poison conflict events moved to the dead-letter subject."}),
+		BatchSeconds:   prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tokenpipe_recovery_batch_duration_seconds", Help: "Time to resolve and commit a batch of conflicts, retries included.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 15)}),
+		BatchSize:      prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tokenpipe_recovery_batch_size", Help: "Distinct conflicting tokens per batch.", Buckets: prometheus.ExponentialBuckets(1, 2, 14)}),
 		SettleFailures: stream.NewFailures("recovery"),
 	}
-	reg.MustRegister(m.Resolved, m.Deactivated, m.Retries, m.DeadLettered, m.SettleFailures)
+	reg.MustRegister(m.Resolved, m.Deactivated, m.BatchSeconds, m.BatchSize, m.Retries, m.DeadLettered, m.SettleFailures)
 	return m
 }
 
@@ -105,6 +111,7 @@ func (r *Recovery) HandleBatch(ctx context.Context, msgs []jetstream.Msg) []stre
 	if len(incoming) == 0 {
 		return verdicts
 	}
+	start := time.Now()
 	d, err := store.Retry(ctx, r.cfg.Retry, func(ctx context.Context) (Decision, error) {
 		return Apply(ctx, r.db, incoming, func(s []Superseded) error { return r.notify(ctx, s) })
 	}, func(reason string, err error, wait time.Duration) {
@@ -116,6 +123,8 @@ func (r *Recovery) HandleBatch(ctx context.Context, msgs []jetstream.Msg) []stre
 		r.log.Error("conflicts not resolved; returning them for redelivery", "err", err, "events", len(incoming))
 		v = stream.Nak(r.cfg.NakDelay)
 	} else {
+		r.metrics.BatchSeconds.Observe(time.Since(start).Seconds())
+		r.metrics.BatchSize.Observe(float64(len(incoming)))
 		r.metrics.Resolved.Add(float64(len(d.Insert)))
 		r.metrics.Deactivated.Add(float64(len(d.Deactivate)))
 		for _, s := range d.Deactivate {

@@ -61,13 +61,17 @@ SELECT k.client_id, k.subject, k.scope,
 FROM keys k`
 
 // deactivateSQL is only used on rows lockKeysSQL returned: they are ACTIVE
-// and locked, so the primary key alone finds them. With "AND state =
-// 'ACTIVE'" the planner, when its statistics lag, combined the primary key
-// with a scan of the whole ACTIVE index (milliseconds per batch, growing
-// with the table).
+// and locked by this transaction, so the primary key alone finds them and
+// their ctid cannot change before the update.
+//
+// One primary-key probe per digest, then the rows by ctid, planned each
+// time (planEachTime): as "token_digest = ANY($1)" or as a join with the
+// digests, a cached plan was a sequential scan of the whole table per batch.
 const deactivateSQL = `
 UPDATE tokens SET state = 'INACTIVE', state_changed_at = now()
-WHERE token_digest = ANY($1::bytea[])`
+WHERE ctid = ANY(ARRAY(
+	SELECT (SELECT t.ctid FROM tokens t WHERE t.token_digest = d.digest)
+	FROM unnest($1::bytea[]) AS d(digest)))`
 
 // insertResolvedSQL writes a token covered by a family or grant revocation
 // as REVOKED: the older row it supersedes is still deactivated, so the
@@ -152,7 +156,7 @@ func Deactivate(ctx context.Context, tx pgx.Tx, digests []events.Digest) error {
 	for i := range digests {
 		raw[i] = digests[i][:]
 	}
-	if _, err := tx.Exec(ctx, deactivateSQL, raw); err != nil {
+	if _, err := tx.Exec(ctx, deactivateSQL, planEachTime, raw); err != nil {
 		return fmt.Errorf("deactivate %d rows: %w", len(raw), err)
 	}
 	return nil

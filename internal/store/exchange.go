@@ -86,7 +86,10 @@ func ExchangedDigests(ctx context.Context, db Querier, ds ...events.Digest) (map
 	for i := range ds {
 		raw[i] = ds[i][:]
 	}
-	rows, err := db.Query(ctx, `SELECT subject_digest FROM token_exchanges WHERE subject_digest = ANY($1::bytea[])`, raw)
+	// One probe per digest, planned each time: see planEachTime.
+	rows, err := db.Query(ctx, `
+SELECT d.digest FROM unnest($1::bytea[]) AS d(digest)
+WHERE (SELECT true FROM token_exchanges x WHERE x.subject_digest = d.digest)`, planEachTime, raw)
 	if err != nil {
 		return nil, fmt.Errorf("read exchanges: %w", err)
 	}

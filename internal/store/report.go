@@ -245,8 +245,11 @@ type RowState struct {
 // RowStates reads the state of the given tokens' rows; tokens without a row
 // are left out.
 func RowStates(ctx context.Context, db Querier, digests []events.Digest) ([]RowState, error) {
-	rows, err := db.Query(ctx, `SELECT token_digest, state, state_changed_at, persisted_at, coalesce(stream_seq, 0)
-		FROM tokens WHERE token_digest = ANY($1::bytea[])`, rawDigests(digests))
+	// One probe per digest, planned each time: see planEachTime.
+	rows, err := db.Query(ctx, `
+SELECT t.token_digest, t.state, t.state_changed_at, t.persisted_at, coalesce(t.stream_seq, 0)
+FROM (SELECT DISTINCT digest FROM unnest($1::bytea[]) AS u(digest)) d
+CROSS JOIN LATERAL (SELECT * FROM tokens t WHERE t.token_digest = d.digest) t`, planEachTime, rawDigests(digests))
 	if err != nil {
 		return nil, err
 	}
@@ -288,7 +291,10 @@ func RowsByState(ctx context.Context, db interface {
 // CountRows counts the rows the given tokens have.
 func CountRows(ctx context.Context, db Querier, digests []events.Digest) (int, error) {
 	var n int
-	err := db.QueryRow(ctx, `SELECT count(*) FROM tokens WHERE token_digest = ANY($1::bytea[])`, rawDigests(digests)).Scan(&n)
+	// One probe per digest, planned each time: see planEachTime.
+	err := db.QueryRow(ctx, `
+SELECT count(*) FROM (SELECT DISTINCT digest FROM unnest($1::bytea[]) AS u(digest)) d
+WHERE (SELECT true FROM tokens t WHERE t.token_digest = d.digest)`, planEachTime, rawDigests(digests)).Scan(&n)
 	return n, err
 }
 

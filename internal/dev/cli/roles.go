@@ -146,7 +146,7 @@ func freeLoopback() (string, error) {
 // runRoles is `tokenpipe bench roles`.
 func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr io.Writer) error {
 	rep := &bench.RolesReport{Rate: o.rate, Duration: o.duration,
-		Notes: []string{fmt.Sprintf("CPU is utime+stime from /proc/<pid>/stat (all threads) in clock ticks of 1/%d s, over the measured interval, divided by the 200 answers in it", bench.ClockTicks)}}
+		Notes: []string{fmt.Sprintf("CPU is utime+stime from /proc/<pid>/stat (all threads) in clock ticks of 1/%d s, over the measured interval, divided by the tokens issued in it (200 answers)", bench.ClockTicks)}}
 	np := natsProc{url: cfg.NATSURL}
 	if o.natsServer == "module" {
 		var stop func()
@@ -156,7 +156,9 @@ func runRoles(ctx context.Context, cfg *app.Common, o rolesOpts, stdout, stderr 
 		}
 		defer stop()
 	}
-	dopts := deployOpts{nats: np}
+	// As bench e2e: coalescing would hand one token to many requests of a
+	// key, and the conflict mix (-reissue, -dup) measures the races themselves.
+	dopts := deployOpts{nats: np, env: []string{app.EnvPrefix + "_COALESCE_WINDOW=0s"}}
 	if o.profileDir != "" {
 		dopts.env = append(dopts.env, app.EnvPrefix+"_PPROF=true")
 	}

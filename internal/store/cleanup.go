@@ -33,7 +33,9 @@ import (
 // The rows are deleted by the ctid the sub-select locked (a TID scan, not a
 // primary key probe per row: half the work). A locked row cannot move, and
 // a row updated between the statement's snapshot and the lock is simply
-// not deleted by this batch.
+// not deleted by this batch. The statement is planned each time
+// (planEachTime): a plan cached while the table was small scanned the
+// whole table for every batch instead of the TID scan.
 func purgeSQL(table, due string) string {
 	return `
 DELETE FROM ` + table + ` WHERE ctid = ANY(ARRAY(
@@ -100,7 +102,7 @@ func DeleteExpired(ctx context.Context, db *pgxpool.Pool, p RetryPolicy, table s
 	}
 	r, err := Retry(ctx, p, func(ctx context.Context) (result, error) {
 		var r result
-		rows, err := db.Query(ctx, sql, cutoff, from, limit)
+		rows, err := db.Query(ctx, sql, planEachTime, cutoff, from, limit)
 		if err != nil {
 			return r, err
 		}

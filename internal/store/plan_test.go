@@ -127,3 +127,51 @@ FROM generate_series(1, 20000) AS i`)
 		}
 	}
 }
+
+// Cleanup's delete batches find their rows by ctid, a TID scan, however the
+// table has grown since the connection first ran them; a plan cached while
+// the table was small scanned the whole table for every batch.
+func TestCleanupBatchesUseATIDScanAfterTheTableGrew(t *testing.T) {
+	url, _ := testenv.Database(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cfg, err := pgxpool.ParseConfig(url)
+	testenv.Must(t, err, "parse database URL")
+	cfg.MaxConns = 1 // one connection: the one whose statement cache is warmed
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	testenv.Must(t, err, "connect")
+	defer pool.Close()
+
+	policy := store.DefaultRetryPolicy()
+	cutoff := time.Now().Add(-time.Hour)
+	for range 8 {
+		_, _, err := store.DeleteExpired(ctx, pool, policy, store.TableTokens, cutoff, time.Time{}, 100)
+		testenv.Must(t, err, "cleanup on the empty table")
+	}
+	// 20k rows, 500 of them long expired.
+	_, err = pool.Exec(ctx, `
+INSERT INTO tokens (token_digest, client_id, subject, scope, state, grant_type, issued_at, expires_at, stream_seq)
+SELECT sha256(i::text::bytea), 'plan', 'u' || i, 'read', 'INACTIVE', 'client_credentials', now(),
+       CASE WHEN i <= 500 THEN now() - interval '1 day' ELSE now() + interval '1 hour' END, i
+FROM generate_series(1, 20000) AS i`)
+	testenv.Must(t, err, "grow the table")
+
+	// The backend's statistics reach pg_stat_user_tables when it goes idle
+	// after a forced flush; the connection is the only one.
+	seqScans := func() int64 {
+		_, err := pool.Exec(ctx, `SELECT pg_stat_force_next_flush()`)
+		testenv.Must(t, err, "flush statistics")
+		var n int64
+		testenv.Must(t, pool.QueryRow(ctx, `SELECT coalesce(seq_scan, 0) FROM pg_stat_user_tables WHERE relname = 'tokens'`).Scan(&n), "read statistics")
+		return n
+	}
+	before := seqScans()
+	n, _, err := store.DeleteExpired(ctx, pool, policy, store.TableTokens, cutoff, time.Time{}, 100)
+	testenv.Must(t, err, "cleanup on the grown table")
+	if n != 100 {
+		t.Fatalf("deleted %d rows, want a batch of 100", n)
+	}
+	if scans := seqScans() - before; scans != 0 {
+		t.Errorf("a cleanup batch scanned the whole table (%d sequential scans) instead of deleting by ctid", scans)
+	}
+}

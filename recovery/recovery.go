@@ -45,7 +45,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Deactivated:    prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_recovery_tokens_deactivated_total", Help: "ACTIVE tokens made INACTIVE by a newer token."}),
 		Retries:        prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tokenpipe_recovery_retries_total", Help: "Recovery transaction retries by reason."}, []string{"reason"}),
 		DeadLettered:   prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenpipe_recovery_dead_lettered_total", Help: "Poison conflict events moved to the dead-letter subject."}),
-		BatchSeconds:   prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tokenpipe_recovery_batch_duration_seconds", Help: "Time to resolve and commit a batch of conflicts, retries included.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 15)}),
+		BatchSeconds:   prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tokenpipe_recovery_batch_duration_seconds", Help: "Time to resolve and commit a batch of conflicts, retries included, or to give it up.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 15)}),
 		BatchSize:      prometheus.NewHistogram(prometheus.HistogramOpts{Name: "tokenpipe_recovery_batch_size", Help: "Distinct conflicting tokens per batch.", Buckets: prometheus.ExponentialBuckets(1, 2, 14)}),
 		SettleFailures: stream.NewFailures("recovery"),
 	}
@@ -118,12 +118,12 @@ func (r *Recovery) HandleBatch(ctx context.Context, msgs []jetstream.Msg) []stre
 		r.metrics.Retries.WithLabelValues(reason).Inc()
 		r.log.Warn("recovery transaction failed; retrying", "reason", reason, "err", err, "retry_in", wait)
 	})
+	r.metrics.BatchSeconds.Observe(time.Since(start).Seconds())
 	v := stream.Ack()
 	if err != nil {
 		r.log.Error("conflicts not resolved; returning them for redelivery", "err", err, "events", len(incoming))
 		v = stream.Nak(r.cfg.NakDelay)
 	} else {
-		r.metrics.BatchSeconds.Observe(time.Since(start).Seconds())
 		r.metrics.BatchSize.Observe(float64(len(incoming)))
 		r.metrics.Resolved.Add(float64(len(d.Insert)))
 		r.metrics.Deactivated.Add(float64(len(d.Deactivate)))

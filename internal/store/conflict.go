@@ -156,8 +156,19 @@ func Deactivate(ctx context.Context, tx pgx.Tx, digests []events.Digest) error {
 	for i := range digests {
 		raw[i] = digests[i][:]
 	}
-	if _, err := tx.Exec(ctx, deactivateSQL, planEachTime, raw); err != nil {
+	tag, err := tx.Exec(ctx, deactivateSQL, planEachTime, raw)
+	if err != nil {
 		return fmt.Errorf("deactivate %d rows: %w", len(raw), err)
+	}
+	// The rows are locked by this transaction, so each is found by its
+	// ctid; one that is not was not locked first, and the rule would be
+	// applied to a state nobody read.
+	distinct := map[events.Digest]bool{}
+	for _, d := range digests {
+		distinct[d] = true
+	}
+	if n := tag.RowsAffected(); n != int64(len(distinct)) {
+		return fmt.Errorf("deactivate %d rows: %d updated: %w", len(distinct), n, ErrNotLocked)
 	}
 	return nil
 }

@@ -80,31 +80,6 @@ func MarkExchangeAnswered(ctx context.Context, db Querier, d events.Digest, wind
 	return nil
 }
 
-// ExchangedDigests reports which of the given tokens have been exchanged.
-func ExchangedDigests(ctx context.Context, db Querier, ds ...events.Digest) (map[events.Digest]bool, error) {
-	raw := make([][]byte, len(ds))
-	for i := range ds {
-		raw[i] = ds[i][:]
-	}
-	// One probe per digest, planned each time: see planEachTime.
-	rows, err := db.Query(ctx, `
-SELECT d.digest FROM unnest($1::bytea[]) AS d(digest)
-WHERE (SELECT true FROM token_exchanges x WHERE x.subject_digest = d.digest)`, planEachTime, raw)
-	if err != nil {
-		return nil, fmt.Errorf("read exchanges: %w", err)
-	}
-	out := map[events.Digest]bool{}
-	var d []byte
-	_, err = pgx.ForEachRow(rows, []any{&d}, func() error {
-		out[events.Digest(d)] = true
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("read exchanges: %w", err)
-	}
-	return out, nil
-}
-
 // Effective is the one rule for an unexpired access token's state, used by
 // introspection, the token exchange and the tests that compare writers:
 //

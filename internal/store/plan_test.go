@@ -3,6 +3,7 @@ package store_test
 import (
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -27,12 +28,7 @@ func TestBatchLookupsUseThePrimaryKeyAfterTheTableGrew(t *testing.T) {
 	url, _ := testenv.Database(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cfg, err := pgxpool.ParseConfig(url)
-	testenv.Must(t, err, "parse database URL")
-	cfg.MaxConns = 1 // one connection: the one whose statement cache is warmed
-	pool, err := pgxpool.NewWithConfig(ctx, cfg)
-	testenv.Must(t, err, "connect")
-	defer pool.Close()
+	pool := oneConnection(ctx, t, url)
 
 	digests := func(n int) [][]byte {
 		out := make([][]byte, n)
@@ -45,7 +41,6 @@ func TestBatchLookupsUseThePrimaryKeyAfterTheTableGrew(t *testing.T) {
 	// Events of keys that have rows (u1.. from the growth below) and of new
 	// keys, two of them repeated: the batch write takes both of its paths.
 	var seq uint64 = 1_000_000
-	client := "warm" // the warm-up's keys are not the grown table's
 	batch := func() []store.Row {
 		var rows []store.Row
 		for i := range 200 {
@@ -54,51 +49,86 @@ func TestBatchLookupsUseThePrimaryKeyAfterTheTableGrew(t *testing.T) {
 				subject = testenv.Name("new_")
 			}
 			seq++
-			rows = append(rows, store.Row{Event: testenv.Token(client, subject, "read"), Seq: seq})
+			rows = append(rows, store.Row{Event: testenv.Token("plan", subject, "read"), Seq: seq})
 			if i%50 == 1 {
 				seq++
-				rows = append(rows, store.Row{Event: testenv.Token(client, subject, "read"), Seq: seq})
+				rows = append(rows, store.Row{Event: testenv.Token("plan", subject, "read"), Seq: seq})
 			}
 		}
 		return rows
 	}
-	lookups := map[string]func(tx pgx.Tx, d [][]byte) error{
+	lookups := []struct {
+		name string
+		run  func(tx pgx.Tx) error
+	}{
+		{"ExistingDigests", func(tx pgx.Tx) error {
+			_, err := store.ExistingDigests(ctx, tx, digests(500))
+			return err
+		}},
+		// Digests without rows: what the statement finds is the point, not
+		// what it updates.
+		{"Deactivate", func(tx pgx.Tx) error {
+			ds := make([]events.Digest, 100)
+			for i, d := range digests(len(ds)) {
+				ds[i] = events.Digest(d)
+			}
+			if err := store.Deactivate(ctx, tx, ds); !errors.Is(err, store.ErrNotLocked) {
+				return fmt.Errorf("deactivate rows that are not there: %v", err)
+			}
+			return nil
+		}},
 		// The transaction stands in for the pool: the write runs in a
 		// savepoint of it.
-		"WriteBatch": func(tx pgx.Tx, _ [][]byte) error {
+		{"WriteBatch", func(tx pgx.Tx) error {
 			_, err := store.WriteBatch(ctx, tx, batch())
 			return err
-		},
-		"LockKeys and InsertResolved": func(tx pgx.Tx, _ [][]byte) error {
+		}},
+		// Recovery's round: lock the keys' ACTIVE rows, deactivate them,
+		// write the newer tokens.
+		{"LockKeys, Deactivate, InsertResolved", func(tx pgx.Tx) error {
 			rows := batch()
-			keys := make([]store.Key, len(rows))
+			// Older ACTIVE tokens of the same keys first (on the grown
+			// table, keys that have one already skip theirs), so the round
+			// has rows to lock and deactivate on the empty table too.
+			older := make([]store.Row, len(rows))
 			active := make([]bool, len(rows))
+			keys := make([]store.Key, len(rows))
 			for i, r := range rows {
+				older[i] = store.Row{Event: testenv.Token(r.Event.ClientID, r.Event.Subject, "read"), Seq: r.Seq - 500_000}
+				active[i] = i == 0 || store.KeyOf(rows[i-1].Event) != store.KeyOf(r.Event)
 				keys[i] = store.KeyOf(r.Event)
 			}
-			if _, err := store.LockKeys(ctx, tx, keys); err != nil {
+			if _, err := store.InsertResolved(ctx, tx, older, active); err != nil {
 				return err
 			}
-			_, err := store.InsertResolved(ctx, tx, rows, active)
-			return err
-		},
-		"ExistingDigests": func(tx pgx.Tx, d [][]byte) error {
-			_, err := store.ExistingDigests(ctx, tx, d)
-			return err
-		},
-		"Deactivate": func(tx pgx.Tx, d [][]byte) error {
-			ds := make([]events.Digest, len(d))
-			for i := range d {
-				ds[i] = events.Digest(d[i])
+			stored, err := store.LockKeys(ctx, tx, keys)
+			if err != nil {
+				return err
 			}
-			return store.Deactivate(ctx, tx, ds)
-		},
+			var locked []events.Digest
+			for _, st := range stored {
+				if st.Active != nil {
+					locked = append(locked, st.Active.Digest)
+				}
+			}
+			if err := store.Deactivate(ctx, tx, locked); err != nil {
+				return err
+			}
+			_, err = store.InsertResolved(ctx, tx, rows, make([]bool, len(rows)))
+			return err
+		}},
 	}
-	// Warm the connection's statement cache on the empty table: Postgres
-	// settles on a generic plan after five executions.
-	for name, lookup := range lookups {
+	// Warm the connection's statement cache on the empty table (Postgres
+	// settles on a generic plan after five executions); every warm-up rolls
+	// back, so the table stays empty, and no ANALYZE may replan meanwhile.
+	_, err := pool.Exec(ctx, `ALTER TABLE tokens SET (autovacuum_enabled = off)`)
+	testenv.Must(t, err, "keep autovacuum away")
+	for _, l := range lookups {
 		for range 8 {
-			testenv.Must(t, pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error { return lookup(tx, digests(100)) }), name+" on the empty table")
+			tx, err := pool.Begin(ctx)
+			testenv.Must(t, err, "begin")
+			testenv.Must(t, l.run(tx), l.name+" on the empty table")
+			testenv.Must(t, tx.Rollback(ctx), "roll back")
 		}
 	}
 	_, err = pool.Exec(ctx, `
@@ -106,26 +136,35 @@ INSERT INTO tokens (token_digest, client_id, subject, scope, state, grant_type, 
 SELECT sha256(i::text::bytea), 'plan', 'u' || i, 'read', 'ACTIVE', 'client_credentials', now(), now() + interval '1 hour', i
 FROM generate_series(1, 20000) AS i`)
 	testenv.Must(t, err, "grow the table")
-	client = "plan"
 
-	for name, lookup := range lookups {
+	for _, l := range lookups {
 		var before, after int64
 		// The backend's table accesses not yet flushed to the statistics:
 		// within one transaction, the difference is the lookup's own.
 		const seqScans = `SELECT coalesce(seq_scan, 0) FROM pg_stat_xact_user_tables WHERE relname = 'tokens'`
-		testenv.Must(t, pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-			if err := tx.QueryRow(ctx, seqScans).Scan(&before); err != nil {
-				return err
-			}
-			if err := lookup(tx, digests(500)); err != nil {
-				return err
-			}
-			return tx.QueryRow(ctx, seqScans).Scan(&after)
-		}), name+" on the grown table")
+		tx, err := pool.Begin(ctx)
+		testenv.Must(t, err, "begin")
+		testenv.Must(t, tx.QueryRow(ctx, seqScans).Scan(&before), "read statistics")
+		testenv.Must(t, l.run(tx), l.name+" on the grown table")
+		testenv.Must(t, tx.QueryRow(ctx, seqScans).Scan(&after), "read statistics")
+		testenv.Must(t, tx.Rollback(ctx), "roll back")
 		if scans := after - before; scans != 0 {
-			t.Errorf("%s scanned the whole table (%d sequential scans) instead of probing its primary key", name, scans)
+			t.Errorf("%s scanned the whole table (%d sequential scans) instead of probing its indexes", l.name, scans)
 		}
 	}
+}
+
+// oneConnection is a pool of one connection: the one whose statement cache
+// a test warms.
+func oneConnection(ctx context.Context, t *testing.T, url string) *pgxpool.Pool {
+	t.Helper()
+	cfg, err := pgxpool.ParseConfig(url)
+	testenv.Must(t, err, "parse database URL")
+	cfg.MaxConns = 1
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	testenv.Must(t, err, "connect")
+	t.Cleanup(pool.Close)
+	return pool
 }
 
 // Cleanup's delete batches find their rows by ctid, a TID scan, however the
@@ -135,12 +174,9 @@ func TestCleanupBatchesUseATIDScanAfterTheTableGrew(t *testing.T) {
 	url, _ := testenv.Database(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cfg, err := pgxpool.ParseConfig(url)
-	testenv.Must(t, err, "parse database URL")
-	cfg.MaxConns = 1 // one connection: the one whose statement cache is warmed
-	pool, err := pgxpool.NewWithConfig(ctx, cfg)
-	testenv.Must(t, err, "connect")
-	defer pool.Close()
+	pool := oneConnection(ctx, t, url)
+	_, err := pool.Exec(ctx, `ALTER TABLE tokens SET (autovacuum_enabled = off)`)
+	testenv.Must(t, err, "keep autovacuum away")
 
 	policy := store.DefaultRetryPolicy()
 	cutoff := time.Now().Add(-time.Hour)

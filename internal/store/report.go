@@ -137,11 +137,12 @@ func KnownApplication(ctx context.Context, db Querier, client, subject string) (
 // RowCounts returns the digests that do not have exactly one row, with
 // their number of rows (0 or more than 1).
 func RowCounts(ctx context.Context, db Querier, digests []events.Digest) (map[events.Digest]int, error) {
+	// One probe per digest, planned each time: see planEachTime.
 	rows, err := db.Query(ctx, `
-		SELECT d.digest, count(t.token_digest)
-		FROM unnest($1::bytea[]) AS d(digest)
-		LEFT JOIN tokens t ON t.token_digest = d.digest
-		GROUP BY d.digest HAVING count(t.token_digest) <> 1`, rawDigests(digests))
+		SELECT d.digest, c.n
+		FROM (SELECT DISTINCT digest FROM unnest($1::bytea[]) AS u(digest)) d
+		CROSS JOIN LATERAL (SELECT count(*) AS n FROM tokens t WHERE t.token_digest = d.digest) c
+		WHERE c.n <> 1`, planEachTime, rawDigests(digests))
 	if err != nil {
 		return nil, err
 	}

@@ -21,6 +21,10 @@ const ActiveKeyConstraint = "tokens_one_active_per_key"
 // keys while recovery resolved them; a new transaction reads the new state.
 var ErrConcurrentActivation = errors.New("concurrent activation")
 
+// ErrNotLocked: Deactivate was given rows its transaction had not locked
+// with LockKeys (a caller's bug; the transaction must not commit).
+var ErrNotLocked = errors.New("rows to deactivate were not locked by this transaction")
+
 // RetryReason names the class of a transient error for metrics and logs; "" means
 // the error is permanent: retrying the same statement would fail the same way.
 func RetryReason(err error) string {

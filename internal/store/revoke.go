@@ -170,7 +170,8 @@ func revokeRows(ctx context.Context, tx pgx.Tx, where string, args ...any) ([]ev
 
 // revokeFamiliesSQL extends a grant revocation to the families of the rows
 // it covered on their way in: a refresh that raced with the revocation may
-// have minted a newer member the watermark does not reach.
+// have minted a newer member the watermark does not reach. Planned each time
+// (planEachTime): a join of a batch with tokens.
 const revokeFamiliesSQL = `
 WITH fresh AS (
 	INSERT INTO revoked_families (family_id, reason)
@@ -183,7 +184,7 @@ WHERE family_id IN (SELECT family_id FROM fresh) AND state <> 'REVOKED'`
 
 // revokeFamiliesOf revokes the families of rows a batch wrote REVOKED.
 func revokeFamiliesOf(ctx context.Context, tx pgx.Tx, families [][]byte) error {
-	if _, err := tx.Exec(ctx, revokeFamiliesSQL, families); err != nil {
+	if _, err := tx.Exec(ctx, revokeFamiliesSQL, planEachTime, families); err != nil {
 		return fmt.Errorf("revoke families of %d revoked rows: %w", len(families), err)
 	}
 	return nil

@@ -95,15 +95,16 @@ WHERE (SELECT true FROM tokens t WHERE t.token_digest = b.token_digest LIMIT 1)
 var copyColumns = []string{"token_digest", "refresh_digest", "client_id", "subject", "scope", "state",
 	"grant_type", "issued_at", "expires_at", "stream_seq", "instance", "family_id", "refresh_expires_at"}
 
-// afterProbe, when set by a test, runs between a batch's probe and its COPY.
-var afterProbe func()
+// afterProbe, when set by a test, runs between a batch's probe and its COPY;
+// afterFirstWrite after the first statement that wrote rows.
+var afterProbe, afterFirstWrite func()
 
 // WriteBatch writes rows in one transaction and reports each row's outcome,
 // in the order of rows. Rows must have distinct token digests.
 //
 // Most rows take the fast path, a binary COPY, as fast as Postgres can load
-// rows. Rows that may meet another token of their key, and rows of a key that
-// repeats in the batch, take the set-based INSERT that decides each state.
+// rows (fastRows). Rows that may meet a stored token of their key take the
+// set-based INSERT that decides each state.
 // If a concurrent writer wins a race between the probe and the COPY, the COPY
 // fails on a unique index, the transaction rolls back, and the batch is
 // written again with every row on the careful path. That race is rare (two
@@ -127,10 +128,13 @@ var errLostRace = errors.New("a concurrent writer stored a row of the batch firs
 func writeBatch(ctx context.Context, db Beginner, rows []Row, allCareful bool) ([]Outcome, error) {
 	out := make([]Outcome, len(rows))
 	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
-		var careful map[int]bool
+		careful := map[int]bool{}
 		if allCareful {
 			if err := LockShared(ctx, tx); err != nil {
 				return err
+			}
+			for i := range rows {
+				careful[i] = true
 			}
 		} else {
 			var err error
@@ -140,27 +144,22 @@ func writeBatch(ctx context.Context, db Beginner, rows []Row, allCareful bool) (
 			if afterProbe != nil {
 				afterProbe()
 			}
-		}
-		var fast []int
-		for i := range rows {
-			if !allCareful && !careful[i] {
-				fast = append(fast, i)
-			}
-		}
-		// Same key order as the careful INSERT, so concurrent batches take
-		// their index locks in one order and cannot deadlock on them.
-		slices.SortFunc(fast, func(a, b int) int { return compareKeys(rows[a].Event, rows[b].Event) })
-		if len(fast) > 0 {
-			if err := copyRows(ctx, tx, rows, fast); err != nil {
-				return err
-			}
-			for _, i := range fast {
-				out[i] = Inserted
+			fast, inactive := fastRows(rows, careful)
+			if len(fast) > 0 {
+				if err := copyRows(ctx, tx, rows, fast, inactive); err != nil {
+					return err
+				}
+				for _, i := range fast {
+					out[i] = Inserted
+				}
+				if afterFirstWrite != nil {
+					afterFirstWrite()
+				}
 			}
 		}
 		var slow []int
 		for i := range rows {
-			if allCareful || careful[i] {
+			if careful[i] {
 				slow = append(slow, i)
 			}
 		}
@@ -172,6 +171,62 @@ func writeBatch(ctx context.Context, db Beginner, rows []Row, allCareful bool) (
 	return out, err
 }
 
+// fastRows returns, in key order, the rows the COPY writes, and which of
+// them it writes INACTIVE: every row of a key none of whose rows the probe
+// marked careful. Such a key has no ACTIVE row and no newer one stored, so
+// its newest token in the batch is ACTIVE and the others are INACTIVE, as
+// the careful INSERT would decide. A key with a careful row takes the
+// careful path with all of its rows.
+//
+// The tokens of simultaneous identical requests, and re-issues of a key
+// whose first token is still queued, arrive in one batch as a repeated key.
+// Sent to the careful path, such a key could deadlock two batches: one that
+// COPYed a fresh key k5 and then, in its INSERT, waited for a repeated key
+// k1 that the other batch had COPYed, while the other waited in its own
+// INSERT for k5. Postgres breaks the cycle only after deadlock_timeout (a
+// second), and one batch is retried. Now a key is careful only for what is
+// committed (an ACTIVE or newer row, the token itself, a revocation), which
+// one batch's probe saw and the other's did not, and the COPY of a key
+// with a committed ACTIVE row fails at once instead of waiting.
+func fastRows(rows []Row, careful map[int]bool) (fast []int, inactive map[int]bool) {
+	type group struct {
+		careful bool
+		newest  int
+	}
+	groups := map[Key]*group{}
+	for i, r := range rows {
+		k := KeyOf(r.Event)
+		g, ok := groups[k]
+		if !ok {
+			g = &group{newest: i}
+			groups[k] = g
+		}
+		g.careful = g.careful || careful[i]
+		if r.Seq > rows[g.newest].Seq {
+			g.newest = i
+		}
+	}
+	inactive = map[int]bool{}
+	for i, r := range rows {
+		g := groups[KeyOf(r.Event)]
+		switch {
+		case g.careful:
+			careful[i] = true
+		case g.newest != i:
+			inactive[i] = true
+			fast = append(fast, i)
+		default:
+			fast = append(fast, i)
+		}
+	}
+	// Same key order as the careful INSERT, so concurrent batches take
+	// their index entries in one order.
+	slices.SortFunc(fast, func(a, b int) int {
+		return cmp.Or(compareKeys(rows[a].Event, rows[b].Event), cmp.Compare(rows[b].Seq, rows[a].Seq))
+	})
+	return fast, inactive
+}
+
 // compareKeys orders keys bytewise, as COLLATE "C" does in insertSQL.
 func compareKeys(a, b *events.TokenIssued) int {
 	return cmp.Or(strings.Compare(a.ClientID, b.ClientID), strings.Compare(a.Subject, b.Subject), strings.Compare(a.Scope(), b.Scope()))
@@ -181,7 +236,6 @@ func compareKeys(a, b *events.TokenIssued) int {
 // must take the careful path, in one round trip.
 func lockAndProbe(ctx context.Context, tx pgx.Tx, rows []Row) (map[int]bool, error) {
 	careful := map[int]bool{}
-	keys := map[[3]string]int{}
 	n := len(rows)
 	idx, digests := make([]int32, n), make([][]byte, n)
 	clients, subjects, scopes, seqs := make([]string, n), make([]string, n), make([]string, n), make([]int64, n)
@@ -189,13 +243,8 @@ func lockAndProbe(ctx context.Context, tx pgx.Tx, rows []Row) (map[int]bool, err
 	for i, r := range rows {
 		families[i] = familyBytes(r.Event)
 		e := r.Event
-		k := [3]string{e.ClientID, e.Subject, e.Scope()}
-		if j, ok := keys[k]; ok {
-			careful[i], careful[j] = true, true
-		}
-		keys[k] = i
 		idx[i], digests[i], seqs[i] = int32(i), e.TokenDigest[:], int64(r.Seq)
-		clients[i], subjects[i], scopes[i] = k[0], k[1], k[2]
+		clients[i], subjects[i], scopes[i] = e.ClientID, e.Subject, e.Scope()
 	}
 	b := &pgx.Batch{}
 	b.Queue(lockSharedSQL, fenceID)
@@ -227,13 +276,18 @@ func lockAndProbe(ctx context.Context, tx pgx.Tx, rows []Row) (map[int]bool, err
 	return careful, nil
 }
 
-// copyRows COPYs the given rows as ACTIVE. It fails with errLostRace if a
-// concurrent transaction took a token or key first.
-func copyRows(ctx context.Context, tx pgx.Tx, rows []Row, which []int) error {
+// copyRows COPYs the given rows, ACTIVE unless inactive says otherwise. It
+// fails with errLostRace if a concurrent transaction took a token or key
+// first.
+func copyRows(ctx context.Context, tx pgx.Tx, rows []Row, which []int, inactive map[int]bool) error {
 	src := make([][]any, len(which))
 	for j, i := range which {
 		e := rows[i].Event
-		src[j] = []any{e.TokenDigest[:], refreshBytes(e), e.ClientID, e.Subject, e.Scope(), "ACTIVE",
+		state := "ACTIVE"
+		if inactive[i] {
+			state = "INACTIVE"
+		}
+		src[j] = []any{e.TokenDigest[:], refreshBytes(e), e.ClientID, e.Subject, e.Scope(), state,
 			e.GrantType, e.IssuedAt, e.ExpiresAt, int64(rows[i].Seq), e.Instance, familyBytes(e), e.RefreshExpiresAt}
 	}
 	_, err := tx.CopyFrom(ctx, pgx.Identifier{"tokens"}, copyColumns, pgx.CopyFromRows(src))

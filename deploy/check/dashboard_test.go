@@ -134,6 +134,7 @@ func TestGrafanaDashboard(t *testing.T) {
 		"tokenpipe_persister_dead_lettered_total",
 		"tokenpipe_recovery_conflicts_resolved_total",
 		"tokenpipe_recovery_tokens_deactivated_total",
+		"tokenpipe_recovery_batch_duration_seconds_bucket",
 		"tokenpipe_consumer_pending_messages",
 		"tokenpipe_consumer_ack_pending_messages",
 		"tokenpipe_nats_reconnects_total",

@@ -176,7 +176,7 @@ func writeBatch(ctx context.Context, db Beginner, rows []Row, allCareful bool) (
 // marked careful. Such a key has no ACTIVE row and no newer one stored, so
 // its newest token in the batch is ACTIVE and the others are INACTIVE, as
 // the careful INSERT would decide. A key with a careful row takes the
-// careful path with all of its rows.
+// careful path with all of its rows: fastRows marks them in careful.
 //
 // The tokens of simultaneous identical requests, and re-issues of a key
 // whose first token is still queued, arrive in one batch as a repeated key.

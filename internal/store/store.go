@@ -48,10 +48,9 @@ func KeyOf(e *events.TokenIssued) Key {
 	return Key{ClientID: e.ClientID, Subject: e.Subject, Scope: e.Scope()}
 }
 
-// existingSQL probes the primary key once per digest, and runs planned
-// each time (planEachTime): as "token_digest = ANY($1)" under a plan cached
-// for the connection, it was a sequential scan comparing every row with
-// every digest of the batch (see planEachTime).
+// existingSQL probes the primary key once per digest and runs planned each
+// time: as "token_digest = ANY($1)" under a cached plan it was a sequential
+// scan (see planEachTime).
 const existingSQL = `
 SELECT d.digest FROM unnest($1::bytea[]) AS d(digest)
 WHERE (SELECT true FROM tokens t WHERE t.token_digest = d.digest)`

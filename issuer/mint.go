@@ -106,6 +106,9 @@ type minted struct {
 }
 
 func (s *Server) build(sp spec, now time.Time) (*minted, error) {
+	// Events carry UTC times: the event encoder's reflection-free path takes
+	// only those, and time.Now is in the local zone.
+	sp.issuedAt, sp.refreshIssued, sp.refreshExpires = sp.issuedAt.UTC(), sp.refreshIssued.UTC(), sp.refreshExpires.UTC()
 	scope := events.JoinScopes(sp.scopes)
 	access := tokens.Claims{Kind: tokens.Access, Grant: sp.grant, ClientID: sp.clientID, Subject: sp.subject,
 		Scope: scope, IssuedAt: sp.issuedAt, ExpiresAt: sp.issuedAt.Add(s.cfg.TokenTTL), Family: sp.family, Nonce: sp.accessNonce}

@@ -214,9 +214,9 @@ func appendTokenIssued(b []byte, e *TokenIssued) ([]byte, bool) {
 	b = append(b, `{"v":`...)
 	b = strconv.AppendInt(b, int64(e.Version), 10)
 	b = appendField(b, "type", e.Type)
-	b = appendField(b, "token_digest", e.TokenDigest.String())
+	b = appendHexField(b, "token_digest", e.TokenDigest[:])
 	if e.RefreshDigest != nil {
-		b = appendField(b, "refresh_digest", e.RefreshDigest.String())
+		b = appendHexField(b, "refresh_digest", e.RefreshDigest[:])
 	}
 	b = appendField(b, "client_id", e.ClientID)
 	b = appendField(b, "sub", e.Subject)
@@ -238,7 +238,7 @@ func appendTokenIssued(b []byte, e *TokenIssued) ([]byte, bool) {
 	b = appendTime(b, "expires_at", e.ExpiresAt)
 	b = appendField(b, "instance", e.Instance)
 	if e.FamilyID != nil {
-		b = appendField(b, "family_id", e.FamilyID.String())
+		b = appendHexField(b, "family_id", e.FamilyID[:])
 	}
 	if e.RefreshExpiresAt != nil {
 		b = appendTime(b, "refresh_expires_at", *e.RefreshExpiresAt)
@@ -249,6 +249,13 @@ func appendTokenIssued(b []byte, e *TokenIssued) ([]byte, bool) {
 func appendField(b []byte, name, value string) []byte {
 	b = append(append(append(b, `,"`...), name...), `":"`...)
 	return append(append(b, value...), '"')
+}
+
+// appendHexField is appendField of hex.EncodeToString(value), without the
+// string.
+func appendHexField(b []byte, name string, value []byte) []byte {
+	b = append(append(append(b, `,"`...), name...), `":"`...)
+	return append(hex.AppendEncode(b, value), '"')
 }
 
 func appendTime(b []byte, name string, t time.Time) []byte {

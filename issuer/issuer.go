@@ -350,9 +350,10 @@ func (s *Server) writeError(w http.ResponseWriter, err error) {
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
-	w.Header().Set("Content-Type", "application/json;charset=UTF-8")
-	w.Header().Set("Cache-Control", "no-store")
-	w.Header().Set("Pragma", "no-cache")
+	h := w.Header()
+	h["Content-Type"] = fixedHeaders.json
+	h["Cache-Control"] = fixedHeaders.noStore
+	h["Pragma"] = fixedHeaders.noCache
 	w.WriteHeader(status)
 	_ = json.NewEncoder(w).Encode(v)
 }
@@ -542,9 +543,13 @@ func parseRequest(r *http.Request, maxBody int64) (tokenRequest, error) {
 
 // readForm parses an application/x-www-form-urlencoded body of bounded size.
 func readForm(r *http.Request, maxBody int64) (url.Values, error) {
-	ct, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
-	if err != nil || ct != "application/x-www-form-urlencoded" {
-		return nil, badRequest("invalid_request", "the body must be application/x-www-form-urlencoded")
+	const form = "application/x-www-form-urlencoded"
+	// The bare type, as clients send it, needs no parsing (which allocates
+	// a map of parameters); anything else goes through the parser.
+	if ct := r.Header.Get("Content-Type"); ct != form {
+		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != form {
+			return nil, badRequest("invalid_request", "the body must be application/x-www-form-urlencoded")
+		}
 	}
 	r.Body = http.MaxBytesReader(nil, r.Body, maxBody)
 	if err := r.ParseForm(); err != nil {
@@ -561,8 +566,10 @@ func readForm(r *http.Request, maxBody int64) (url.Values, error) {
 			return nil, badRequest("invalid_request", "parameter "+k+" is repeated")
 		}
 	}
-	if r.URL.Query().Has("client_secret") || r.URL.Query().Has("password") {
-		return nil, badRequest("invalid_request", "credentials must not be sent in the query string")
+	if r.URL.RawQuery != "" {
+		if q := r.URL.Query(); q.Has("client_secret") || q.Has("password") {
+			return nil, badRequest("invalid_request", "credentials must not be sent in the query string")
+		}
 	}
 	return r.PostForm, nil
 }

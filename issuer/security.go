@@ -17,6 +17,24 @@ const metadataPath = "/.well-known/oauth-authorization-server"
 // as the service cannot know what else runs under its parent domain.
 const hsts = "max-age=31536000"
 
+// fixedHeaders are header values every answer shares, assigned to the header
+// map under their canonical names: Header.Set allocates a slice per value,
+// and the token endpoint sets nine on every answer. net/http only reads the
+// slices; each has len == cap, so an Add elsewhere copies rather than
+// appends into them. Never modify an element.
+var fixedHeaders = struct {
+	nosniff, noReferrer, deny, csp, hsts, json, noStore, noCache []string
+}{
+	nosniff:    []string{"nosniff"},
+	noReferrer: []string{"no-referrer"},
+	deny:       []string{"DENY"},
+	csp:        []string{"default-src 'none'; frame-ancestors 'none'"},
+	hsts:       []string{hsts},
+	json:       []string{"application/json;charset=UTF-8"},
+	noStore:    []string{"no-store"},
+	noCache:    []string{"no-cache"},
+}
+
 // secure reports whether r came over TLS: straight to this server, or to a
 // trusted proxy that says so in X-Forwarded-Proto. The header from anyone
 // else is ignored, as a client can set it to anything.
@@ -35,13 +53,13 @@ func (s *Server) secure(r *http.Request) bool {
 func (s *Server) guard(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := w.Header()
-		h.Set("X-Content-Type-Options", "nosniff")
-		h.Set("Referrer-Policy", "no-referrer")
-		h.Set("X-Frame-Options", "DENY")
-		h.Set("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+		h["X-Content-Type-Options"] = fixedHeaders.nosniff
+		h["Referrer-Policy"] = fixedHeaders.noReferrer
+		h["X-Frame-Options"] = fixedHeaders.deny
+		h["Content-Security-Policy"] = fixedHeaders.csp
 		secure := s.secure(r)
 		if secure {
-			h.Set("Strict-Transport-Security", hsts)
+			h["Strict-Transport-Security"] = fixedHeaders.hsts
 		}
 		if s.cfg.RequireTLS && !secure && r.URL.Path != metadataPath {
 			s.writeError(w, badRequest("invalid_request", "this endpoint requires TLS"))

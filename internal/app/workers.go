@@ -30,7 +30,7 @@ type WorkerConfig struct {
 	Common
 	Workers         int           `envconfig:"WORKERS" default:"2" desc:"concurrent batches in this process"`
 	BatchSize       int           `envconfig:"BATCH_SIZE" default:"1000" desc:"most events per batch (one transaction)"`
-	BatchWait       time.Duration `envconfig:"BATCH_WAIT" default:"20ms" desc:"how long a worker woken from idle, or whose last batch was not full, lets a batch gather; bounds added latency at low load"`
+	BatchWait       time.Duration `envconfig:"BATCH_WAIT" default:"20ms" desc:"how long a batch gathers after the queue was found empty, and the least time between the process's batches while they are not full; bounds added latency at low load"`
 	RetryMaxElapsed time.Duration `envconfig:"RETRY_MAX_ELAPSED" default:"2m" desc:"give up retrying a transient database error after this long and return the batch for redelivery"`
 	NakDelay        time.Duration `envconfig:"NAK_DELAY" default:"5s" desc:"redelivery delay for a batch that could not be written"`
 	LagInterval     time.Duration `envconfig:"LAG_INTERVAL" default:"5s" desc:"how often to export the consumer's pending and ack-pending gauges"`

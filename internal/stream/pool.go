@@ -30,11 +30,11 @@ type Handler func(ctx context.Context, msgs []jetstream.Msg) []Verdict
 type Config struct {
 	Workers   int // concurrent batches per process
 	BatchSize int // most messages per batch
-	// BatchWait is how long a worker woken from idle by a message lets the
-	// batch gather before taking it, and the least time between the starts
-	// of a worker's batches while they are not full: it bounds the latency
-	// added at low load and keeps batches (and the cost per row) from
-	// shrinking to what arrives during one commit.
+	// BatchWait is how long a batch gathers after the queue was found
+	// empty, and the least time between the pool's batches while they are
+	// not full (whichever workers take them): it bounds the latency added
+	// at low load and keeps batches (and the cost per row) from shrinking
+	// to what arrives during one commit, or to a share of that per worker.
 	BatchWait time.Duration
 	// IdleWait is how long an idle worker's pull request waits at the server
 	// before it is renewed; 0 means DefaultIdleWait.
@@ -69,6 +69,11 @@ type Pool struct {
 	Handler         Handler
 	Settler         *Settler
 	Log             *slog.Logger
+
+	// gate is held by the one worker taking a batch (see take); next, read
+	// and written only by its holder, is when the next batch may be taken.
+	gate chan struct{}
+	next time.Time
 }
 
 // Run fetches, handles and settles batches on Config.Workers goroutines
@@ -83,6 +88,7 @@ func (p *Pool) Run(ctx context.Context) error {
 	if p.Handler == nil || p.Settler == nil {
 		return errors.New("stream: pool needs a handler and a settler")
 	}
+	p.gate = make(chan struct{}, 1)
 	// work outlives ctx by at most Finish, so a drain completes its batch.
 	work, cancelWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelWork()
@@ -129,10 +135,7 @@ func (p *Pool) worker(ctx, work context.Context, log *slog.Logger) {
 	}()
 	failures := 0
 	for ctx.Err() == nil {
-		msgs, err := puller.fetch(ctx, p.Config.BatchSize)
-		if err == nil && len(msgs) == 0 {
-			msgs, err = p.awaitBatch(ctx, log, puller)
-		}
+		msgs, err := p.take(ctx, log, puller)
 		if err != nil && len(msgs) > 0 {
 			// Delivered to this worker: handled now, the error met again
 			// on the next fetch.
@@ -152,17 +155,41 @@ func (p *Pool) worker(ctx, work context.Context, log *slog.Logger) {
 		if len(msgs) == 0 {
 			continue
 		}
-		taken := time.Now()
 		p.handle(work, msgs)
-		if len(msgs) < p.Config.BatchSize {
-			// The queue was not full: fetching again at once would take
-			// only what arrived during this batch's commit, so at a steady
-			// rate a faster commit would make smaller batches, each paying
-			// the whole per-batch cost (transaction, fence, probes, commit).
-			// Let the next batch gather for BatchWait, as after idle.
-			sleep(ctx, p.Config.BatchWait-time.Since(taken))
-		}
 	}
+}
+
+// take returns this worker's next batch. Workers take batches one at a
+// time, holding the gate while they wait, fetch or wait at the server, so
+// the pool, not each worker, sets the pace: after a batch that was not full
+// the next is taken BatchWait later, whichever worker takes it, and after a
+// full one (a backlog) at once. Fetching again at once after a batch that was
+// not full would take only what arrived during its commit, and workers that
+// each kept their own pace would split the same arrivals into a batch each:
+// at a steady rate both made batches smaller, each paying the whole
+// per-batch cost (transaction, fence, probes, commit, a wake-up of every
+// process on the way). Only the gate's holder waits at the server when the
+// queue is empty. Messages it returns must be handled, also after ctx ends.
+func (p *Pool) take(ctx context.Context, log *slog.Logger, puller *puller) ([]jetstream.Msg, error) {
+	select {
+	case p.gate <- struct{}{}:
+	case <-ctx.Done():
+		return nil, nil
+	}
+	defer func() { <-p.gate }()
+	sleep(ctx, time.Until(p.next))
+	if ctx.Err() != nil {
+		return nil, nil
+	}
+	msgs, err := puller.fetch(ctx, p.Config.BatchSize)
+	if err == nil && len(msgs) == 0 {
+		msgs, err = p.awaitBatch(ctx, log, puller)
+	}
+	p.next = time.Time{}
+	if len(msgs) < p.Config.BatchSize {
+		p.next = time.Now().Add(p.Config.BatchWait)
+	}
+	return msgs, err
 }
 
 // awaitBatch is what a worker does when the queue was empty: it waits at the

@@ -35,9 +35,9 @@ demo:
 ## bench: every end-to-end scenario with the roles as separate processes
 ## (bench e2e): highest sustained rate, conflict mix, sync, a 1M-row table,
 ## CPU per token per role at 3,000/s, at the peak and idle, and the drain
-## against raw COPY; medians of 3 runs written into BENCHMARKS.md, about 12
-## minutes. The ramps step by 1,000/s from 1,000/s, so the conflict mix,
-## which holds about a fifth of the plain rate, still has steps to hold.
+## against raw COPY; medians of 3 runs written into BENCHMARKS.md, about 17
+## minutes on a quiet machine. The ramps step by 1,000/s from 1,000/s, so a
+## mix that holds a fraction of the plain rate still has steps to hold.
 ## BENCH_FLAGS='-runs 3 -nats-server module' uses a nats-server built from
 ## the module instead of the machine's; bench e2e -h lists flags.
 BENCH_FLAGS ?= -runs 3 -ramp-start 1000 -ramp-step 1000

@@ -36,14 +36,15 @@ type Config struct {
 	// at low load and keeps batches (and the cost per row) from shrinking
 	// to what arrives during one commit, or to a share of that per worker.
 	BatchWait time.Duration
-	// IdleWait is how long an idle worker's pull request waits at the server
+	// IdleWait is how long an idle pool's pull request waits at the server
 	// before it is renewed; 0 means DefaultIdleWait.
 	IdleWait time.Duration
 }
 
-// DefaultIdleWait is the life of an idle worker's pull request. An idle
-// worker costs one pull request and one heartbeat per IdleWait instead of a
-// poll every BatchWait; a stop does not wait for it (see await).
+// DefaultIdleWait is the life of an idle pool's pull request. An idle pool
+// costs one pull request and one heartbeat per IdleWait instead of a poll
+// every BatchWait (its other workers wait for their turn, not at the
+// server); a stop does not wait for it (see await).
 const DefaultIdleWait = 5 * time.Second
 
 // drainWait bounds how long a stopping worker waits for its idle pull
@@ -51,8 +52,8 @@ const DefaultIdleWait = 5 * time.Second
 const drainWait = 5 * time.Second
 
 // answerWait bounds a worker's wait for the answer to a no-wait pull
-// request. An answer later than that is not lost: it arrives in the worker's
-// inbox and the next fetch takes it.
+// request. An answer later than that is not lost: it arrives in the pool's
+// inbox and the next fetch, whichever worker makes it, takes it.
 const answerWait = 5 * time.Second
 
 // Pool is a consumer's worker pool.
@@ -70,10 +71,12 @@ type Pool struct {
 	Settler         *Settler
 	Log             *slog.Logger
 
-	// gate is held by the one worker taking a batch (see take); next, read
-	// and written only by its holder, is when the next batch may be taken.
-	gate chan struct{}
-	next time.Time
+	// gate is held by the one worker taking a batch (see take). Its holder
+	// alone uses puller, the pool's pull requests and their inbox, and next,
+	// when the next batch may be taken.
+	gate   chan struct{}
+	puller *puller
+	next   time.Time
 }
 
 // Run fetches, handles and settles batches on Config.Workers goroutines
@@ -89,6 +92,9 @@ func (p *Pool) Run(ctx context.Context) error {
 		return errors.New("stream: pool needs a handler and a settler")
 	}
 	p.gate = make(chan struct{}, 1)
+	if p.puller = p.openPuller(ctx); p.puller == nil {
+		return nil // stopped before the connection allowed one
+	}
 	// work outlives ctx by at most Finish, so a drain completes its batch.
 	work, cancelWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelWork()
@@ -108,34 +114,36 @@ func (p *Pool) Run(ctx context.Context) error {
 		}()
 	}
 	wg.Wait()
+	// Whatever the server sent the pool before the inbox closed (a late
+	// answer to the last fetch) is handled, not left to wait for the ack
+	// timeout.
+	if late := p.puller.drain(drainWait); len(late) > 0 {
+		p.handle(work, late)
+	}
 	return nil
 }
 
-func (p *Pool) worker(ctx, work context.Context, log *slog.Logger) {
-	var puller *puller
+// openPuller opens the pool's pull inbox, retrying until ctx ends (then it
+// returns nil): only a closed connection fails here, and the pool keeps
+// trying as it does for a failed fetch.
+func (p *Pool) openPuller(ctx context.Context) *puller {
 	for {
-		var err error
-		if puller, err = newPuller(p.Settler.JS, p.Consumer); err == nil {
-			break
+		pl, err := newPuller(p.Settler.JS, p.Consumer)
+		if err == nil {
+			return pl
 		}
-		// Only a closed connection fails here; the pool keeps trying as it
-		// does for a failed fetch.
-		log.Warn("open the worker's pull inbox; retrying", "err", err)
+		p.Log.Warn("open the pool's pull inbox; retrying", "err", err)
 		sleep(ctx, time.Second)
 		if ctx.Err() != nil {
-			return
+			return nil
 		}
 	}
-	defer func() {
-		// Whatever the server sent this worker before the inbox closed is
-		// handled, not left to wait for the ack timeout.
-		if late := puller.drain(drainWait); len(late) > 0 {
-			p.handle(work, late)
-		}
-	}()
+}
+
+func (p *Pool) worker(ctx, work context.Context, log *slog.Logger) {
 	failures := 0
 	for ctx.Err() == nil {
-		msgs, err := p.take(ctx, log, puller)
+		msgs, err := p.take(ctx, log)
 		if err != nil && len(msgs) > 0 {
 			// Delivered to this worker: handled now, the error met again
 			// on the next fetch.
@@ -169,8 +177,11 @@ func (p *Pool) worker(ctx, work context.Context, log *slog.Logger) {
 // at a steady rate both made batches smaller, each paying the whole
 // per-batch cost (transaction, fence, probes, commit, a wake-up of every
 // process on the way). Only the gate's holder waits at the server when the
-// queue is empty. Messages it returns must be handled, also after ctx ends.
-func (p *Pool) take(ctx context.Context, log *slog.Logger, puller *puller) ([]jetstream.Msg, error) {
+// queue is empty. The pool's requests share one inbox, so the late answer to
+// one worker's fetch (a stall longer than answerWait) is taken by the next
+// fetch, whichever worker makes it, within one turn of the gate. Messages it
+// returns must be handled, also after ctx ends.
+func (p *Pool) take(ctx context.Context, log *slog.Logger) ([]jetstream.Msg, error) {
 	select {
 	case p.gate <- struct{}{}:
 	case <-ctx.Done():
@@ -181,9 +192,9 @@ func (p *Pool) take(ctx context.Context, log *slog.Logger, puller *puller) ([]je
 	if ctx.Err() != nil {
 		return nil, nil
 	}
-	msgs, err := puller.fetch(ctx, p.Config.BatchSize)
+	msgs, err := p.puller.fetch(ctx, p.Config.BatchSize)
 	if err == nil && len(msgs) == 0 {
-		msgs, err = p.awaitBatch(ctx, log, puller)
+		msgs, err = p.awaitBatch(ctx, log)
 	}
 	p.next = time.Time{}
 	if len(msgs) < p.Config.BatchSize {
@@ -196,7 +207,7 @@ func (p *Pool) take(ctx context.Context, log *slog.Logger, puller *puller) ([]je
 // server for the next message (see await), then lets the batch gather for
 // BatchWait and takes the rest of it without waiting. Messages it returns
 // must be handled, also after ctx ends: they are delivered to this worker.
-func (p *Pool) awaitBatch(ctx context.Context, log *slog.Logger, puller *puller) ([]jetstream.Msg, error) {
+func (p *Pool) awaitBatch(ctx context.Context, log *slog.Logger) ([]jetstream.Msg, error) {
 	msgs, err := p.await(ctx, log)
 	if err != nil || len(msgs) == 0 || len(msgs) >= p.Config.BatchSize {
 		return msgs, err
@@ -205,7 +216,7 @@ func (p *Pool) awaitBatch(ctx context.Context, log *slog.Logger, puller *puller)
 	if ctx.Err() != nil {
 		return msgs, nil // stopping: no new pull request
 	}
-	more, err := puller.fetch(ctx, p.Config.BatchSize-len(msgs))
+	more, err := p.puller.fetch(ctx, p.Config.BatchSize-len(msgs))
 	if err != nil {
 		// The messages held are handled; the next fetch meets the error again.
 		log.Warn("fetch after idle failed", "err", err)
@@ -231,8 +242,8 @@ func (p *Pool) await(ctx context.Context, log *slog.Logger) ([]jetstream.Msg, er
 		return nil, fmt.Errorf("idle pull: %w", err)
 	}
 	var msgs []jetstream.Msg
-	// Bounded by wait: then the worker fetches again, which also takes
-	// anything its own inbox received late while it waited here.
+	// Bounded by wait: then the pool fetches again, which also takes
+	// anything its inbox received late while this worker waited here.
 	waitCtx, cancel := context.WithTimeout(ctx, wait)
 	first, waitErr := it.Next(jetstream.NextContext(waitCtx))
 	quiet := waitCtx.Err() != nil && ctx.Err() == nil

@@ -12,8 +12,9 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// puller takes what a consumer has now for one worker, with no-wait pull
-// requests of its own answered on an inbox that lives as long as the worker.
+// puller takes what a consumer has now for a pool, with no-wait pull
+// requests of its own answered on an inbox that lives as long as the pool;
+// one worker at a time uses it (the pool's gate).
 //
 // The NATS client's FetchNoWait gives up one second after the last message
 // it received and unsubscribes its inbox, so a batch the server sends later

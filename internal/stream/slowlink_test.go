@@ -162,3 +162,76 @@ func TestLateAnswersLeaveNothingInFlight(t *testing.T) {
 			info.Delivered.Consumer, info.AckFloor.Consumer, info.NumAckPending, handled.Load())
 	})
 }
+
+// Answers later than a worker waits for them (answerWait, 5 s: a stalled
+// server or link) are taken by a later fetch of the pool, whichever worker
+// makes it: with three workers taking turns and every answer 6 s late, each
+// message is handled once, inside the consumer's 12 s ack wait, and none is
+// redelivered. (An inbox per worker, which the pool had before its workers
+// shared one, also passes here: its late answers waited for their own
+// worker's turn, up to one answer wait per other worker, which acks raced
+// ahead of in this setup; with many workers that wait can pass the ack
+// wait.)
+func TestLateAnswersAreTakenByTheNextFetchOfAnyWorker(t *testing.T) {
+	t.Parallel()
+	_, js, topo := testenv.JetStream(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	const n, ackWait = 100, 12 * time.Second
+	direct, err := js.CreateOrUpdateConsumer(ctx, topo.Stream, jetstream.ConsumerConfig{
+		Durable: "late-" + topo.Persister, AckPolicy: jetstream.AckExplicitPolicy, AckWait: ackWait,
+		FilterSubject: topo.IssuedSubject(),
+	})
+	testenv.Must(t, err, "consumer with a short ack wait")
+	for i := range n {
+		testenv.PublishRaw(t, js, topo.IssuedSubject(), fmt.Appendf(nil, "m%d", i))
+	}
+	link := newSlowLink(t, strings.TrimPrefix(testenv.NATSURL(), "nats://"), 6*time.Second)
+	nc, err := nats.Connect(link.url(), nats.Timeout(20*time.Second))
+	testenv.Must(t, err, "connect through the slow link")
+	defer nc.Close()
+	slowJS, err := jetstream.New(nc, jetstream.WithDefaultTimeout(30*time.Second))
+	testenv.Must(t, err, "jetstream")
+	cons, err := slowJS.Consumer(ctx, topo.Stream, direct.CachedInfo().Name)
+	testenv.Must(t, err, "consumer through the slow link")
+
+	var mu sync.Mutex
+	handled := map[string]int{}
+	pool := &stream.Pool{
+		Consumer: cons, Config: stream.Config{Workers: 3, BatchSize: 50, BatchWait: 10 * time.Millisecond, IdleWait: 30 * time.Second},
+		Finish: 30 * time.Second, Settler: settler(t, slowJS, topo), Log: testenv.Logger(t),
+		Handler: func(_ context.Context, msgs []jetstream.Msg) []stream.Verdict {
+			mu.Lock()
+			defer mu.Unlock()
+			v := make([]stream.Verdict, len(msgs))
+			for i, m := range msgs {
+				handled[string(m.Data())]++
+				v[i] = stream.Ack()
+			}
+			return v
+		},
+	}
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- pool.Run(runCtx) }()
+	testenv.Eventually(t, 2*time.Minute, "every message handled", func() (bool, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(handled) == n, nil
+	})
+	stop()
+	testenv.Must(t, <-done, "run")
+	info, err := direct.Info(ctx)
+	testenv.Must(t, err, "consumer info")
+	mu.Lock()
+	defer mu.Unlock()
+	twice := 0
+	for _, k := range handled {
+		if k > 1 {
+			twice++
+		}
+	}
+	if info.NumRedelivered > 0 || twice > 0 {
+		t.Errorf("%d messages redelivered after the %v ack wait, %d handled twice; want none", info.NumRedelivered, ackWait, twice)
+	}
+}

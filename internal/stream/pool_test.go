@@ -404,3 +404,62 @@ func TestPoolPacesBatchesNotWorkers(t *testing.T) {
 	}
 	t.Logf("%d messages, %d batches", sent, batches)
 }
+
+// A backlog keeps every worker busy: after a full batch the next is taken at
+// once by another worker, so batches are handled side by side, and the gate
+// that paces the pool is never held while a batch is handled.
+func TestPoolHandlesABacklogOnEveryWorker(t *testing.T) {
+	t.Parallel()
+	_, js, topo := testenv.JetStream(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const n, workers, batch = 1000, 3, 100
+	for i := range n {
+		if _, err := js.PublishAsync(topo.IssuedSubject(), fmt.Appendf(nil, "m%d", i)); err != nil {
+			t.Fatalf("publish: %v", err)
+		}
+	}
+	select {
+	case <-js.PublishAsyncComplete():
+	case <-ctx.Done():
+		t.Fatal("publishes not acknowledged")
+	}
+	cons, err := js.Consumer(ctx, topo.Stream, topo.Persister)
+	testenv.Must(t, err, "open consumer")
+	var mu sync.Mutex
+	busy, most, handled := 0, 0, 0
+	pool := &stream.Pool{
+		Consumer: cons, Config: stream.Config{Workers: workers, BatchSize: batch, BatchWait: 50 * time.Millisecond, IdleWait: 30 * time.Second},
+		Finish: time.Second, Settler: settler(t, js, topo), Log: testenv.Logger(t),
+		Handler: func(_ context.Context, msgs []jetstream.Msg) []stream.Verdict {
+			mu.Lock()
+			busy++
+			most = max(most, busy)
+			mu.Unlock()
+			time.Sleep(100 * time.Millisecond) // a commit that takes a while
+			mu.Lock()
+			busy--
+			handled += len(msgs)
+			mu.Unlock()
+			out := make([]stream.Verdict, len(msgs))
+			for i := range out {
+				out[i] = stream.Ack()
+			}
+			return out
+		},
+	}
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- pool.Run(runCtx) }()
+	defer func() { stop(); <-done }()
+	testenv.Eventually(t, 30*time.Second, "the backlog handled", func() (bool, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return handled >= n, nil
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	if most != workers {
+		t.Errorf("at most %d batches were handled at once; want all %d workers busy on a backlog", most, workers)
+	}
+}

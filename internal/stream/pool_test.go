@@ -436,7 +436,7 @@ func TestPoolHandlesABacklogOnEveryWorker(t *testing.T) {
 			busy++
 			most = max(most, busy)
 			mu.Unlock()
-			time.Sleep(100 * time.Millisecond) // a commit that takes a while
+			time.Sleep(300 * time.Millisecond) // a commit that takes a while
 			mu.Lock()
 			busy--
 			handled += len(msgs)

@@ -151,6 +151,22 @@ func TestSettleCountsFailuresAndNaksUnsettled(t *testing.T) {
 	testenv.Must(t, m.Ack(), "ack redelivery")
 }
 
+// publishBacklog puts n messages m0, m1, ... on the issued subject and
+// waits for JetStream to hold them all.
+func publishBacklog(ctx context.Context, t *testing.T, js jetstream.JetStream, topo events.Topology, n int) {
+	t.Helper()
+	for i := range n {
+		if _, err := js.PublishAsync(topo.IssuedSubject(), fmt.Appendf(nil, "m%d", i)); err != nil {
+			t.Fatalf("publish: %v", err)
+		}
+	}
+	select {
+	case <-js.PublishAsyncComplete():
+	case <-ctx.Done():
+		t.Fatal("publishes not acknowledged")
+	}
+}
+
 // idlePool is a pool whose handler acks everything and counts what it saw.
 func idlePool(t *testing.T, cons jetstream.Consumer, s *stream.Settler, workers int, handled *sync.Map) *stream.Pool {
 	return &stream.Pool{
@@ -288,16 +304,7 @@ func TestPoolLeavesConcurrentRequestsTheirAnswers(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	const n = 3000
-	for i := range n {
-		if _, err := js.PublishAsync(topo.IssuedSubject(), fmt.Appendf(nil, "m%d", i)); err != nil {
-			t.Fatalf("publish: %v", err)
-		}
-	}
-	select {
-	case <-js.PublishAsyncComplete():
-	case <-ctx.Done():
-		t.Fatal("publishes not acknowledged")
-	}
+	publishBacklog(ctx, t, js, topo, n)
 	cons, err := js.Consumer(ctx, topo.Stream, topo.Persister)
 	testenv.Must(t, err, "open consumer")
 	var handled sync.Map
@@ -414,16 +421,7 @@ func TestPoolHandlesABacklogOnEveryWorker(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	const n, workers, batch = 1000, 3, 100
-	for i := range n {
-		if _, err := js.PublishAsync(topo.IssuedSubject(), fmt.Appendf(nil, "m%d", i)); err != nil {
-			t.Fatalf("publish: %v", err)
-		}
-	}
-	select {
-	case <-js.PublishAsyncComplete():
-	case <-ctx.Done():
-		t.Fatal("publishes not acknowledged")
-	}
+	publishBacklog(ctx, t, js, topo, n)
 	cons, err := js.Consumer(ctx, topo.Stream, topo.Persister)
 	testenv.Must(t, err, "open consumer")
 	var mu sync.Mutex
